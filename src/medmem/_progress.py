@@ -1,0 +1,39 @@
+"""One progress-bar helper for all long work; ``quiet=True`` silences it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+def progress(
+    iterable: Iterable[T],
+    desc: str,
+    total: int | None = None,
+    *,
+    quiet: bool = False,
+    unit: str = "it",
+) -> Iterator[T]:
+    """Wrap ``iterable`` in a tqdm bar on stderr, unless quiet or MEDMEM_QUIET is set."""
+    disable = quiet or os.environ.get("MEDMEM_QUIET", "") not in ("", "0")
+    return iter(
+        tqdm(
+            iterable,
+            desc=desc,
+            total=total,
+            disable=disable,
+            unit=unit,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            leave=False,
+        )
+    )
+
+
+__all__ = ["progress"]

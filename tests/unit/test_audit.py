@@ -1,0 +1,239 @@
+"""Algorithm 1 pinned on hand-computed cases, bootstrap intervals, saving, input errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medmem import InputError, OutputExistsError
+from medmem.audit import (
+    SYNTHETIC_COLUMNS,
+    TRAINING_COLUMNS,
+    audit_embeddings,
+    calibrate,
+    check_patient_overlap,
+    min_calibration_size,
+)
+from medmem.data import ArrayDataset
+
+# In 3-d, standardised vectors lie on a circle in the plane orthogonal to (1, 1, 1), so
+# embeddings at angles a and b have Pearson correlation exactly cos(a - b).
+_U = np.array([1.0, -1.0, 0.0]) / np.sqrt(2)
+_V = np.array([1.0, 1.0, -2.0]) / np.sqrt(6)
+
+
+def at(*degrees: float) -> np.ndarray:
+    r = np.deg2rad(np.asarray(degrees, dtype=np.float64))
+    return np.cos(r)[:, None] * _U + np.sin(r)[:, None] * _V
+
+
+def test_angle_embeddings_have_the_intended_correlation() -> None:
+    e = at(0, 60, 90)
+    c = np.corrcoef(e)
+    np.testing.assert_allclose(c[0, 1:], [0.5, 0.0], atol=1e-12)
+
+
+def test_percentile_is_numpy_linear() -> None:
+    assert calibrate(np.arange(21) / 20, 95) == pytest.approx(0.95)
+    assert calibrate(np.arange(10.0), 90) == pytest.approx(8.1)
+    assert calibrate(np.array([0.3, 0.1, 0.2]), 50) == pytest.approx(0.2)
+    with pytest.raises(InputError, match="percentile must be in"):
+        calibrate(np.arange(3.0), 100)
+
+
+def test_min_calibration_size() -> None:
+    assert min_calibration_size(95) == 20
+    assert min_calibration_size(50) == 2
+    assert min_calibration_size(99) == 100
+
+
+def _grid_case() -> tuple[np.ndarray, np.ndarray]:
+    """20 training images at 18-degree steps; validation images each 10 degrees off one."""
+    train = at(*np.arange(20) * 18.0)
+    val = at(*(np.arange(20) * 18.0 + 10.0))
+    return train, val
+
+
+def test_n_mem_counts_training_images_n_copies_counts_synthetic_images() -> None:
+    train, val = _grid_case()
+    # nearest-val correlation is cos(8 deg) for every training image (val 10 deg off one,
+    # 8 deg off the next): tau = cos(8 deg).
+    tau = np.cos(np.deg2rad(8.0))
+    # synthetic: 3 copies of training image 0, one 2-degree variant of image 5, one novel
+    # image halfway between 10 and 11 (9 deg from both: below tau).
+    synthetic = np.concatenate([train[[0, 0, 0]], at(5 * 18.0 + 2), at(10 * 18.0 + 9)])
+    r = audit_embeddings(train, val, synthetic, n_bootstrap=0)
+    s = r.summary
+    assert s["tau"] == pytest.approx(tau, abs=1e-6)
+    assert s["n_copies"] == 4  # three copies of one image count three times
+    assert s["n_mem"] == 2  # but they memorize one training image
+    assert s["pct_mem"] == pytest.approx(100 * 2 / 20)
+    assert s["pct_copies"] == pytest.approx(100 * 4 / 5)
+    assert s["pct_mem_denominator"] == "n_train"
+    assert s["pct_copies_denominator"] == "n_synthetic"
+    assert r.training["memorized"].tolist() == [i in (0, 5) for i in range(20)]
+    assert r.synthetic["copy"].tolist() == [True, True, True, True, False]
+    assert r.synthetic["nearest_train_id"].tolist()[:4] == ["train00000"] * 3 + ["train00005"]
+    np.testing.assert_allclose(
+        r.synthetic["nearest_train_corr"],
+        [1, 1, 1, np.cos(np.deg2rad(2)), np.cos(np.deg2rad(9))],
+        atol=1e-6,
+    )
+    # nearest synthetic of image 0 is the first of the three identical copies (lowest index)
+    assert r.training.loc[0, "nearest_synthetic_id"] == "synthetic00000"
+    assert list(r.training.columns) == TRAINING_COLUMNS
+    assert list(r.synthetic.columns) == SYNTHETIC_COLUMNS
+
+
+def test_value_exactly_at_tau_is_memorized_and_a_copy() -> None:
+    # 21 training images 17 degrees apart; validation image i lies 0.5 + 0.1 i degrees from
+    # training image i, so nearest-val correlations are distinct and the median (q = 50,
+    # n = 21) is exactly the value of image 10: no interpolation.
+    train = at(*np.arange(21) * 17.0)
+    val = at(*(np.arange(21) * 17.0 + 0.5 + 0.1 * np.arange(21)))
+    # The synthetic set holds validation image 10 itself (correlation exactly tau with
+    # training image 10) and an image 8.5 degrees from training images 3 and 4.
+    synthetic = np.concatenate([val[[10]], at(3 * 17.0 + 8.5)])
+    r = audit_embeddings(train, val, synthetic, percentile=50, n_bootstrap=0)
+    tau = r.summary["tau"]
+    assert tau == r.training.loc[10, "nearest_val_corr"]
+    assert r.training.loc[10, "nearest_synthetic_corr"] == tau  # bit for bit
+    assert bool(r.training.loc[10, "memorized"])
+    assert r.training["memorized"].sum() == 1
+    assert bool(r.synthetic.loc[0, "copy"])
+    assert r.synthetic.loc[1, "nearest_train_corr"] < tau
+    assert not bool(r.synthetic.loc[1, "copy"])
+    # a tau just above that value and it is not memorized: the test is >=, no tolerance
+    r2 = audit_embeddings(train, val, synthetic, percentile=50.01, n_bootstrap=0)
+    assert r2.summary["tau"] > tau
+    assert not bool(r2.training.loc[10, "memorized"])
+
+
+def test_tau_follows_the_percentile() -> None:
+    train = at(*np.arange(40) * 9.0)
+    # validation offsets grow with the index: nearest-val correlations are all different
+    offsets = np.linspace(0.5, 4.0, 40)
+    val = at(*(np.arange(40) * 9.0 + offsets))
+    r50 = audit_embeddings(train, val, train[:1], percentile=50, n_bootstrap=0)
+    r95 = audit_embeddings(train, val, train[:1], percentile=95, n_bootstrap=0)
+    rho = r95.training["nearest_val_corr"].to_numpy()
+    assert r50.summary["tau"] == pytest.approx(np.percentile(rho, 50))
+    assert r95.summary["tau"] == pytest.approx(np.percentile(rho, 95))
+    assert r95.summary["tau"] > r50.summary["tau"]
+
+
+def test_bootstrap_intervals_contain_estimates_and_are_seeded() -> None:
+    rng = np.random.default_rng(0)
+    train, val = rng.normal(size=(200, 16)), rng.normal(size=(150, 16))
+    synthetic = np.concatenate(
+        [train[:30] + 0.05 * rng.normal(size=(30, 16)), rng.normal(size=(70, 16))]
+    )
+    r1 = audit_embeddings(train, val, synthetic, n_bootstrap=300, seed=1)
+    r2 = audit_embeddings(train, val, synthetic, n_bootstrap=300, seed=1)
+    s = r1.summary
+    assert s["intervals"] == r2.summary["intervals"]
+    for key in ("tau", "n_mem", "n_copies", "pct_mem", "pct_copies"):
+        lo, hi = s["intervals"][key]
+        assert lo <= s[key] <= hi, key
+    assert s["intervals"]["n_copies"][1] > s["intervals"]["n_copies"][0]
+    assert s["n_copies"] >= 30 and s["n_mem"] >= 30
+
+
+def test_save_writes_all_outputs_and_refuses_existing_folder(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    imgs = rng.random((30, 16, 16)).astype(np.float32)
+    train = ArrayDataset(imgs[:20], ids=[f"t{i}.png" for i in range(20)])
+    syn = ArrayDataset(imgs[20:], ids=[f"s{i}.png" for i in range(10)])
+    r = audit_embeddings(
+        rng.normal(size=(20, 8)),
+        rng.normal(size=(20, 8)),
+        rng.normal(size=(10, 8)),
+        train_ids=train.ids,
+        synthetic_ids=syn.ids,
+    )
+    r._images = {"train": train, "synthetic": syn}
+    out = r.save(tmp_path / "audit")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "gallery.png",
+        "histogram.png",
+        "summary.json",
+        "synthetic.csv",
+        "training.csv",
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_copies"] == r.summary["n_copies"]
+    assert pd.read_csv(out / "training.csv").columns.tolist() == TRAINING_COLUMNS
+    assert pd.read_csv(out / "synthetic.csv")["copy"].dtype == bool
+    with pytest.raises(OutputExistsError, match="exists.*--overwrite"):
+        r.save(out)
+    r.save(out, overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_save_failure_leaves_no_half_folder(tmp_path, monkeypatch) -> None:
+    rng = np.random.default_rng(0)
+    r = audit_embeddings(
+        rng.normal(size=(20, 8)), rng.normal(size=(20, 8)), rng.normal(size=(4, 8))
+    )
+    import medmem.audit as audit_mod
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(audit_mod, "plot_histogram", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        r.save(tmp_path / "audit")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("n_train", "n_val", "percentile", "match"),
+    [
+        (10, 40, 95, "10 training images are too few"),
+        (40, 5, 95, "5 validation images are too few"),
+        (150, 40, 99, "40 validation images are too few"),
+    ],
+)
+def test_too_small_to_calibrate(n_train, n_val, percentile, match) -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(InputError, match=match):
+        audit_embeddings(
+            rng.normal(size=(n_train, 8)),
+            rng.normal(size=(n_val, 8)),
+            rng.normal(size=(3, 8)),
+            percentile=percentile,
+        )
+
+
+def test_constant_embedding_names_the_image() -> None:
+    rng = np.random.default_rng(0)
+    syn = rng.normal(size=(3, 8))
+    syn[1] = 0.5
+    with pytest.raises(InputError, match="'b.png' is constant"):
+        audit_embeddings(
+            rng.normal(size=(20, 8)),
+            rng.normal(size=(20, 8)),
+            syn,
+            synthetic_ids=["a.png", "b.png", "c.png"],
+        )
+
+
+def test_mismatched_embedding_sizes() -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(InputError, match="embedding sizes differ"):
+        audit_embeddings(
+            rng.normal(size=(20, 8)), rng.normal(size=(20, 4)), rng.normal(size=(3, 8))
+        )
+
+
+def test_patient_overlap_is_an_error_unless_allowed() -> None:
+    imgs = np.random.default_rng(0).random((4, 8, 8))
+    train = ArrayDataset(imgs[:2], patient_ids=["P1", "P2"])
+    val = ArrayDataset(imgs[2:], patient_ids=["P2", "P3"])
+    with pytest.raises(InputError, match="1 patients are in both.*'P2'.*allow_patient_overlap"):
+        check_patient_overlap(train, val)
+    assert check_patient_overlap(train, val, allow=True) == 1

@@ -1,0 +1,108 @@
+"""medmem.search: blocked exact search equals brute force, ties, memory bounds, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medmem import InputError
+from medmem.search import nearest, pearson, standardize
+
+
+def _brute(q: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy reference: dense Pearson matrix (np.corrcoef) and a stable descending sort."""
+    c = np.corrcoef(q.astype(np.float64), b.astype(np.float64))[: len(q), len(q) :]
+    order = np.argsort(-c, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(c, order, 1), order
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 16, 1000])
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_blocked_equals_brute_force(block_size: int, k: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((37, 12)).astype(np.float32)
+    b = rng.standard_normal((53, 12)).astype(np.float32) * 3 + 1
+    v, i = nearest(q, b, k=k, block_size=block_size)
+    rv, ri = _brute(q, b, k)
+    assert v.shape == (37, k) and i.shape == (37, k)
+    np.testing.assert_array_equal(i, ri)
+    np.testing.assert_allclose(v, rv, atol=1e-5)
+    assert np.all(np.diff(v, axis=1) <= 0)
+
+
+def test_pearson_is_invariant_to_offset_and_scale() -> None:
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((4, 9))
+    np.testing.assert_allclose(pearson(a, 5 * a + 2), pearson(a, a), atol=1e-6)
+    np.testing.assert_allclose(np.diag(pearson(a, -a)), -1.0, atol=1e-6)
+    np.testing.assert_allclose(pearson(a, a), np.corrcoef(a), atol=1e-6)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 4, 64])
+@pytest.mark.parametrize("k", [1, 3])
+def test_ties_go_to_the_lowest_base_index(block_size: int, k: int) -> None:
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((5, 6)).astype(np.float32)
+    filler = rng.standard_normal((3, 6)).astype(np.float32)
+    # base: filler, then each query three times (exact ties), interleaved with filler
+    base = np.concatenate([filler, q, filler, q, q], 0)
+    v, i = nearest(q, base, k=k, block_size=block_size)
+    expected = np.stack([3 + np.arange(5), 11 + np.arange(5), 16 + np.arange(5)], 1)[:, :k]
+    np.testing.assert_array_equal(i, expected)
+    np.testing.assert_allclose(v, 1.0, atol=1e-6)
+
+
+def test_same_inputs_same_outputs_for_any_block_size() -> None:
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 3, size=(40, 4)).astype(np.float32)  # many exact ties
+    base[:, 0] += np.arange(40) % 2  # avoid constant rows
+    q = base[::3].copy()
+    results = [nearest(q, base, k=4, block_size=bs)[1] for bs in (1, 5, 8, 40)]
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+def test_exclude_self() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((20, 5)).astype(np.float32)
+    for bs in (3, 7, 50):
+        v, i = nearest(x, x, k=2, block_size=bs, exclude_self=True)
+        assert not np.any(i == np.arange(20)[:, None])
+        c = np.corrcoef(x)
+        np.fill_diagonal(c, -np.inf)
+        np.testing.assert_array_equal(i[:, 0], np.argmax(c, axis=1))
+
+
+def test_accepts_torch_tensors() -> None:
+    import torch
+
+    x = torch.randn(6, 5)
+    v, i = nearest(x, x, k=1)
+    assert i[:, 0].tolist() == list(range(6))
+
+
+def test_standardize_rows_have_zero_mean_unit_norm() -> None:
+    x = np.random.default_rng(0).standard_normal((10, 7)) * 4 + 3
+    s = standardize(x)
+    assert s.dtype == np.float32
+    np.testing.assert_allclose(s.mean(1), 0, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(s, axis=1), 1, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("q", "b", "kwargs", "match"),
+    [
+        (np.ones((2, 3)), np.random.rand(4, 3), {}, "row 0 is constant"),
+        (np.random.rand(2, 3), np.random.rand(4, 5), {}, "d=3 but base has d=5"),
+        (np.random.rand(2, 3), np.random.rand(2, 3), {"k": 3}, "larger than the number"),
+        (np.random.rand(3), np.random.rand(2, 3), {}, "expected a 2-d array"),
+        (np.zeros((0, 3)), np.random.rand(2, 3), {}, "is empty"),
+        (np.array([[1.0, np.nan, 2.0]]), np.random.rand(2, 3), {}, "NaN"),
+        (np.random.rand(2, 3), np.random.rand(2, 3), {"k": 0}, "k must be an integer >= 1"),
+        (np.random.rand(2, 3), np.random.rand(2, 3), {"block_size": -1}, "block_size"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(q, b, kwargs, match) -> None:
+    with pytest.raises(InputError, match=match):
+        nearest(q, b, **kwargs)
