@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TypeVar
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the plain class: tqdm.auto iterates its input twice
 
 T = TypeVar("T")
 
@@ -19,20 +19,21 @@ def progress(
     *,
     quiet: bool = False,
     unit: str = "it",
-) -> Iterator[T]:
-    """Wrap ``iterable`` in a tqdm bar on stderr, unless quiet or MEDMEM_QUIET is set."""
+) -> tqdm:
+    """Wrap ``iterable`` in a tqdm bar on stderr, unless quiet or MEDMEM_QUIET is set.
+
+    The bar is returned, so callers can ``set_postfix(loss=...)`` while iterating.
+    """
     disable = quiet or os.environ.get("MEDMEM_QUIET", "") not in ("", "0")
-    return iter(
-        tqdm(
-            iterable,
-            desc=desc,
-            total=total,
-            disable=disable,
-            unit=unit,
-            file=sys.stderr,
-            dynamic_ncols=True,
-            leave=False,
-        )
+    return tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        disable=disable,
+        unit=unit,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=False,
     )
 
 

@@ -373,20 +373,31 @@ def _check_datasets(train: Any, val: Any, synthetic: Any) -> None:
 
 
 def check_patient_overlap(train: Any, val: Any, *, allow: bool = False) -> int:
-    """Raise when training and validation share patients (unless ``allow``); return the count.
+    """Raise when training and validation share patients or images (unless ``allow``).
 
-    tau must be calibrated on patients the generator never saw: a shared patient makes
-    nearest-validation correlations high and tau too strict.
+    tau must be calibrated on patients the generator never saw: a shared patient (or the
+    same image in both sets, found by content hash) makes nearest-validation correlations
+    high and tau too strict. Returns the number of shared patients.
     """
+    fix = "Split by patient, or pass allow_patient_overlap=True (--allow-patient-overlap)"
     t_ids = {p for p in getattr(train, "patient_ids", []) if p is not None}
     v_ids = {p for p in getattr(val, "patient_ids", []) if p is not None}
     shared = sorted(t_ids & v_ids)
     if shared and not allow:
         raise InputError(
             f"{len(shared)} patients are in both the training and validation sets (e.g. "
-            f"{shared[0]!r}). Split by patient, or pass allow_patient_overlap=True "
-            "(--allow-patient-overlap) if you know why."
+            f"{shared[0]!r}). {fix} if you know why."
         )
+    if not allow:
+        t_hash = {train.content_hash(i): i for i in range(len(train))}
+        same = [(t_hash[h], j) for j in range(len(val)) if (h := val.content_hash(j)) in t_hash]
+        if same:
+            i, j = same[0]
+            raise InputError(
+                f"{len(same)} images are in both the training and validation sets (e.g. "
+                f"training {train.ids[i]!r} = validation {val.ids[j]!r}, same content). "
+                f"{fix} if you know why."
+            )
     return len(shared)
 
 
@@ -496,6 +507,28 @@ def audit(
     return result
 
 
+def format_verdict(s: dict[str, Any]) -> str:
+    """The audit's verdict as a few plain lines."""
+    ci = s.get("intervals", {})
+
+    def rng(key: str, fmt: str = "{:.0f}") -> str:
+        if key not in ci:
+            return ""
+        lo, hi = ci[key]
+        return f" (95% CI {fmt.format(lo)}-{fmt.format(hi)})"
+
+    return "\n".join(
+        [
+            f"tau = {s['tau']:.4f} ({s['percentile']:g}th percentile of train->nearest-val "
+            f"correlations){rng('tau', '{:.4f}')}",
+            f"N_mem    = {s['n_mem']} of {s['n_train']} training images "
+            f"({s['pct_mem']:.1f}% of n_train){rng('n_mem')}",
+            f"N_copies = {s['n_copies']} of {s['n_synthetic']} synthetic images "
+            f"({s['pct_copies']:.1f}% of n_synthetic){rng('n_copies')}",
+        ]
+    )
+
+
 __all__ = [
     "SCHEMA_VERSION",
     "SYNTHETIC_COLUMNS",
@@ -504,6 +537,7 @@ __all__ = [
     "audit",
     "audit_embeddings",
     "check_patient_overlap",
+    "format_verdict",
     "calibrate",
     "min_calibration_size",
 ]

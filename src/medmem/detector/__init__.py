@@ -1,0 +1,41 @@
+"""The copy detector: a self-supervised encoder trained with NT-Xent (Dar et al., 4.2).
+
+Public API:
+
+* :class:`Detector` -- ``Detector.train(dataset, **settings)``, ``.embed(dataset)``,
+  ``.save(dir)``, ``Detector.load(dir)``, ``.fingerprint``.
+* :class:`DetectorConfig` -- all settings, paper defaults per ``spatial_dims``.
+* :class:`ContrastiveEncoder` -- the network (MONAI ResNet or strided-conv encoder).
+* :func:`nt_xent` -- the loss.
+* :func:`vary`, :func:`sample_variation`, :func:`apply_variation`,
+  :class:`VariationConfig`, :data:`VARIATION_KINDS` -- the variations a copy may show.
+"""
+
+from __future__ import annotations
+
+from medmem.detector._config import DetectorConfig, conv_downsamplings
+from medmem.detector._detector import Detector
+from medmem.detector._encoder import ContrastiveEncoder
+from medmem.detector._loss import nt_xent
+from medmem.detector._variations import (
+    DEFAULT_VARIATION_KINDS,
+    VARIATION_KINDS,
+    VariationConfig,
+    apply_variation,
+    sample_variation,
+    vary,
+)
+
+__all__ = [
+    "DEFAULT_VARIATION_KINDS",
+    "VARIATION_KINDS",
+    "ContrastiveEncoder",
+    "Detector",
+    "DetectorConfig",
+    "VariationConfig",
+    "apply_variation",
+    "conv_downsamplings",
+    "nt_xent",
+    "sample_variation",
+    "vary",
+]

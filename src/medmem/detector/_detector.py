@@ -1,0 +1,574 @@
+"""``Detector``: train the self-supervised copy detector, embed images, save and load it.
+
+Training (paper section 4.2.1 and supplement S1.1): each image y_i of a batch is paired
+with a variation y_i' (flip, rotation, contrast); the encoder is trained with NT-Xent so
+that each image lies close to its variation and far from the 2(K - 1) other images of the
+batch. Copies of training images then lie close to them in the embedding space, where
+Pearson's correlation is computed (``medmem.search``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, Subset
+
+import medmem
+from medmem._errors import InputError, MedmemError, NotFittedError, OutputExistsError
+from medmem._io import atomic_save, atomic_write_json
+from medmem._progress import progress
+from medmem._validation import check_positive_int
+from medmem.detector import _checkpoint
+from medmem.detector._cache import EmbeddingCache
+from medmem.detector._config import RUNTIME_FIELDS, DetectorConfig
+from medmem.detector._encoder import ContrastiveEncoder
+from medmem.detector._loss import nt_xent
+from medmem.detector._variations import apply_variation, sample_variation
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def build_encoder(config: DetectorConfig) -> ContrastiveEncoder:
+    """The encoder described by ``config`` (random weights)."""
+    return ContrastiveEncoder(
+        config.spatial_dims,
+        config.in_channels,
+        config.embed_dim,
+        arch=config.arch,
+        image_size=config.image_size,
+        norm=config.norm,
+        resnet_layers=config.resnet_layers,
+        resnet_channels=config.resnet_channels,
+        conv_channels=config.conv_channels,
+        conv_max_channels=config.conv_max_channels,
+        latent_channels=config.latent_channels,
+        hidden_dim=config.hidden_dim,
+        dropout=config.dropout,
+    )
+
+
+def _derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (e.g. (seed, epoch)), independent across parts."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> 1)
+
+
+class _ContrastivePairs(Dataset):
+    """Item i -> (y_i, y_i'), the variation drawn from (seed, epoch, i): reproducible, and
+    independent of batch order and DataLoader workers, so a resumed run is identical."""
+
+    def __init__(self, dataset: Dataset, config: DetectorConfig, epoch: int) -> None:
+        self.dataset = dataset
+        self.config = config
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        y = torch.as_tensor(self.dataset[i], dtype=torch.float32)
+        rng = np.random.default_rng([cfg.seed, self.epoch, int(i)])
+        y_var = apply_variation(y, sample_variation(cfg.spatial_dims, rng, cfg.variations))
+        if cfg.vary_both:
+            y = apply_variation(y, sample_variation(cfg.spatial_dims, rng, cfg.variations))
+        return y, y_var
+
+
+def _lr_factor(total_steps: int, warmup_fraction: float, min_lr_ratio: float):
+    """Linear warmup, then cosine decay from 1 to ``min_lr_ratio`` (a LambdaLR factor)."""
+    warmup = int(round(warmup_fraction * total_steps)) if warmup_fraction > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress_ = (step - warmup) / max(1, total_steps - warmup)
+        progress_ = min(1.0, progress_)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress_))
+
+    return factor
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _check_dataset(dataset: Any, name: str = "dataset") -> None:
+    needed = ("spatial_dims", "image_size", "__len__", "__getitem__")
+    missing = [a for a in needed if not hasattr(dataset, a)]
+    if missing:
+        raise InputError(
+            f"{name} must be a medmem dataset (item i a (1, *image_size) tensor, with "
+            f"spatial_dims and image_size); missing {missing}. Wrap arrays in "
+            "medmem.data.ArrayDataset, or load files with medmem.load_dataset."
+        )
+    if len(dataset) == 0:
+        raise InputError(f"{name} is empty.")
+
+
+class Detector:
+    """The self-supervised copy detector SS_theta: an encoder trained with NT-Xent.
+
+    Build one with :meth:`train` or :meth:`load`; ``Detector(config)`` alone is untrained.
+    The config (``self.config``) and the learned state (attributes ending in ``_``) are kept
+    apart.
+
+    Attributes:
+        config: the :class:`DetectorConfig`.
+        model_: the trained :class:`ContrastiveEncoder` (eval mode).
+        train_fingerprint_: fingerprint of the training set.
+        n_train_: number of training images.
+        loss_history_: mean NT-Xent loss of each epoch.
+
+    Example:
+        >>> import numpy as np
+        >>> from medmem.data import ArrayDataset
+        >>> train = ArrayDataset(np.random.default_rng(0).random((8, 32, 32)))
+        >>> det = Detector.train(train, epochs=1, batch_size=4, quiet=True)
+        >>> det.embed(train, quiet=True).shape
+        (8, 128)
+    """
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self.config = config
+        self.model_: ContrastiveEncoder | None = None
+        self.train_fingerprint_: str | None = None
+        self.n_train_: int | None = None
+        self.loss_history_: list[float] = []
+        self._device = torch.device("cpu")
+        self._fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ training
+    @classmethod
+    def train(
+        cls,
+        dataset: Dataset,
+        *,
+        config: DetectorConfig | None = None,
+        checkpoint_dir: str | Path | None = None,
+        quiet: bool = False,
+        device: str | torch.device | None = None,
+        **overrides: Any,
+    ) -> Detector:
+        """Train a detector on ``dataset`` (self-supervised: no labels needed).
+
+        Args:
+            dataset: a medmem dataset of training images.
+            config: settings; default ``DetectorConfig.default(dataset.spatial_dims)``.
+            checkpoint_dir: if given, a checkpoint is written there after every epoch and a
+                later call with the same folder, data and settings resumes where it stopped
+                (ending with the same weights as an uninterrupted run).
+            quiet: no progress bars.
+            device: "cpu", "cuda", ...; default CUDA when available. Same seed and data give
+                identical weights on CPU.
+            **overrides: DetectorConfig fields, e.g. ``epochs=20, lr=1e-3``.
+
+        Example:
+            >>> det = Detector.train(train, epochs=20, checkpoint_dir="runs/det")  # doctest: +SKIP
+        """
+        _check_dataset(dataset)
+        spatial_dims = int(dataset.spatial_dims)
+        image_size = tuple(int(s) for s in dataset.image_size)
+        if config is None:
+            config = DetectorConfig(spatial_dims=spatial_dims)
+        elif not isinstance(config, DetectorConfig):
+            raise InputError(f"config must be a DetectorConfig, got {type(config).__name__}.")
+        if overrides:
+            config = config.replace(**overrides)
+        if config.spatial_dims != spatial_dims:
+            raise InputError(
+                f"config has spatial_dims={config.spatial_dims} but the dataset is "
+                f"{spatial_dims}D; pass spatial_dims={spatial_dims} or "
+                f"DetectorConfig.default({spatial_dims})."
+            )
+        if config.image_size is None:
+            config = config.replace(image_size=image_size)
+        elif config.image_size != image_size:
+            raise InputError(
+                f"config has image_size={config.image_size} but the dataset's images are "
+                f"{image_size}; preprocess the images to {config.image_size} or leave "
+                "image_size unset."
+            )
+        n = len(dataset)
+        if n < 2:
+            raise InputError(
+                f"training needs at least 2 images (each batch contrasts an image with the "
+                f"others), got {n}."
+            )
+        det = cls(config)
+        det._device = _resolve_device(device)
+        det._fit(dataset, checkpoint_dir=checkpoint_dir, quiet=quiet)
+        return det
+
+    def _fit(self, dataset: Dataset, *, checkpoint_dir: str | Path | None, quiet: bool) -> None:
+        cfg = self.config
+        assert cfg is not None
+        n = len(dataset)  # type: ignore[arg-type]
+        fingerprint = dataset.fingerprint()  # type: ignore[attr-defined]
+        batch_size = min(cfg.batch_size, n)
+        steps_per_epoch = n // batch_size  # the last incomplete batch is dropped
+        total_steps = cfg.epochs * steps_per_epoch
+        device = self._device
+
+        rng_devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices):  # leave the caller's RNG alone
+            torch.manual_seed(cfg.seed)
+            model = build_encoder(cfg).to(device)
+            optimizer = torch.optim.AdamW(
+                model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+            )
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, _lr_factor(total_steps, cfg.warmup_fraction, cfg.min_lr_ratio)
+            )
+            history: list[float] = []
+            start_epoch = 0
+            ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+            if ckpt_dir is not None:
+                found = _checkpoint.read_checkpoint(ckpt_dir)
+                if found is not None:
+                    meta, tensors = found
+                    _check_resume(ckpt_dir, meta, cfg, fingerprint, n)
+                    _checkpoint.restore(
+                        meta, tensors, model=model, optimizer=optimizer, scheduler=scheduler
+                    )
+                    start_epoch = int(meta["epoch"])
+                    history = [float(v) for v in meta["loss_history"]]
+                    logger.info(
+                        "resuming detector training from %s at epoch %d", ckpt_dir, start_epoch
+                    )
+
+            for epoch in range(start_epoch, cfg.epochs):
+                epoch_seed = _derive_seed(cfg.seed, epoch)
+                torch.manual_seed(epoch_seed)  # dropout
+                loader = DataLoader(
+                    _ContrastivePairs(dataset, cfg, epoch),
+                    batch_size=batch_size,
+                    shuffle=True,
+                    drop_last=True,
+                    num_workers=cfg.num_workers,
+                    generator=torch.Generator().manual_seed(epoch_seed),
+                    persistent_workers=False,
+                )
+                prev = f" loss {history[-1]:.4f}" if history else ""
+                # iter(): tqdm.auto's asyncio tqdm calls iter() on what it wraps, which for a
+                # DataLoader would start (and waste) a second round of workers and draws.
+                bar = progress(
+                    iter(loader),
+                    desc=f"detector epoch {epoch + 1}/{cfg.epochs}{prev}",
+                    total=steps_per_epoch,
+                    quiet=quiet,
+                    unit="batch",
+                )
+                model.train()
+                running = 0.0
+                for step, (y, y_var) in enumerate(bar):
+                    y = y.to(device, non_blocking=True)  # (K, C, *image_size)
+                    y_var = y_var.to(device, non_blocking=True)
+                    z = model(torch.cat([y, y_var]))  # (2K, embed_dim)
+                    loss = nt_xent(z[: len(y)], z[len(y) :], cfg.temperature)
+                    if not torch.isfinite(loss):
+                        raise MedmemError(
+                            f"detector training diverged at epoch {epoch + 1}, step {step + 1} "
+                            f"(loss {loss.item()}); lower lr (now {cfg.lr}) or raise "
+                            f"temperature (now {cfg.temperature})."
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    running += loss.item()
+                    if hasattr(bar, "set_postfix"):
+                        bar.set_postfix(loss=f"{running / (step + 1):.4f}")
+                history.append(running / steps_per_epoch)
+                logger.info("detector epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, history[-1])
+                if ckpt_dir is not None:
+                    _checkpoint.save_checkpoint(
+                        ckpt_dir,
+                        model=model,
+                        optimizer=optimizer,
+                        scheduler=scheduler,
+                        info={
+                            "epoch": epoch + 1,
+                            "config": cfg.to_dict(),
+                            "train_fingerprint": fingerprint,
+                            "n_train": n,
+                            "loss_history": history,
+                            "medmem_version": medmem.__version__,
+                        },
+                    )
+
+        model.eval()
+        self.model_ = model
+        self.train_fingerprint_ = fingerprint
+        self.n_train_ = n
+        self.loss_history_ = history
+        self._fingerprint = None
+
+    # ------------------------------------------------------------------ embedding
+    def embed(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int = 64,
+        cache_dir: str | Path | None = None,
+        num_workers: int = 0,
+        quiet: bool = False,
+    ) -> np.ndarray:
+        """Embeddings of every image of ``dataset``, in order: float32 (n, embed_dim).
+
+        Args:
+            dataset: a medmem dataset with the detector's spatial_dims and image_size.
+            batch_size: images per forward pass.
+            cache_dir: if given, embeddings are cached there, keyed by this detector's
+                fingerprint and each image's ``item_key`` (content + preprocessing), so an
+                unchanged image is read back and a changed one recomputed.
+            num_workers: DataLoader workers reading the images.
+            quiet: no progress bar.
+
+        Example:
+            >>> emb = det.embed(train, cache_dir="cache/")  # doctest: +SKIP
+        """
+        self._require_fitted()
+        cfg = self.config
+        assert cfg is not None
+        _check_dataset(dataset)
+        check_positive_int(batch_size, "batch_size")
+        check_positive_int(num_workers, "num_workers", minimum=0)
+        size = tuple(int(s) for s in dataset.image_size)  # type: ignore[attr-defined]
+        if int(dataset.spatial_dims) != cfg.spatial_dims or size != cfg.image_size:  # type: ignore[attr-defined]
+            raise InputError(
+                f"the dataset has spatial_dims={dataset.spatial_dims}, image_size={size}, but "  # type: ignore[attr-defined]
+                f"this detector was trained on spatial_dims={cfg.spatial_dims}, image_size="
+                f"{cfg.image_size}; preprocess the images to image_size={cfg.image_size} (the "
+                "same preprocessing as the training set)."
+            )
+        n = len(dataset)  # type: ignore[arg-type]
+        out = np.zeros((n, cfg.embed_dim), dtype=np.float32)
+        todo = np.arange(n)
+        cache = keys = None
+        if cache_dir is not None:
+            cache = EmbeddingCache(cache_dir, self.fingerprint, cfg.embed_dim)
+            keys = [dataset.item_key(i) for i in range(n)]  # type: ignore[attr-defined]
+            found, cached = cache.get(keys)
+            out[found] = cached[found]
+            todo = np.flatnonzero(~found)
+            if found.any():
+                logger.info("embedding cache: %d of %d images found", int(found.sum()), n)
+        if len(todo):
+            out[todo] = self._forward(
+                Subset(dataset, todo.tolist()), batch_size, num_workers, quiet
+            )
+            if cache is not None and keys is not None:
+                cache.put([keys[i] for i in todo], out[todo])
+        return out
+
+    def _forward(
+        self, dataset: Dataset, batch_size: int, num_workers: int, quiet: bool
+    ) -> np.ndarray:
+        model = self._require_fitted()
+        cfg = self.config
+        assert cfg is not None
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        chunks = []
+        expected = (cfg.in_channels, *cfg.image_size)
+        model.eval()
+        with torch.no_grad():
+            for batch in progress(
+                iter(loader), desc="embedding", total=len(loader), quiet=quiet, unit="batch"
+            ):
+                if tuple(batch.shape[1:]) != expected:
+                    raise InputError(
+                        f"dataset items have shape {tuple(batch.shape[1:])}, expected "
+                        f"{expected} (channels, *image_size)."
+                    )
+                z = model(batch.to(self._device, dtype=torch.float32))  # (B, embed_dim)
+                chunks.append(z.float().cpu().numpy())
+        return np.concatenate(chunks, axis=0)
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically).
+
+        Returns the directory. Load it back with :meth:`load`; nothing is pickled. A folder
+        that already holds a saved detector is only replaced with ``overwrite=True``.
+
+        Example:
+            >>> det.save("det/")  # doctest: +SKIP
+        """
+        model = self._require_fitted()
+        cfg = self.config
+        assert cfg is not None
+        directory = Path(directory)
+        existing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if (directory / n).exists()]
+        if existing and not overwrite:
+            raise OutputExistsError(
+                f"{directory} already holds a saved detector ({', '.join(existing)}); pass "
+                "overwrite=True to replace it, or choose another folder."
+            )
+        directory.mkdir(parents=True, exist_ok=True)
+        state = _state_tensors(model)
+        atomic_save(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp))
+        # config.json last: it names the weights' fingerprint, so a crash between the two
+        # writes is detected by load.
+        atomic_write_json(
+            directory / CONFIG_NAME,
+            {
+                "schema_version": SCHEMA_VERSION,
+                "kind": "medmem.Detector",
+                "config": cfg.to_dict(),
+                "fingerprint": self.fingerprint,
+                "train_fingerprint": self.train_fingerprint_,
+                "n_train": self.n_train_,
+                "loss_history": self.loss_history_,
+                "medmem_version": medmem.__version__,
+            },
+        )
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, *, device: str | torch.device | None = None) -> Detector:
+        """Rebuild a detector saved with :meth:`save` (JSON + safetensors; never unpickles).
+
+        Example:
+            >>> det = Detector.load("det/")  # doctest: +SKIP
+        """
+        directory = Path(directory)
+        cfg_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for p in (cfg_path, weights_path):
+            if not p.is_file():
+                raise InputError(
+                    f"{p} not found: {directory} is not a saved detector (it needs "
+                    f"{CONFIG_NAME} and {WEIGHTS_NAME}, written by Detector.save)."
+                )
+        try:
+            meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("top level is not an object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InputError(f"{cfg_path}: corrupt JSON ({exc}). Save the detector again.") from exc
+        version = meta.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise InputError(
+                f"{cfg_path}: schema_version {version!r} is not supported (this medmem reads "
+                f"{SCHEMA_VERSION}). Save the detector again with this version."
+            )
+        if "config" not in meta:
+            raise InputError(f"{cfg_path}: has no 'config' entry. Save the detector again.")
+        try:
+            config = DetectorConfig.from_dict(meta["config"])
+        except InputError as exc:
+            raise InputError(f"{cfg_path}: {exc}") from exc
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(
+                f"{weights_path}: not a readable safetensors file ({exc}). Save the detector again."
+            ) from exc
+        model = build_encoder(config)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise InputError(
+                f"{weights_path}: weights do not fit the architecture in {cfg_path} ({exc})."
+            ) from exc
+        det = cls(config)
+        det._device = _resolve_device(device)
+        det.model_ = model.to(det._device).eval()
+        det.train_fingerprint_ = meta.get("train_fingerprint")
+        det.n_train_ = meta.get("n_train")
+        det.loss_history_ = [float(v) for v in meta.get("loss_history", [])]
+        saved_fp = meta.get("fingerprint")
+        if saved_fp is not None and saved_fp != det.fingerprint:
+            raise InputError(
+                f"{weights_path} does not match {cfg_path} (fingerprint {det.fingerprint[:12]} "
+                f"vs {str(saved_fp)[:12]} recorded): the folder was modified or half written. "
+                "Save the detector again."
+            )
+        return det
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 over the config (JSON, runtime-only fields left out) and weight bytes."""
+        model = self._require_fitted()
+        if self._fingerprint is None:
+            cfg = self.config
+            assert cfg is not None
+            h = hashlib.sha256()
+            h.update(json.dumps(cfg.identity_dict(), sort_keys=True).encode())
+            for name, t in sorted(_state_tensors(model).items()):
+                h.update(f"\n{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    @property
+    def is_fitted(self) -> bool:
+        """True after :meth:`train` or :meth:`load`."""
+        return self.model_ is not None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the encoder runs."""
+        return self._device
+
+    def _require_fitted(self) -> ContrastiveEncoder:
+        if self.model_ is None:
+            raise NotFittedError(
+                "this Detector is not trained: call Detector.train or Detector.load first."
+            )
+        return self.model_
+
+    def __repr__(self) -> str:
+        if self.config is None:
+            return "Detector(untrained)"
+        c = self.config
+        state = f"n_train={self.n_train_}" if self.is_fitted else "untrained"
+        return (
+            f"Detector(spatial_dims={c.spatial_dims}, image_size={c.image_size}, arch={c.arch!r}, "
+            f"embed_dim={c.embed_dim}, {state})"
+        )
+
+
+def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def _check_resume(
+    ckpt_dir: Path, meta: dict[str, Any], cfg: DetectorConfig, fingerprint: str, n: int
+) -> None:
+    """Refuse to resume a checkpoint made with other data or other settings."""
+    path = ckpt_dir / _checkpoint.CHECKPOINT_NAME
+    if meta.get("train_fingerprint") != fingerprint or meta.get("n_train") != n:
+        raise InputError(
+            f"{path} was written while training on another dataset (n_train="
+            f"{meta.get('n_train')}, fingerprint {str(meta.get('train_fingerprint'))[:12]}...; "
+            f"now n_train={n}, fingerprint {fingerprint[:12]}...). Resume with the same images, "
+            "or use a new checkpoint_dir."
+        )
+    saved = {k: v for k, v in meta.get("config", {}).items() if k not in RUNTIME_FIELDS}
+    now = cfg.identity_dict()
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        details = ", ".join(f"{k}: {saved.get(k)!r} saved vs {now.get(k)!r} now" for k in diff)
+        raise InputError(
+            f"{path} was written with other settings ({details}). Resume with the same "
+            "settings, or use a new checkpoint_dir."
+        )
+
+
+__all__ = ["Detector", "build_encoder"]
