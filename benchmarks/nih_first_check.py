@@ -27,16 +27,11 @@ import numpy as np
 import pandas as pd
 
 import medmem
+from medmem._stats import auroc, wilson_interval
 from medmem.data import ArrayDataset
 from medmem.detector import vary
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "nih-cxr"
-
-
-def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
-    """Area under the ROC curve = P(score of a positive > score of a negative), ties 1/2."""
-    pos, neg = np.asarray(positives)[:, None], np.asarray(negatives)[None, :]
-    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
 
 
 def split_patients(manifest: pd.DataFrame, seed: int) -> dict[str, pd.DataFrame]:
@@ -130,7 +125,9 @@ def main() -> int:
         "tau": result.summary["tau"],
         "percentile": result.summary["percentile"],
         "sensitivity": sensitivity,
+        "sensitivity_ci95": wilson_interval(int(copies["copy"].sum()), len(copies)),
         "specificity": specificity,
+        "specificity_ci95": wilson_interval(int((~novel_rows["copy"]).sum()), len(novel_rows)),
         "design_specificity": result.summary["percentile"] / 100,
         "auroc_copies_vs_novel": auc,
         "nearest_train_is_source": source_right,

@@ -13,7 +13,7 @@ T = TypeVar("T")
 
 
 def progress(
-    iterable: Iterable[T],
+    iterable: Iterable[T] | None,
     desc: str,
     total: int | None = None,
     *,
@@ -22,7 +22,8 @@ def progress(
 ) -> tqdm:
     """Wrap ``iterable`` in a tqdm bar on stderr, unless quiet or MEDMEM_QUIET is set.
 
-    The bar is returned, so callers can ``set_postfix(loss=...)`` while iterating.
+    The bar is returned, so callers can ``set_postfix(loss=...)`` while iterating; with
+    ``iterable=None`` it is updated by hand (``bar.update(n)``).
     """
     disable = quiet or os.environ.get("MEDMEM_QUIET", "") not in ("", "0")
     return tqdm(

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from medmem._io import atomic_dir, atomic_save, atomic_write_bytes, atomic_write_json
+from medmem._stats import wilson_interval
 from medmem.audit import AuditResult, audit, format_verdict
 from medmem.data import load_dataset, make_phantom, write_phantoms
 from medmem.data.phantoms import phantom_seed
@@ -136,18 +137,30 @@ def build_demo_data(
     return truth
 
 
-def recovery(result: AuditResult, truth: pd.DataFrame) -> dict[str, Any]:
-    """How the audit's verdicts compare with the known ground truth."""
+def recovery(
+    result: AuditResult, truth: pd.DataFrame, patient_of: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """How the audit's verdicts compare with the known ground truth (Wilson 95% intervals)."""
     merged = truth.merge(result.synthetic, on="synthetic_id", validate="one_to_one")
     out: dict[str, Any] = {}
     for kind, group in merged.groupby("kind"):
         out[str(kind)] = {"n": len(group), "called_copy": int(group["copy"].sum())}
     copies = merged[merged["kind"] != "novel"]
     novel = merged[merged["kind"] == "novel"]
-    right_source = (copies["nearest_train_id"] == copies["source_train_id"]) & copies["copy"]
-    out["sensitivity"] = float(copies["copy"].mean()) if len(copies) else float("nan")
-    out["source_found"] = int(right_source.sum())
-    out["false_copy_rate_novel"] = float(novel["copy"].mean()) if len(novel) else float("nan")
+    k_hit, k_fp = int(copies["copy"].sum()), int(novel["copy"].sum())
+    out["sensitivity"] = k_hit / len(copies) if len(copies) else float("nan")
+    out["sensitivity_ci"] = list(wilson_interval(k_hit, len(copies)))
+    out["source_found"] = int(
+        ((copies["nearest_train_id"] == copies["source_train_id"]) & copies["copy"]).sum()
+    )
+    if patient_of is not None:
+        same_patient = [
+            patient_of.get(a) is not None and patient_of.get(a) == patient_of.get(b)
+            for a, b in zip(copies["nearest_train_id"], copies["source_train_id"], strict=True)
+        ]
+        out["source_patient_found"] = int((np.array(same_patient) & copies["copy"]).sum())
+    out["false_copy_rate_novel"] = k_fp / len(novel) if len(novel) else float("nan")
+    out["false_copy_rate_novel_ci"] = list(wilson_interval(k_fp, len(novel)))
     out["design_false_copy_rate"] = (100.0 - result.summary["percentile"]) / 100.0
     return out
 
@@ -190,7 +203,7 @@ def run_demo(
         result = audit(train, val, synthetic, detector=detector, seed=seed, quiet=quiet)
         result.summary["timings_s"]["detector_training"] = round(t_train, 3)
         result.save(tmp / "audit")
-        rec = recovery(result, truth)
+        rec = recovery(result, truth, dict(zip(train.ids, train.patient_ids, strict=True)))
         rec["timings_s"] = {
             "data": round(t_data, 3),
             "detector_training": round(t_train, 3),
@@ -209,11 +222,15 @@ def run_demo(
         if kind in rec:
             r = rec[kind]
             lines.append(f"  {kind:<12} {r['called_copy']:>4} of {r['n']:<4} called copies")
+    s_lo, s_hi = rec["sensitivity_ci"]
+    f_lo, f_hi = rec["false_copy_rate_novel_ci"]
     lines += [
-        f"  sensitivity on known copies: {rec['sensitivity']:.3f} "
-        f"(nearest training image is the true source for {rec['source_found']})",
-        f"  novel images called copies: {rec['false_copy_rate_novel']:.1%} (the calibration "
-        f"implies about {rec['design_false_copy_rate']:.0%})",
+        f"  sensitivity on known copies: {rec['sensitivity']:.3f} (95% CI {s_lo:.3f}-{s_hi:.3f});"
+        f" the nearest training image is the source image for {rec['source_found']}, "
+        f"an image of the source patient for {rec.get('source_patient_found', '?')}",
+        f"  novel images called copies: {rec['false_copy_rate_novel']:.1%} (95% CI "
+        f"{f_lo:.1%}-{f_hi:.1%}); by design about {rec['design_false_copy_rate']:.0%} of truly "
+        "novel images score above tau",
         "",
         f"audit results: {out / 'audit'} (summary.json, training.csv, synthetic.csv, figures)",
         f"took {rec['timings_s']['total']:.0f} s",

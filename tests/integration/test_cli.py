@@ -214,3 +214,29 @@ def test_tiny_demo_recovers_known_copies(tmp_path) -> None:
     syn = pd.read_csv(tmp_path / "demo" / "audit" / "synthetic.csv")
     assert set(truth["synthetic_id"]) == set(syn["synthetic_id"])
     assert np.isfinite(rec["false_copy_rate_novel"])
+
+
+def test_skip_unreadable_lists_skipped_files_in_summary(phantom_sets, tmp_path) -> None:
+    import shutil
+
+    syn = tmp_path / "syn"
+    shutil.copytree(phantom_sets / "syn", syn)
+    (syn / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    args = [
+        "--train",
+        str(phantom_sets / "train"),
+        "--val",
+        str(phantom_sets / "val"),
+        "--synthetic",
+        str(syn),
+        *TINY,
+    ]
+    r = CliRunner().invoke(main, ["--quiet", "audit", *args, "--out", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "broken.png" in r.output
+    assert not (tmp_path / "a").exists()
+    r = _run(["audit", *args, "--skip-unreadable", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s["n_synthetic"] == 6
+    assert [f["set"] for f in s["skipped_files"]] == ["synthetic"]
+    assert s["skipped_files"][0]["path"].endswith("broken.png")

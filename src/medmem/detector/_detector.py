@@ -251,6 +251,11 @@ class Detector:
                         "resuming detector training from %s at epoch %d", ckpt_dir, start_epoch
                     )
 
+            # one bar over all steps, so a resumed run shows where it picks up
+            bar = progress(
+                None, desc="training detector", total=total_steps, quiet=quiet, unit="step"
+            )
+            bar.update(start_epoch * steps_per_epoch)
             for epoch in range(start_epoch, cfg.epochs):
                 epoch_seed = _derive_seed(cfg.seed, epoch)
                 torch.manual_seed(epoch_seed)  # dropout
@@ -263,19 +268,9 @@ class Detector:
                     generator=torch.Generator().manual_seed(epoch_seed),
                     persistent_workers=False,
                 )
-                prev = f" loss {history[-1]:.4f}" if history else ""
-                # iter(): tqdm.auto's asyncio tqdm calls iter() on what it wraps, which for a
-                # DataLoader would start (and waste) a second round of workers and draws.
-                bar = progress(
-                    iter(loader),
-                    desc=f"detector epoch {epoch + 1}/{cfg.epochs}{prev}",
-                    total=steps_per_epoch,
-                    quiet=quiet,
-                    unit="batch",
-                )
                 model.train()
                 running = 0.0
-                for step, (y, y_var) in enumerate(bar):
+                for step, (y, y_var) in enumerate(loader):
                     y = y.to(device, non_blocking=True)  # (K, C, *image_size)
                     y_var = y_var.to(device, non_blocking=True)
                     z = model(torch.cat([y, y_var]))  # (2K, embed_dim)
@@ -291,10 +286,14 @@ class Detector:
                     optimizer.step()
                     scheduler.step()
                     running += loss.item()
-                    if hasattr(bar, "set_postfix"):
-                        bar.set_postfix(loss=f"{running / (step + 1):.4f}")
+                    bar.update(1)
+                    bar.set_postfix(
+                        epoch=f"{epoch + 1}/{cfg.epochs}",
+                        loss=f"{running / (step + 1):.4f}",
+                        refresh=False,
+                    )
                 history.append(running / steps_per_epoch)
-                logger.info("detector epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, history[-1])
+                logger.debug("detector epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, history[-1])
                 if ckpt_dir is not None:
                     _checkpoint.save_checkpoint(
                         ckpt_dir,
@@ -311,6 +310,7 @@ class Detector:
                         },
                     )
 
+            bar.close()
         model.eval()
         self.model_ = model
         self.train_fingerprint_ = fingerprint
