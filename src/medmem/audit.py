@@ -123,32 +123,38 @@ def _bootstrap(
     rho_val: np.ndarray,
     rho_syn: np.ndarray,
     rho_copy: np.ndarray,
+    rho_chance: np.ndarray,
     percentile: float,
     n_bootstrap: int,
     confidence: float,
     seed: int,
 ) -> dict[str, Any]:
-    """Percentile bootstrap over training images (tau, n_mem) and synthetic images (n_copies).
+    """Percentile bootstrap over training, validation and synthetic images.
 
-    Each replicate resamples training images with replacement, recomputes tau from their
-    nearest-validation correlations, and counts memorized training images and copied
-    synthetic images (synthetic images resampled too) at that tau. The intervals so carry
-    both the threshold's and the counts' sampling uncertainty.
+    Each replicate resamples training images with replacement and recomputes tau from their
+    nearest-validation correlations; at that tau it counts memorized training images,
+    copied synthetic images (resampled too), and the chance rate: the share of (resampled)
+    validation images whose nearest training image correlates >= tau. The intervals so
+    carry both the threshold's and the counts' sampling uncertainty.
     """
     rng = np.random.default_rng(seed)
-    n_train, n_syn = rho_val.size, rho_copy.size
+    n_train, n_syn, n_val = rho_val.size, rho_copy.size, rho_chance.size
     taus = np.empty(n_bootstrap)
     n_mem = np.empty(n_bootstrap)
     n_copies = np.empty(n_bootstrap)
-    chunk = max(1, min(n_bootstrap, 20_000_000 // max(n_train, n_syn)))
+    chance_rate = np.empty(n_bootstrap)
+    chunk = max(1, min(n_bootstrap, 20_000_000 // max(n_train, n_syn, n_val)))
     for start in range(0, n_bootstrap, chunk):
         b = min(chunk, n_bootstrap - start)
+        sl = slice(start, start + b)
         it = rng.integers(0, n_train, size=(b, n_train))
         t = np.percentile(rho_val[it], percentile, axis=1)
-        taus[start : start + b] = t
-        n_mem[start : start + b] = (rho_syn[it] >= t[:, None]).sum(1)
+        taus[sl] = t
+        n_mem[sl] = (rho_syn[it] >= t[:, None]).sum(1)
         js = rng.integers(0, n_syn, size=(b, n_syn))
-        n_copies[start : start + b] = (rho_copy[js] >= t[:, None]).sum(1)
+        n_copies[sl] = (rho_copy[js] >= t[:, None]).sum(1)
+        vs = rng.integers(0, n_val, size=(b, n_val))
+        chance_rate[sl] = (rho_chance[vs] >= t[:, None]).mean(1)
     alpha = (1.0 - confidence) / 2.0
     qs = [100 * alpha, 100 * (1 - alpha)]
 
@@ -157,17 +163,65 @@ def _bootstrap(
         return [float(lo), float(hi)]
 
     ci_mem, ci_copies = interval(n_mem), interval(n_copies)
+    expected = chance_rate * n_syn
     return {
         "confidence": confidence,
         "n_bootstrap": n_bootstrap,
-        "method": "percentile bootstrap over training images (tau, n_mem) and synthetic "
-        "images (n_copies), tau recomputed in every replicate",
+        "method": "percentile bootstrap over training images (tau, n_mem), synthetic images "
+        "(n_copies) and validation images (chance rate), tau recomputed in every replicate",
         "tau": interval(taus),
         "n_mem": ci_mem,
         "n_copies": ci_copies,
         "pct_mem": [100 * v / n_train for v in ci_mem],
         "pct_copies": [100 * v / n_syn for v in ci_copies],
+        "expected_chance_copies": interval(expected),
+        "excess_copies": interval(n_copies - expected),
     }
+
+
+def _patient_summary(training: pd.DataFrame) -> dict[str, Any] | None:
+    """Re-identification risk is about patients: how many have a memorized image."""
+    ids = training["patient_id"]
+    if ids.isna().any():
+        return None
+    per_patient = training.groupby("patient_id", sort=False)["memorized"].any()
+    n_pat, n_mem_pat = int(per_patient.size), int(per_patient.sum())
+    return {
+        "n_train_patients": n_pat,
+        "n_patients_mem": n_mem_pat,
+        "pct_patients_mem": 100.0 * n_mem_pat / n_pat,
+        "pct_patients_mem_denominator": "n_train_patients",
+    }
+
+
+def _controls_summary(
+    rho: np.ndarray,
+    nearest: np.ndarray,
+    sources: np.ndarray,
+    tau: float,
+    train_patient_ids: Sequence[Any],
+    extra: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Positive controls: known varied copies of training images, scored like synthetic ones."""
+    from medmem._stats import wilson_interval
+
+    caught = rho >= tau
+    n, k = int(rho.size), int(caught.sum())
+    same_patient = [
+        train_patient_ids[a] is not None and train_patient_ids[a] == train_patient_ids[b]
+        for a, b in zip(nearest, sources, strict=True)
+    ]
+    out = {
+        "n": n,
+        "caught": k,
+        "sensitivity": k / n,
+        "sensitivity_ci": list(wilson_interval(k, n)),
+        "nearest_is_source": int((nearest == sources).sum()),
+        "nearest_is_source_patient": int(np.sum(np.asarray(same_patient) | (nearest == sources))),
+        "median_corr": float(np.median(rho)),
+    }
+    out.update(extra or {})
+    return out
 
 
 @dataclass
@@ -247,6 +301,9 @@ def audit_embeddings(
     confidence: float = 0.95,
     seed: int = 0,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    controls: np.ndarray | None = None,
+    control_sources: Sequence[int] | None = None,
+    controls_info: dict[str, Any] | None = None,
 ) -> AuditResult:
     """Algorithm 1 on embeddings: tau from train->validation, verdicts for both directions.
 
@@ -259,6 +316,11 @@ def audit_embeddings(
         confidence: coverage of the intervals.
         seed: seed of the bootstrap.
         block_size: block size of the search (memory, not results).
+        controls: embeddings of positive controls (known varied copies of training
+            images), scored against the training set like synthetic images but kept out of
+            N_copies and every output table; their catch rate at tau is reported.
+        control_sources: training row each control was made from.
+        controls_info: extra fields for ``summary["controls"]`` (how they were made).
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -289,7 +351,10 @@ def audit_embeddings(
     rho_val, idx_val = nearest(e_tr, e_va, k=1, block_size=block_size, standardized=True)
     rho_syn, idx_syn = nearest(e_tr, e_sy, k=1, block_size=block_size, standardized=True)
     rho_copy, idx_copy = nearest(e_sy, e_tr, k=1, block_size=block_size, standardized=True)
+    # the chance rate: validation images are novel, scored against training as if synthetic
+    rho_chance, _ = nearest(e_va, e_tr, k=1, block_size=block_size, standardized=True)
     rho_val, rho_syn, rho_copy = rho_val[:, 0], rho_syn[:, 0], rho_copy[:, 0]
+    rho_chance = rho_chance[:, 0]
     tau = calibrate(rho_val, percentile)
     memorized = rho_syn >= tau
     copy = rho_copy >= tau
@@ -333,16 +398,49 @@ def audit_embeddings(
         "pct_copies_denominator": "n_synthetic",
         "embedding_dim": int(e_tr.shape[1]),
     }
+    chance_rate = float(np.mean(rho_chance >= tau))
+    summary["chance"] = {
+        "false_copy_rate": chance_rate,
+        "expected_copies": chance_rate * n_syn,
+        "excess_copies": n_copies - chance_rate * n_syn,
+        "method": "validation images (patients not in training) scored against the training "
+        "set as if they were synthetic: the share at or above tau is the rate at which novel "
+        "images are called copies; expected_copies = that rate x n_synthetic",
+        "design_false_copy_rate": (100.0 - percentile) / 100.0,
+    }
+    patients = _patient_summary(training)
+    if patients is not None:
+        summary["patients"] = patients
+        mem_patients = set(training.loc[training["memorized"], "patient_id"])
+        training["patient_memorized"] = training["patient_id"].isin(mem_patients)
+    if controls is not None and len(controls) > 0:
+        if control_sources is None or len(control_sources) != len(controls):
+            raise InputError("control_sources must give one training row per control.")
+        e_ctrl = _standardize_named(
+            controls, "control embeddings", [f"control{i}" for i in range(len(controls))]
+        )
+        rho_ctrl, idx_ctrl = nearest(e_ctrl, e_tr, k=1, block_size=block_size, standardized=True)
+        summary["controls"] = _controls_summary(
+            rho_ctrl[:, 0].astype(np.float64),
+            idx_ctrl[:, 0],
+            np.asarray(control_sources),
+            tau,
+            list(train_patient_ids),
+            controls_info,
+        )
     if n_bootstrap > 0:
         summary["intervals"] = _bootstrap(
             rho_val.astype(np.float64),
             rho_syn.astype(np.float64),
             rho_copy.astype(np.float64),
+            rho_chance.astype(np.float64),
             percentile,
             n_bootstrap,
             confidence,
             seed,
         )
+        summary["chance"]["expected_copies_ci"] = summary["intervals"]["expected_chance_copies"]
+        summary["chance"]["excess_copies_ci"] = summary["intervals"]["excess_copies"]
     summary["timings_s"] = {"search_and_calibration": round(time.perf_counter() - t0, 3)}
     return AuditResult(summary=summary, training=training, synthetic=synthetic_df)
 
@@ -416,6 +514,8 @@ def audit(
     batch_size: int = 32,
     num_workers: int = 0,
     detector_overrides: dict[str, Any] | None = None,
+    n_controls: int = 100,
+    control_kinds: Sequence[str] | None = None,
     quiet: bool = False,
 ) -> AuditResult:
     """Audit a synthetic set against the training set it may have copied.
@@ -432,6 +532,11 @@ def audit(
         cache_dir: where embeddings are cached (by detector and file content).
         batch_size, num_workers: embedding DataLoader settings.
         detector_overrides: DetectorConfig fields for a detector trained here.
+        n_controls: positive controls: this many seeded varied copies of training images
+            (flip, rotation within +-5 degrees, gamma contrast by default) are embedded and
+            scored like synthetic images, never counted in N_copies or listed; their catch
+            rate at tau is the audit's measured sensitivity (0 to skip).
+        control_kinds: variation kinds of the controls (``medmem.detector.VARIATION_KINDS``).
         quiet: no progress bars.
 
     Example:
@@ -439,9 +544,11 @@ def audit(
         >>> result = medmem.audit(train, val, synthetic, detector=det)  # doctest: +SKIP
         >>> result.summary["n_copies"]  # doctest: +SKIP
     """
-    from medmem.detector import Detector
+    from medmem.data import ArrayDataset
+    from medmem.detector import DEFAULT_VARIATION_KINDS, Detector, vary
 
     t0 = time.perf_counter()
+    n_controls = check_positive_int(n_controls, "n_controls", minimum=0)
     _check_datasets(train, val, synthetic)
     n_overlap = check_patient_overlap(train, val, allow=allow_patient_overlap)
     percentile = check_in_range(percentile, "percentile", 0.0, 100.0, low_open=True, high_open=True)
@@ -465,6 +572,16 @@ def audit(
     e_va = detector.embed(val, **kw)
     e_sy = detector.embed(synthetic, **kw)
     timings["embedding"] = round(time.perf_counter() - t, 3)
+    e_ctrl, ctrl_src, ctrl_info = None, None, None
+    if n_controls > 0:
+        t = time.perf_counter()
+        kinds = tuple(control_kinds or DEFAULT_VARIATION_KINDS)
+        rng = np.random.default_rng([seed, 0xC0])
+        ctrl_src = rng.choice(len(train), size=min(n_controls, len(train)), replace=False)
+        ctrl = np.stack([vary(train[int(i)], rng, kinds=kinds)[0].numpy() for i in ctrl_src])
+        e_ctrl = detector.embed(ArrayDataset(ctrl), batch_size=batch_size, quiet=quiet)
+        ctrl_info = {"kinds": list(kinds), "seed": seed}
+        timings["controls"] = round(time.perf_counter() - t, 3)
     result = audit_embeddings(
         e_tr,
         e_va,
@@ -477,6 +594,9 @@ def audit(
         n_bootstrap=n_bootstrap,
         confidence=confidence,
         seed=seed,
+        controls=e_ctrl,
+        control_sources=ctrl_src,
+        controls_info=ctrl_info,
     )
     s = result.summary
     timings.update(s.pop("timings_s"))
@@ -491,6 +611,10 @@ def audit(
         "validation_set": val.fingerprint(),
         "synthetic_set": synthetic.fingerprint(),
     }
+    s["sources"] = {
+        name: getattr(ds, "source", None)
+        for name, ds in (("training", train), ("validation", val), ("synthetic", synthetic))
+    }
     s["skipped_files"] = [
         {"set": name, **item}
         for name, ds in (("training", train), ("validation", val), ("synthetic", synthetic))
@@ -501,6 +625,7 @@ def audit(
         "n_bootstrap": n_bootstrap,
         "confidence": confidence,
         "allow_patient_overlap": allow_patient_overlap,
+        "n_controls": n_controls,
     }
     s["timings_s"] = timings
     result._images = {"train": train, "synthetic": synthetic}
@@ -517,16 +642,35 @@ def format_verdict(s: dict[str, Any]) -> str:
         lo, hi = ci[key]
         return f" (95% CI {fmt.format(lo)}-{fmt.format(hi)})"
 
-    return "\n".join(
-        [
-            f"tau = {s['tau']:.4f} ({s['percentile']:g}th percentile of train->nearest-val "
-            f"correlations){rng('tau', '{:.4f}')}",
-            f"N_mem    = {s['n_mem']} of {s['n_train']} training images "
-            f"({s['pct_mem']:.1f}% of n_train){rng('n_mem')}",
-            f"N_copies = {s['n_copies']} of {s['n_synthetic']} synthetic images "
-            f"({s['pct_copies']:.1f}% of n_synthetic){rng('n_copies')}",
-        ]
-    )
+    lines = [
+        f"tau = {s['tau']:.4f} ({s['percentile']:g}th percentile of train->nearest-val "
+        f"correlations){rng('tau', '{:.4f}')}",
+        f"N_mem    = {s['n_mem']} of {s['n_train']} training images "
+        f"({s['pct_mem']:.1f}% of n_train){rng('n_mem')}",
+        f"N_copies = {s['n_copies']} of {s['n_synthetic']} synthetic images "
+        f"({s['pct_copies']:.1f}% of n_synthetic){rng('n_copies')}",
+    ]
+    if "chance" in s:
+        c = s["chance"]
+        lines.append(
+            f"  expected by chance if none were copies: {c['expected_copies']:.1f}"
+            f"{rng('expected_chance_copies', '{:.1f}')}; excess {c['excess_copies']:+.1f}"
+            f"{rng('excess_copies', '{:+.1f}')}"
+        )
+    if "patients" in s:
+        p = s["patients"]
+        lines.append(
+            f"patients with a memorized image: {p['n_patients_mem']} of "
+            f"{p['n_train_patients']} ({p['pct_patients_mem']:.1f}% of training patients)"
+        )
+    if "controls" in s:
+        c = s["controls"]
+        lo, hi = c["sensitivity_ci"]
+        lines.append(
+            f"positive controls caught: {c['caught']} of {c['n']} (measured sensitivity "
+            f"{c['sensitivity']:.2f}, 95% CI {lo:.2f}-{hi:.2f})"
+        )
+    return "\n".join(lines)
 
 
 __all__ = [

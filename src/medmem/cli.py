@@ -246,6 +246,15 @@ def train_detector(
     default=None,
     help="Cache embeddings here (by detector and file content).",
 )
+@click.option(
+    "--n-controls",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Positive controls: varied copies of training images whose catch rate "
+    "at tau is reported as the measured sensitivity.",
+)
+@click.option("--no-controls", is_flag=True, help="Skip the positive controls.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @_data_options
 @_detector_options
@@ -261,6 +270,8 @@ def audit_cmd(
     allow_patient_overlap: bool,
     n_bootstrap: int,
     cache_dir: Path | None,
+    n_controls: int,
+    no_controls: bool,
     overwrite: bool,
     epochs: int | None,
     batch_size: int | None,
@@ -299,6 +310,7 @@ def audit_cmd(
         n_bootstrap=n_bootstrap,
         seed=seed,
         cache_dir=cache_dir,
+        n_controls=0 if no_controls else n_controls,
         quiet=ctx.obj["quiet"],
         detector_overrides=_overrides(
             epochs=epochs, batch_size=batch_size, embed_dim=embed_dim, lr=lr, seed=seed

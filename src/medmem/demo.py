@@ -32,14 +32,14 @@ class DemoConfig:
 
     spatial_dims: int = 2
     image_size: tuple[int, ...] = (64, 64)
-    n_train_patients: int = 60
+    n_train_patients: int = 100
     train_follow_ups: int = 2
-    n_val_patients: int = 60
+    n_val_patients: int = 100
     val_follow_ups: int = 2
-    n_novel: int = 100
+    n_novel: int = 200
     n_exact_copies: int = 10
-    n_varied_copies: int = 30
-    epochs: int = 40
+    n_varied_copies: int = 40
+    epochs: int = 150
     batch_size: int = 32
 
     @classmethod

@@ -240,3 +240,50 @@ def test_skip_unreadable_lists_skipped_files_in_summary(phantom_sets, tmp_path) 
     assert s["n_synthetic"] == 6
     assert [f["set"] for f in s["skipped_files"]] == ["synthetic"]
     assert s["skipped_files"][0]["path"].endswith("broken.png")
+
+
+def test_summary_carries_controls_chance_and_patients(phantom_sets, tmp_path) -> None:
+    base = [
+        "audit",
+        "--train",
+        str(phantom_sets / "train"),
+        "--val",
+        str(phantom_sets / "val"),
+        "--synthetic",
+        str(phantom_sets / "syn"),
+        *TINY,
+    ]
+    r = _run(
+        [
+            *base,
+            "--patient-id-pattern",
+            r"^(P\d+)_",
+            "--n-controls",
+            "10",
+            "--out",
+            str(tmp_path / "a"),
+        ]
+    )
+    assert r.exit_code == 0, r.output
+    assert "positive controls caught" in r.output and "expected by chance" in r.output
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    c = s["controls"]
+    assert c["n"] == 10 and 0 <= c["caught"] <= 10
+    assert c["sensitivity"] == pytest.approx(c["caught"] / 10)
+    assert c["kinds"] == ["flip", "rotate", "contrast"]
+    ch = s["chance"]
+    assert ch["expected_copies"] == pytest.approx(ch["false_copy_rate"] * 6)
+    assert ch["excess_copies"] == pytest.approx(s["n_copies"] - ch["expected_copies"])
+    assert len(ch["expected_copies_ci"]) == 2 and len(ch["excess_copies_ci"]) == 2
+    p = s["patients"]
+    assert p["n_train_patients"] == 12
+    t = pd.read_csv(tmp_path / "a" / "training.csv")
+    assert p["n_patients_mem"] == t.loc[t["memorized"], "patient_id"].nunique()
+    assert t.groupby("patient_id")["patient_memorized"].nunique().max() == 1
+    # controls never appear among the outputs
+    syn = pd.read_csv(tmp_path / "a" / "synthetic.csv")
+    assert len(syn) == s["n_synthetic"] == 6
+    r = _run([*base, "--no-controls", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    s2 = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert "controls" not in s2 and "patients" not in s2

@@ -238,3 +238,54 @@ def test_patient_overlap_is_an_error_unless_allowed() -> None:
     with pytest.raises(InputError, match="1 patients are in both.*'P2'.*allow_patient_overlap"):
         check_patient_overlap(train, val)
     assert check_patient_overlap(train, val, allow=True) == 1
+
+
+def test_chance_rate_matches_hand_count() -> None:
+    # 20 training images 18 deg apart; validation image i is offset by i/4 deg from training
+    # image i, so its nearest-train correlation is cos(i/4 deg): distinct, easy to count.
+    train = at(*np.arange(20) * 18.0)
+    val = at(*(np.arange(20) * 18.0 + np.arange(20) / 4.0))
+    synthetic = at(3.0, 50.0, 100.0, 200.0)
+    r = audit_embeddings(train, val, synthetic, n_bootstrap=0)
+    tau = r.summary["tau"]
+    rho = np.cos(np.deg2rad(np.arange(20) / 4.0))
+    # train->nearest val equals val->nearest train here (the pairing is mutual)
+    assert r.summary["chance"]["false_copy_rate"] == pytest.approx(np.mean(rho >= tau - 1e-9))
+    assert r.summary["chance"]["expected_copies"] == pytest.approx(4 * np.mean(rho >= tau - 1e-9))
+
+
+def test_patient_level_results() -> None:
+    train, val = _grid_case()
+    patients = [f"P{i // 2}" for i in range(20)]  # two images per patient
+    synthetic = np.concatenate([train[[0, 0, 7]], at(5 * 18.0 + 9)])
+    r = audit_embeddings(train, val, synthetic, train_patient_ids=patients, n_bootstrap=0)
+    p = r.summary["patients"]
+    assert p == {
+        "n_train_patients": 10,
+        "n_patients_mem": 2,  # P0 (image 0) and P3 (image 7)
+        "pct_patients_mem": 20.0,
+        "pct_patients_mem_denominator": "n_train_patients",
+    }
+    expected = [pid in ("P0", "P3") for pid in patients]
+    assert r.training["patient_memorized"].tolist() == expected
+    assert r.training["memorized"].sum() == 2
+    # without patient ids there is no patient-level result
+    r2 = audit_embeddings(train, val, synthetic, n_bootstrap=0)
+    assert "patients" not in r2.summary and "patient_memorized" not in r2.training
+
+
+def test_controls_are_scored_but_never_counted() -> None:
+    train, val = _grid_case()
+    synthetic = at(5 * 18.0 + 9, 11 * 18.0 + 9)  # two novel images
+    controls = np.concatenate([train[[2, 4]], at(6 * 18.0 + 2), at(9 * 18.0 + 8.5)])
+    r = audit_embeddings(
+        train, val, synthetic, controls=controls, control_sources=[2, 4, 6, 9], n_bootstrap=0
+    )
+    c = r.summary["controls"]
+    assert (c["n"], c["caught"]) == (4, 3)  # the 8.5-degree one is below tau = cos(8 deg)
+    assert c["sensitivity"] == pytest.approx(0.75)
+    assert c["nearest_is_source"] == 4  # caught or not, each is nearest its source
+    assert r.summary["n_copies"] == 0 and r.summary["n_synthetic"] == 2
+    assert len(r.synthetic) == 2 and not r.synthetic["synthetic_id"].str.contains("control").any()
+    lo, hi = c["sensitivity_ci"]
+    assert lo < 0.75 < hi

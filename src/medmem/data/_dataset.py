@@ -50,6 +50,8 @@ class ImageDataset(BaseImageDataset):
         skipped: files dropped while loading.
     """
 
+    source: str | None = None  # the folder, glob or manifest given to load_dataset
+
     def __init__(
         self,
         items: Sequence[Item],
@@ -234,6 +236,8 @@ def load_dataset(
             stacklevel=2,
         )
     ds = ImageDataset(items, preprocess, skipped)
+    # where the images came from, as given (a folder, glob or manifest), for the record
+    ds.source = str(src) if isinstance(src, (str, os.PathLike)) else None
     logger.info("loaded %s from %s", ds, collected.searched)
     return ds
 
