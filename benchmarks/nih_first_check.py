@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,24 +29,13 @@ from medmem._stats import auroc, wilson_interval
 from medmem.data import ArrayDataset
 from medmem.detector import vary
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "nih-cxr"
-
-
-def split_patients(manifest: pd.DataFrame, seed: int) -> dict[str, pd.DataFrame]:
-    """60% / 20% / 20% of patients for training / validation / novel, seeded."""
-    patients = np.array(sorted(manifest["patient_id"].astype(str).unique()))
-    rng = np.random.default_rng(seed)
-    rng.shuffle(patients)
-    n = len(patients)
-    cut1, cut2 = int(0.6 * n), int(0.8 * n)
-    groups = {"train": patients[:cut1], "val": patients[cut1:cut2], "novel": patients[cut2:]}
-    pid = manifest["patient_id"].astype(str)
-    return {k: manifest[pid.isin(set(v))].reset_index(drop=True) for k, v in groups.items()}
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import NIH, machine, split_patients  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--data", type=Path, default=NIH)
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -133,7 +120,7 @@ def main() -> int:
         "nearest_train_is_source": source_right,
         "n_mem": result.summary["n_mem"],
         "n_copies": result.summary["n_copies"],
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "seconds": {
             "detector_training": round(t_train, 1),
             "total": round(time.perf_counter() - t0, 1),

@@ -577,3 +577,18 @@ def test_given_dataset_passes_through_with_checks(tmp_path):
     assert load_dataset(ds, spatial_dims=2, image_size=16) is ds
     with pytest.raises(InputError, match=r"image_size=\(32, 32\) was given but .* \(16, 16\)"):
         load_dataset(ds, image_size=32)
+
+
+def test_dataset_holds_no_pixels_so_memory_does_not_grow_with_n(tmp_path):
+    """Streaming: the dataset object keeps paths and metadata only, never pixel arrays."""
+    from medmem.data import write_phantoms
+
+    small = write_phantoms(tmp_path / "a", n_patients=4, size=64, fmt="npy")
+    large = write_phantoms(tmp_path / "b", n_patients=40, size=64, fmt="npy")
+    ds_small, ds_large = load_dataset(small, quiet=True), load_dataset(large, quiet=True)
+    per_image_small = len(pickle.dumps(ds_small)) / len(ds_small)
+    per_image_large = len(pickle.dumps(ds_large)) / len(ds_large)
+    assert per_image_large < 1024  # a 64x64 float32 image alone would be 16 KiB
+    assert per_image_large <= per_image_small * 1.5
+    _ = ds_large[3]  # reading an item keeps nothing behind
+    assert len(pickle.dumps(ds_large)) / len(ds_large) < 1024

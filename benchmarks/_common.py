@@ -1,0 +1,45 @@
+"""Shared pieces of the real-data benchmarks: where the data live and the patient split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+NIH = DATA_ROOT / "nih-cxr"
+
+
+def split_patients(
+    manifest: pd.DataFrame, seed: int, fractions: tuple[float, float] = (0.6, 0.2)
+) -> dict[str, pd.DataFrame]:
+    """Training / validation / novel patients (60% / 20% / 20% by default), seeded.
+
+    Every image of a patient goes to the same part, so no patient is in two parts.
+    """
+    patients = np.array(sorted(manifest["patient_id"].astype(str).unique()))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(patients)
+    n = len(patients)
+    cut1, cut2 = int(fractions[0] * n), int((fractions[0] + fractions[1]) * n)
+    groups = {"train": patients[:cut1], "val": patients[cut1:cut2], "novel": patients[cut2:]}
+    pid = manifest["patient_id"].astype(str)
+    return {k: manifest[pid.isin(set(v))].reset_index(drop=True) for k, v in groups.items()}
+
+
+def machine() -> str:
+    """CPU model and core count, for the record."""
+    import os
+    import platform
+
+    name = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {platform.machine()}, {os.cpu_count()} cores"

@@ -1,0 +1,556 @@
+"""``report.html``: an audit's verdict, evidence and settings on one self-contained page.
+
+The page opens offline in any browser: figures are embedded as base64 PNG, the CSS is
+inline, there is no JavaScript, and a Content-Security-Policy forbids loading anything.
+Every string that comes from the data (ids, file names, paths, extractor names) is
+HTML-escaped. Every verdict number sits in an element with an ``id`` (``n_mem``,
+``n_copies``, ``tau``...) and its full-precision value in ``data-value``, so tools and tests
+can read the page back.
+
+The report shows training images and their ids: it is as confidential as the training data.
+Share the release folder of ``medmem screen`` instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medmem import __version__
+from medmem._io import atomic_write_text
+from medmem._plots import central_slices, plot_histogram
+
+# Element ids of the verdict numbers (and the summary keys they show). Documented for tools
+# and tests that read the page back.
+VERDICT_IDS = {
+    "n_mem": "summary['n_mem']",
+    "n_train": "summary['n_train']",
+    "pct_mem": "summary['pct_mem']",
+    "n_copies": "summary['n_copies']",
+    "n_synthetic": "summary['n_synthetic']",
+    "pct_copies": "summary['pct_copies']",
+    "n_val": "summary['n_val']",
+    "tau": "summary['tau']",
+    "percentile": "summary['percentile']",
+    "<key>_ci_low, <key>_ci_high": "summary['intervals'][key], key in tau, n_mem, n_copies, "
+    "pct_mem, pct_copies",
+    "ci_confidence": "summary['intervals']['confidence']",
+    "expected_chance_copies": "summary['chance']['expected_copies']",
+    "expected_chance_copies_ci_low/high": "summary['chance']['expected_copies_ci']",
+    "excess_copies": "summary['chance']['excess_copies']",
+    "false_copy_rate": "summary['chance']['false_copy_rate']",
+    "n_train_patients": "summary['patients']['n_train_patients']",
+    "n_patients_mem": "summary['patients']['n_patients_mem']",
+    "pct_patients_mem": "summary['patients']['pct_patients_mem']",
+    "controls_n": "summary['controls']['n']",
+    "controls_caught": "summary['controls']['caught']",
+    "control_sensitivity": "summary['controls']['sensitivity']",
+    "control_sensitivity_ci_low/high": "summary['controls']['sensitivity_ci']",
+    "verdict": "the headline; data-verdict = none | copies | within_chance | above_chance",
+    "q_<key>": "quality[key], key in fid, precision, recall, density, coverage, "
+    "ms_ssim_synthetic, ms_ssim_real; q_extractor: quality['extractor']",
+}
+
+_CSS = """
+*{box-sizing:border-box}
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
+ color:#1d2330;background:#f5f6f8;margin:0}
+main{max-width:1100px;margin:0 auto;padding:20px 24px 48px}
+h1{font-size:1.5em;margin:.2em 0}h2{font-size:1.2em;margin:1.6em 0 .5em;
+ border-bottom:1px solid #d5d9e0;padding-bottom:.2em}
+.sub{color:#5a6272;font-size:.9em}
+.card{background:#fff;border:1px solid #d5d9e0;border-radius:8px;padding:14px 18px;margin:12px 0}
+.verdict{border-left:6px solid #6b7280}
+.verdict.none,.verdict.within_chance{border-left-color:#1f8a4c}
+.verdict.copies{border-left-color:#c27c0e}.verdict.above_chance{border-left-color:#c0392b}
+.headline{font-size:1.15em;font-weight:600;margin:0 0 .6em}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(240px,1fr));gap:10px}
+.stat{background:#f8f9fb;border:1px solid #e3e6eb;border-radius:6px;padding:8px 12px}
+.stat .label{font-size:.82em;color:#5a6272;text-transform:uppercase;letter-spacing:.03em}
+.stat .big{font-size:1.6em;font-weight:650}
+.stat .detail{font-size:.88em;color:#3b4252}
+.warn{background:#fff8e6;border:1px solid #f0d48a;border-radius:6px;padding:8px 12px}
+table{border-collapse:collapse;width:100%;font-size:.9em}
+th,td{border-bottom:1px solid #e3e6eb;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f0f2f5;font-weight:600}
+td.id,code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.86em;
+ word-break:break-all}
+.gallery img{width:112px;height:112px;object-fit:contain;image-rendering:pixelated;
+ background:#000;margin:1px;border-radius:2px}
+.tag{display:inline-block;padding:0 6px;border-radius:4px;font-size:.8em;font-weight:600}
+.tag.copy{background:#fde2e0;color:#a93226}.tag.novel{background:#e1f3e8;color:#1f6e3f}
+img.figure{max-width:100%;height:auto;background:#fff}
+dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;margin:0}
+dl.kv dt{color:#5a6272}dl.kv dd{margin:0;word-break:break-all}
+"""
+
+
+# ---------------------------------------------------------------------------- helpers
+def _e(value: Any) -> str:
+    """HTML-escape any value (quotes too)."""
+    return html.escape(str(value), quote=True)
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        if not _finite(value):
+            return str(value)
+        return format(value, fmt)
+    return str(value)
+
+
+def _num(elem_id: str, value: Any, fmt: str = "") -> str:
+    """A number in a span with an id and its full-precision value in data-value."""
+    raw = repr(float(value)) if isinstance(value, (float, np.floating)) else str(value)
+    return (
+        f'<span class="num" id="{_e(elem_id)}" data-value="{_e(raw)}">{_e(_fmt(value, fmt))}</span>'
+    )
+
+
+def _ci(elem_id: str, interval: Any, fmt: str, confidence: float | None = None) -> str:
+    """' (95% CI lo–hi)' with ids elem_id_ci_low / _ci_high; '' when absent."""
+    if not isinstance(interval, Sequence) or len(interval) != 2:
+        return ""
+    label = f"{100 * confidence:g}% CI" if confidence else "CI"
+    return (
+        f" ({label} {_num(elem_id + '_ci_low', interval[0], fmt)}&ndash;"
+        f"{_num(elem_id + '_ci_high', interval[1], fmt)})"
+    )
+
+
+def _count_ci(count_key: str, pct_key: str, ci: dict[str, Any]) -> str:
+    """'; 95% CI lo–hi images (lo–hi%)' from the bootstrap intervals; '' when absent."""
+    counts, pcts = ci.get(count_key), ci.get(pct_key)
+    if not isinstance(counts, Sequence) or len(counts) != 2:
+        return ""
+    conf = ci.get("confidence")
+    label = f"{100 * conf:g}% CI" if conf else "CI"
+    out = (
+        f"; {label} {_num(count_key + '_ci_low', counts[0], '.0f')}&ndash;"
+        f"{_num(count_key + '_ci_high', counts[1], '.0f')}"
+    )
+    if isinstance(pcts, Sequence) and len(pcts) == 2:
+        out += (
+            f" ({_num(pct_key + '_ci_low', pcts[0], '.1f')}&ndash;"
+            f"{_num(pct_key + '_ci_high', pcts[1], '.1f')}%)"
+        )
+    return out
+
+
+def _png_b64(image: np.ndarray) -> str:
+    """A 2D array in [0, 1] as a base64 grayscale PNG."""
+    from PIL import Image
+
+    arr = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+    u8 = np.round(np.clip(arr, 0.0, 1.0) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(u8).save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(b64: str, alt: str, cls: str = "") -> str:
+    c = f' class="{cls}"' if cls else ""
+    return f'<img{c} alt="{_e(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def _kv(items: dict[str, Any] | None) -> str:
+    """A definition list of a flat dict (nested values shown as compact text)."""
+    if not items:
+        return '<p class="sub">none recorded</p>'
+    rows = []
+    for k, v in items.items():
+        if isinstance(v, float):
+            v = _fmt(v, ".6g")
+        elif isinstance(v, dict):
+            v = ", ".join(f"{a}: {b}" for a, b in v.items())
+        elif isinstance(v, (list, tuple)):
+            v = ", ".join(str(x) for x in v)
+        rows.append(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>")
+    return '<dl class="kv">' + "".join(rows) + "</dl>"
+
+
+# ---------------------------------------------------------------------------- sections
+def _headline(s: dict[str, Any]) -> tuple[str, str]:
+    """(verdict key, sentence) for the top of the page."""
+    n_copies, n_syn = int(s["n_copies"]), int(s["n_synthetic"])
+    chance = s.get("chance") or {}
+    ci = chance.get("expected_copies_ci")
+    if n_copies == 0:
+        return "none", f"No synthetic image of {n_syn} is a near-copy of a training image."
+    if isinstance(ci, Sequence) and len(ci) == 2 and _finite(ci[1]):
+        if n_copies > float(ci[1]):
+            return (
+                "above_chance",
+                f"{n_copies} of {n_syn} synthetic images are near-copies of training images: "
+                "more than chance explains, so the model has memorized training images.",
+            )
+        return (
+            "within_chance",
+            f"{n_copies} of {n_syn} synthetic images exceed tau, about as many as novel images "
+            "do by chance; inspect the flagged images below before release.",
+        )
+    return "copies", f"{n_copies} of {n_syn} synthetic images are near-copies of training images."
+
+
+def _verdict(s: dict[str, Any]) -> str:
+    ci = s.get("intervals") or {}
+    conf = ci.get("confidence")
+    key, sentence = _headline(s)
+    stats = [
+        (
+            "N_copies (synthetic images)",
+            _num("n_copies", s["n_copies"]),
+            f"of {_num('n_synthetic', s['n_synthetic'])} synthetic images = "
+            f"{_num('pct_copies', s['pct_copies'], '.1f')}% of "
+            f"{_e(s.get('pct_copies_denominator', 'n_synthetic'))}"
+            + _count_ci("n_copies", "pct_copies", ci),
+        ),
+        (
+            "N_mem (training images)",
+            _num("n_mem", s["n_mem"]),
+            f"of {_num('n_train', s['n_train'])} training images = "
+            f"{_num('pct_mem', s['pct_mem'], '.1f')}% of "
+            f"{_e(s.get('pct_mem_denominator', 'n_train'))}" + _count_ci("n_mem", "pct_mem", ci),
+        ),
+        (
+            "tau (copy threshold)",
+            _num("tau", s["tau"], ".4f"),
+            f"the {_num('percentile', s['percentile'], 'g')}th percentile of training-to-"
+            f"nearest-validation correlations ({_num('n_val', s.get('n_val', 'n/a'))} validation "
+            f"images){_ci('tau', ci.get('tau'), '.4f', conf)}",
+        ),
+    ]
+    patients = s.get("patients")
+    if isinstance(patients, dict) and "n_patients_mem" in patients:
+        stats.append(
+            (
+                "Patients with a memorized image",
+                _num("n_patients_mem", patients["n_patients_mem"]),
+                f"of {_num('n_train_patients', patients.get('n_train_patients', 'n/a'))} "
+                f"training patients = "
+                f"{_num('pct_patients_mem', patients.get('pct_patients_mem'), '.1f')}% of "
+                "n_train_patients",
+            )
+        )
+    chance = s.get("chance")
+    if isinstance(chance, dict) and "expected_copies" in chance:
+        design = chance.get("design_false_copy_rate")
+        stats.append(
+            (
+                "Copies expected by chance",
+                _num("expected_chance_copies", chance["expected_copies"], ".1f"),
+                f"novel images called copies at a rate of "
+                f"{_num('false_copy_rate', chance.get('false_copy_rate'), '.3f')}"
+                + (f" (by design about {_e(_fmt(design, '.2f'))})" if design is not None else "")
+                + f"{_ci('expected_chance_copies', chance.get('expected_copies_ci'), '.1f', conf)}"
+                + (
+                    f"; excess over chance {_num('excess_copies', chance['excess_copies'], '.1f')}"
+                    f"{_ci('excess_copies', chance.get('excess_copies_ci'), '.1f', conf)}"
+                    if "excess_copies" in chance
+                    else ""
+                ),
+            )
+        )
+    controls = s.get("controls")
+    if isinstance(controls, dict) and "sensitivity" in controls:
+        stats.append(
+            (
+                "Positive controls caught (sensitivity)",
+                _num("control_sensitivity", controls["sensitivity"], ".1%"),
+                f"{_num('controls_caught', controls.get('caught', 'n/a'))} of "
+                f"{_num('controls_n', controls.get('n', 'n/a'))} known varied copies of training "
+                "images reach tau"
+                + _ci("control_sensitivity", controls.get("sensitivity_ci"), ".1%", 0.95),
+            )
+        )
+    cards = "".join(
+        f'<div class="stat"><div class="label">{label}</div><div class="big">{big}</div>'
+        f'<div class="detail">{detail}</div></div>'
+        for label, big, detail in stats
+    )
+    boot = ""
+    if ci:
+        boot = (
+            f'<p class="sub">Intervals: {_num("ci_confidence", conf, "g")} coverage, '
+            f"{_e(ci.get('n_bootstrap', ''))} bootstrap replicates; {_e(ci.get('method', ''))}.</p>"
+        )
+    return (
+        f'<section class="card verdict {key}" id="verdict-card">'
+        f'<p class="headline" id="verdict" data-verdict="{key}">{_e(sentence)}</p>'
+        f'<div class="grid">{cards}</div>{boot}</section>'
+    )
+
+
+def _explanation(s: dict[str, Any]) -> str:
+    q = _fmt(s["percentile"], "g")
+    rate = _fmt(100 - float(s["percentile"]), "g")
+    return f"""
+<section class="card" id="meaning"><h2>What these numbers mean, and what they do not</h2>
+<p>A copy detector (a network trained so that an image and its flipped, slightly rotated or
+contrast-changed version lie close together) turns every image into an embedding; two images
+are compared by the Pearson correlation of their embeddings. <b>tau</b> is the {_e(q)}th
+percentile of the correlations between each training image and its nearest validation image
+(patients the generator never saw), so by design about {_e(rate)}% of truly novel images
+exceed tau: a few flagged images are expected even from a model that copies nothing; the
+chance row above estimates how many.</p>
+<p><b>N_copies</b> counts <i>synthetic</i> images whose nearest training image correlates at
+or above tau (share of n_synthetic). <b>N_mem</b> counts <i>training</i> images with at least
+one synthetic image at or above tau (share of n_train). One training image can be copied many
+times, so N_copies is usually larger than N_mem.</p>
+<p>A copy here means a near-copy <i>up to flips, small rotations and contrast changes, as seen
+by this detector</i>; it is not pixel identity, and the detector can miss copies altered in
+other ways. Zero copies is evidence, not a proof of privacy: it does not rule out other
+leaks (rare findings, membership inference, attributes of patients). Look at the gallery:
+the final judgement on a flagged image is a person's.</p>
+<p class="warn">This report shows training images and their ids: keep it as confidential as
+the training data. Share the output of <code>medmem screen</code> instead.</p>
+</section>"""
+
+
+def _histogram(result: Any) -> str:
+    t = result.training
+    s = result.summary
+    if len(t) == 0:
+        return ""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "histogram.png"
+        plot_histogram(
+            t["nearest_val_corr"].to_numpy(dtype=np.float64),
+            t["nearest_synthetic_corr"].to_numpy(dtype=np.float64),
+            float(s["tau"]),
+            path,
+            title="Per training image: nearest validation vs nearest synthetic correlation",
+        )
+        b64 = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        '<section class="card" id="histogram"><h2>Correlation histogram</h2>'
+        + _img(b64, "histogram of nearest-validation and nearest-synthetic correlations", "figure")
+        + '<p class="sub">For each training image: the correlation with its nearest validation '
+        "image (novel patients; tau is set on these) and with its nearest synthetic image. "
+        "Mass of the synthetic histogram at the right of tau is memorization (the paper's "
+        "Fig. 2).</p></section>"
+    )
+
+
+def _gallery(result: Any, n: int) -> str:
+    tau = float(result.summary["tau"])
+    pairs = result.gallery_pairs(n) if n > 0 else []
+    head = '<section class="card gallery" id="gallery"><h2>Top synthetic images and their '
+    head += "nearest training images</h2>"
+    if not pairs:
+        return (
+            head + '<p class="sub">No images to show: the result holds no datasets (it was '
+            "loaded from disk or built from embeddings).</p></section>"
+        )
+    is_3d = len(central_slices(pairs[0].synthetic)) > 1
+    views = " (three central slices each)" if is_3d else ""
+    rows = []
+    for rank, p in enumerate(pairs, 1):
+        flag = "copy" if p.corr >= tau else "novel"
+        syn = "".join(
+            _img(_png_b64(v), f"synthetic {p.synthetic_id}") for v in central_slices(p.synthetic)
+        )
+        tra = "".join(_img(_png_b64(v), f"training {p.train_id}") for v in central_slices(p.train))
+        rows.append(
+            f'<tr class="pair" data-copy="{flag == "copy"}"><td>{rank}</td><td>{syn}<br>'
+            f'<span class="id">{_e(p.synthetic_id)}</span></td><td>{tra}<br>'
+            f'<span class="id">{_e(p.train_id)}</span></td><td>{_e(_fmt(p.corr, ".4f"))}<br>'
+            f'<span class="tag {flag}">{flag}</span></td></tr>'
+        )
+    return (
+        head + f'<p class="sub">The {len(pairs)} synthetic images most correlated with a training '
+        f"image{views}, beside that training image. tau = {_e(_fmt(tau, '.4f'))}.</p>"
+        "<table><thead><tr><th>#</th><th>synthetic</th><th>nearest training image</th>"
+        "<th>correlation</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></section>"
+    )
+
+
+def _copies_table(result: Any, limit: int = 100) -> str:
+    syn = result.synthetic
+    if len(syn) == 0 or "copy" not in syn:
+        return ""
+    copies = syn[syn["copy"].astype(bool)].sort_values(
+        ["nearest_train_corr", "synthetic_id"], ascending=[False, True], kind="stable"
+    )
+    if len(copies) == 0:
+        return ""
+    shown = copies.head(limit)
+    rows = "".join(
+        f'<tr><td class="id">{_e(r.synthetic_id)}</td><td class="id">{_e(r.nearest_train_id)}'
+        f"</td><td>{_e(_fmt(float(r.nearest_train_corr), '.4f'))}</td></tr>"
+        for r in shown.itertuples(index=False)
+    )
+    more = (
+        f" (the first {len(shown)} of {len(copies)}; all are in synthetic.csv)"
+        if len(copies) > len(shown)
+        else ""
+    )
+    return (
+        f'<section class="card" id="copies"><h2>Synthetic images called copies{more}</h2>'
+        "<table><thead><tr><th>synthetic_id</th><th>nearest_train_id</th>"
+        f"<th>nearest_train_corr</th></tr></thead><tbody>{rows}</tbody></table></section>"
+    )
+
+
+def _quality(q: dict[str, Any] | None) -> str:
+    if not q:
+        return ""
+    rows = [
+        ("FID", "fid", ".4g", "lower = synthetic features distributed more like real ones"),
+        ("precision", "precision", ".3f", "share of synthetic images on the real manifold"),
+        ("recall", "recall", ".3f", "share of real images on the synthetic manifold"),
+        ("density", "density", ".3f", "about 1 for real-like; above 1 when crowding real images"),
+        ("coverage", "coverage", ".3f", "share of real images with a synthetic neighbour"),
+        ("MS-SSIM synthetic", "ms_ssim_synthetic", ".4f", "lower = more diverse"),
+        ("MS-SSIM real (reference)", "ms_ssim_real", ".4f", "the same for the real images"),
+    ]
+    body = "".join(
+        f"<tr><th>{label}</th><td>{_num('q_' + key, q[key], fmt)}</td><td>{note}</td></tr>"
+        for label, key, fmt, note in rows
+        if key in q and q[key] is not None
+    )
+    trained = q.get("extractor_trained_on")
+    extra = f" (trained here on the {_e(trained)} images)" if trained else ""
+    sizes = ""
+    if "n_real" in q and "n_synthetic" in q:
+        sizes = f"; {_e(q['n_real'])} real and {_e(q['n_synthetic'])} synthetic images"
+    k = f"; k = {_e(q['k'])}" if "k" in q else ""
+    return (
+        '<section class="card" id="quality"><h2>Quality and diversity</h2>'
+        f'<p>Features: <code id="q_extractor">{_e(q.get("extractor", "unknown"))}</code>{extra}'
+        f"{sizes}{k}. An FID is comparable only with FIDs from the same extractor and set "
+        "sizes.</p>"
+        f"<table><tbody>{body}</tbody></table>"
+        '<p class="sub">A model that copies its training data scores well on FID and '
+        "precision: read these beside N_copies, never instead of it (the paper, section "
+        "2.4.2).</p></section>"
+    )
+
+
+def _settings(s: dict[str, Any]) -> str:
+    general = {
+        "medmem version": s.get("medmem_version", __version__),
+        "schema version": s.get("schema_version"),
+        "spatial_dims": s.get("spatial_dims"),
+        "image_size": s.get("image_size"),
+        "embedding_dim": s.get("embedding_dim"),
+        "patients shared by train and val": s.get("n_patients_shared_train_val"),
+    }
+    general = {k: v for k, v in general.items() if v is not None}
+    parts = [
+        '<section class="card" id="settings"><h2>Settings and fingerprints</h2>',
+        _kv(general),
+    ]
+    for title, key in (
+        ("Settings", "settings"),
+        ("Fingerprints (SHA-256)", "fingerprints"),
+        ("Sources", "sources"),
+        ("Timings (s)", "timings_s"),
+    ):
+        value = s.get(key)
+        if isinstance(value, dict) and value:
+            parts.append(f"<h3>{title}</h3>" + _kv(value))
+    controls = s.get("controls")
+    if isinstance(controls, dict) and controls:
+        parts.append("<h3>Positive controls</h3>" + _kv(controls))
+    chance = s.get("chance")
+    if isinstance(chance, dict) and chance:
+        parts.append("<h3>Chance</h3>" + _kv(chance))
+    skipped = s.get("skipped_files") or []
+    if skipped:
+        items = "".join(
+            f"<li><code>{_e(it.get('set', ''))}: {_e(it.get('path', ''))}</code> "
+            f"&ndash; {_e(it.get('reason', ''))}</li>"
+            for it in skipped[:20]
+        )
+        more = f"<p class='sub'>and {len(skipped) - 20} more</p>" if len(skipped) > 20 else ""
+        parts.append(f"<h3>Skipped files ({len(skipped)})</h3><ul>{items}</ul>{more}")
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def render_report(result: Any, *, quality: dict[str, Any] | None = None, n_gallery: int = 8) -> str:
+    """The report as an HTML string (see :func:`write_report`)."""
+    s = result.summary
+    title = "medmem audit report"
+    body = "".join(
+        [
+            f"<header><h1>{title}</h1><p class='sub'>medmem "
+            f"{_e(s.get('medmem_version', __version__))} &middot; {_e(s['n_train'])} training, "
+            f"{_e(s.get('n_val', 'n/a'))} validation, {_e(s['n_synthetic'])} synthetic images"
+            f"</p></header>",
+            _verdict(s),
+            _explanation(s),
+            _histogram(result),
+            _gallery(result, n_gallery),
+            _copies_table(result),
+            _quality(quality),
+            _settings(s),
+        ]
+    )
+    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{title}</title><style>{_CSS}</style></head>"
+        f"<body><main>{body}</main></body></html>\n"
+    )
+
+
+def write_report(
+    result: Any,
+    folder: str | Path,
+    *,
+    quality: dict[str, Any] | None = None,
+    n_gallery: int = 8,
+) -> Path:
+    """Write ``report.html`` (self-contained, offline) into ``folder``; return its path.
+
+    Args:
+        result: an :class:`~medmem.audit.AuditResult`. The gallery needs the datasets that
+            ``medmem.audit`` attaches; without them the page says so.
+        folder: where to write (created if missing); the file is written atomically.
+        quality: a dict from :func:`medmem.metrics.quality`, shown when given.
+        n_gallery: number of top synthetic/training pairs shown.
+
+    Summary keys read: ``n_mem``, ``n_train``, ``pct_mem``, ``n_copies``, ``n_synthetic``,
+    ``pct_copies`` (and their ``*_denominator``), ``n_val``, ``tau``, ``percentile``,
+    ``intervals`` (``confidence``, ``n_bootstrap``, ``method``, ``tau``, ``n_mem``,
+    ``n_copies``, ``pct_mem``, ``pct_copies``); when present: ``chance``
+    (``expected_copies``, ``expected_copies_ci``, ``excess_copies``, ``excess_copies_ci``,
+    ``false_copy_rate``, ``design_false_copy_rate``), ``patients`` (``n_train_patients``,
+    ``n_patients_mem``, ``pct_patients_mem``), ``controls`` (``n``, ``caught``,
+    ``sensitivity``, ``sensitivity_ci``; all keys listed under settings), and
+    ``medmem_version``, ``schema_version``, ``spatial_dims``, ``image_size``,
+    ``embedding_dim``, ``settings``, ``fingerprints``, ``sources``, ``timings_s``,
+    ``skipped_files``. Element ids: see ``VERDICT_IDS``.
+
+    Example:
+        >>> result = medmem.audit(train, val, synthetic)  # doctest: +SKIP
+        >>> write_report(result, "audit/")  # doctest: +SKIP
+        PosixPath('audit/report.html')
+    """
+    path = Path(folder) / "report.html"
+    atomic_write_text(path, render_report(result, quality=quality, n_gallery=n_gallery))
+    return path
+
+
+__all__ = ["VERDICT_IDS", "render_report", "write_report"]

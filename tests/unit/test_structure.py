@@ -1,0 +1,96 @@
+"""Data flows one way through the package: a module imports only from stages to its left.
+
+data <- detector <- search <- audit <- report, screen, label; metrics and generative may use
+the stages before the audit; demo, study and text2image anything but the CLI; the CLI is a
+thin layer over the public API. Private helpers (``medmem._*``) are usable by all and import
+no stage.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "medmem"
+STAGES = [
+    "data",
+    "detector",
+    "search",
+    "audit",
+    "metrics",
+    "report",
+    "screen",
+    "label",
+    "generative",
+    "demo",
+    "study",
+    "text2image",
+    "cli",
+]
+ALLOWED: dict[str, set[str]] = {
+    "data": set(),
+    "detector": {"data"},
+    "search": set(),
+    "audit": {"data", "detector", "search"},
+    "metrics": {"data", "detector", "search"},
+    "report": {"data", "detector", "search", "audit", "metrics"},
+    "screen": {"data", "detector", "search", "audit"},
+    "label": {"data", "detector", "search", "audit"},
+    "generative": {"data", "detector", "search", "audit", "metrics"},
+    "demo": set(STAGES) - {"demo", "cli"},
+    "study": set(STAGES) - {"study", "cli"},
+    "text2image": set(STAGES) - {"text2image", "cli"},
+    "cli": set(STAGES) - {"cli"},
+}
+# The audit's save() writes report.html through a function-level import of medmem.report:
+# the one exception, so that `result.save(dir)` gives the whole output folder.
+EXCEPTIONS = {("audit", "report")}
+
+
+def _stage_of(path: Path) -> str | None:
+    rel = path.relative_to(SRC).parts
+    if rel == ("__init__.py",):
+        return None  # the package re-exports the public API
+    name = rel[0].removesuffix(".py")
+    if name.startswith("_"):
+        return "_private"
+    return name if name in STAGES else None
+
+
+def _imported_stages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for n in names:
+            parts = n.split(".")
+            if parts[0] == "medmem" and len(parts) > 1 and parts[1] in STAGES:
+                found.add(parts[1])
+    return found
+
+
+FILES = sorted(p for p in SRC.rglob("*.py") if _stage_of(p) is not None)
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
+def test_imports_run_one_way(path: Path) -> None:
+    stage = _stage_of(path)
+    used = _imported_stages(path) - {stage}
+    allowed = set() if stage == "_private" else ALLOWED[stage]
+    bad = {u for u in used if u not in allowed and (stage, u) not in EXCEPTIONS}
+    assert not bad, f"{path.relative_to(SRC)} ({stage}) imports {sorted(bad)}"
+
+
+def test_package_modules_are_known() -> None:
+    top = {
+        p.name.removesuffix(".py")
+        for p in SRC.iterdir()
+        if not p.name.startswith(("_", ".")) and (p.suffix == ".py" or p.is_dir())
+    }
+    assert top <= set(STAGES), f"unknown stage(s): {sorted(top - set(STAGES))}"
