@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: its CPU wheel is on these machines; a range can pull a CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || echo "chromium not installed: browser tests will skip"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -20,6 +20,6 @@ class PixelDetector:
         return np.stack([np.asarray(dataset[i]).ravel() for i in range(len(dataset))])
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def pixel_detector() -> PixelDetector:
     return PixelDetector()

@@ -258,8 +258,16 @@ class AuditResult:
             )
         return pairs
 
-    def save(self, out: str | Path, *, overwrite: bool = False, figures: bool = True) -> Path:
-        """Write summary.json, training.csv, synthetic.csv and figures into folder ``out``.
+    def save(
+        self,
+        out: str | Path,
+        *,
+        overwrite: bool = False,
+        figures: bool = True,
+        report: bool = True,
+        quality: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write summary.json, training.csv, synthetic.csv, figures and report.html to ``out``.
 
         The folder is built aside and moved into place at the end: a crash never leaves a
         half-written result. An existing folder is refused unless ``overwrite``.
@@ -284,6 +292,11 @@ class AuditResult:
                 pairs = self.gallery_pairs()
                 if pairs:
                     plot_gallery(pairs, tmp / "gallery.png", tau=self.summary["tau"])
+            if report:
+                # the one import to the right of the audit: the report renders a result
+                from medmem.report import write_report
+
+                write_report(self, tmp, quality=quality)
         return out
 
 

@@ -359,5 +359,355 @@ def demo_cmd(ctx: click.Context, out: Path, spatial_dims: str, seed: int, overwr
     click.echo(report)
 
 
+@main.command("label")
+@click.option(
+    "--audit", "audit_dir", required=True, type=click.Path(path_type=Path), help="Audit folder."
+)
+@click.option(
+    "--n", "n", type=int, default=100, show_default=True, help="Pairs to label (drawn around tau)."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the draw.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The page to write (default: AUDIT/labels.html); pairs.csv is written beside it.",
+)
+@click.option("--train", "train_src", default=None, help="Training images (default: the audit's).")
+@click.option(
+    "--synthetic", "syn_src", default=None, help="Synthetic images (default: the audit's)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing page and pairs.csv.")
+@click.pass_context
+def label_cmd(
+    ctx: click.Context,
+    audit_dir: Path,
+    n: int,
+    seed: int,
+    out: Path | None,
+    train_src: str | None,
+    syn_src: str | None,
+    overwrite: bool,
+) -> None:
+    """Write a blind page to label training / nearest-synthetic pairs as copy or novel.
+
+    The page (one HTML file, works offline) shows --n pairs drawn around tau, without
+    correlations or verdicts; save labels.csv from it, then run `medmem validate`.
+
+    \b
+    Example:
+      medmem label --audit audit/ --n 100
+      medmem validate --audit audit/ --labels ~/Downloads/labels.csv
+    """
+    from medmem.label import make_labeling_page
+
+    out = out if out is not None else audit_dir / "labels.html"
+    page = make_labeling_page(
+        audit_dir,
+        out,
+        n=n,
+        seed=seed,
+        train=train_src,
+        synthetic=syn_src,
+        overwrite=overwrite,
+        quiet=ctx.obj["quiet"],
+    )
+    click.echo(f"labelling page: {page} (open it in a browser); pairs: {page.parent / 'pairs.csv'}")
+
+
+@main.command("validate")
+@click.option(
+    "--audit", "audit_dir", required=True, type=click.Path(path_type=Path), help="Audit folder."
+)
+@click.option(
+    "--labels",
+    "labels_csv",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="labels.csv saved from the labelling page.",
+)
+@click.option(
+    "--pairs",
+    "pairs_csv",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="pairs.csv written beside the page (default: AUDIT/pairs.csv, else beside --labels).",
+)
+def validate_cmd(audit_dir: Path, labels_csv: Path, pairs_csv: Path | None) -> None:
+    """Compare human copy/novel labels with the audit's verdicts (sensitivity, specificity).
+
+    Human "copy" is positive, "novel" negative, "unsure" excluded; writes
+    AUDIT/validation.json.
+
+    \b
+    Example:
+      medmem validate --audit audit/ --labels ~/Downloads/labels.csv
+    """
+    from medmem.label import format_validation, validate
+
+    result = validate(audit_dir, labels_csv, pairs_csv=pairs_csv)
+    click.echo(format_validation(result))
+    click.echo(f"written to {Path(audit_dir) / 'validation.json'}")
+
+
+@main.command("quality")
+@click.option(
+    "--real", "real_src", required=True, help="Real images (e.g. validation): folder, glob or CSV."
+)
+@click.option("--synthetic", "syn_src", required=True, help="Synthetic images to measure.")
+@click.option(
+    "--detector",
+    "detector_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Features from this trained detector folder (e.g. the audit's detector).",
+)
+@click.option(
+    "--extractor",
+    "extractor_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Features from a TorchScript file (torch.jit.save) or a torch.export .pt2 file.",
+)
+@click.option(
+    "--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write JSON here."
+)
+@click.option("--k", type=int, default=5, show_default=True, help="k of precision/recall.")
+@click.option("--n-pairs", type=int, default=None, help="MS-SSIM pairs (default: one per image).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per batch.")
+@click.option(
+    "--epochs",
+    type=int,
+    default=20,
+    show_default=True,
+    help="Epochs of the detector trained on --real when no --detector/--extractor is given.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@_data_options
+@click.pass_context
+def quality_cmd(
+    ctx: click.Context,
+    real_src: str,
+    syn_src: str,
+    detector_dir: Path | None,
+    extractor_file: Path | None,
+    json_out: Path | None,
+    k: int,
+    n_pairs: int | None,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    **data_opts: Any,
+) -> None:
+    """FID, precision/recall, density/coverage and MS-SSIM diversity of synthetic images.
+
+    Features come from --detector (best: the audit's own detector, so the numbers live in
+    the audit's feature space) or --extractor; with neither, a detector is trained on
+    --real first (and the output says so). MS-SSIM is reported for both sets.
+
+    \b
+    Example:
+      medmem quality --real val/ --synthetic synth/ --detector audit-detector/
+      medmem quality --real val/ --synthetic synth/ --extractor radimagenet.pt --json q.json
+    """
+    from medmem._io import atomic_write_json
+    from medmem.detector import Detector
+    from medmem.metrics import format_quality, quality
+
+    if detector_dir is not None and extractor_file is not None:
+        raise click.UsageError("give --detector or --extractor, not both.")
+    extractor: Any = None
+    size = None
+    if detector_dir is not None:
+        extractor = Detector.load(detector_dir)
+        size = tuple(extractor.config.image_size)
+    elif extractor_file is not None:
+        extractor = str(extractor_file)
+    real = _load(real_src, data_opts, image_size=size)
+    syn = _load(syn_src, data_opts, image_size=size, like=real, option="--synthetic")
+    if extractor is None:
+        log.warning(
+            "no --detector or --extractor: training a detector on the %d --real images "
+            "(%d epochs) as the feature extractor. Pass --detector (e.g. the audit's) to "
+            "measure in the audit's feature space.",
+            len(real),
+            epochs,
+        )
+    q = quality(
+        real,
+        syn,
+        extractor=extractor,
+        k=k,
+        n_pairs=n_pairs,
+        seed=seed,
+        batch_size=batch_size,
+        detector_overrides={"epochs": epochs},
+        quiet=ctx.obj["quiet"],
+    )
+    click.echo(format_quality(q))
+    if json_out is not None:
+        atomic_write_json(json_out, q)
+        click.echo(f"written to {json_out}")
+
+
+@main.command("screen")
+@click.option(
+    "--audit",
+    "audit_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The --out folder of `medmem audit`.",
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Release folder.")
+@click.option(
+    "--synthetic",
+    "syn_src",
+    default=None,
+    help="The audited synthetic images (default: the source recorded in summary.json).",
+)
+@click.option(
+    "--margin",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Also withhold images whose nearest_train_corr is within this margin below tau.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.pass_context
+def screen_cmd(
+    ctx: click.Context,
+    audit_dir: Path,
+    out: Path,
+    syn_src: str | None,
+    margin: float,
+    overwrite: bool,
+) -> None:
+    """Write the release set: the audited synthetic images that are not copies.
+
+    Copies the synthetic files with nearest_train_corr < tau - margin byte for byte into
+    --out, with release_manifest.csv and README.txt. Nothing written names a training
+    image or patient. Refuses synthetic images that differ from the audited ones.
+
+    \b
+    Example:
+      medmem screen --audit audit/ --out release/
+      medmem screen --audit audit/ --out release/ --synthetic synth/ --margin 0.02
+    """
+    from medmem.screen import screen
+
+    result = screen(
+        audit_dir,
+        out,
+        synthetic=syn_src,
+        margin=margin,
+        overwrite=overwrite,
+        quiet=ctx.obj["quiet"],
+    )
+    click.echo(str(result))
+
+
+@main.group("generate", cls=_Group)
+def generate_group() -> None:
+    """Train generative models (2D/3D latent diffusion, VAE, GAN) and sample from them.
+
+    \b
+    Example:
+      medmem generate train --config configs/generative/ldm-2d-cpu.yaml --out runs/ldm-2d
+      medmem generate sample --model runs/ldm-2d --n 100 --out synth/
+      medmem audit --train TRAIN --val VAL --synthetic synth/manifest.csv --out audit/
+    """
+
+
+@generate_group.command("train")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="YAML config (see configs/generative/).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run folder (default: runs/<config name>).",
+)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: the config's).")
+@click.pass_context
+def generate_train_cmd(
+    ctx: click.Context, config_path: Path, out: Path | None, resume: bool, device: str | None
+) -> None:
+    """Train the model a YAML config describes; writes checkpoints, losses.csv, model/.
+
+    Training is seeded and resumes exactly after a kill (--resume). With a `tracking`
+    section, memorization is audited at chosen iterations (tracking.csv, tracking.png).
+    Under torchrun, each process trains on its share of every batch (DDP).
+
+    \b
+    Example:
+      medmem generate train --config configs/generative/ldm-2d-cpu.yaml --out runs/ldm-2d
+      medmem generate train --config configs/generative/ldm-2d-cpu.yaml --out runs/ldm-2d --resume
+    """
+    from medmem.generative import load_config, train
+
+    config = load_config(config_path)
+    out = out if out is not None else Path("runs") / config_path.name.split(".")[0]
+    result = train(config, out, resume=resume, device=device, quiet=ctx.obj["quiet"])
+    spi = ", ".join(f"{k} {v:.3f} s/it" for k, v in result.seconds_per_iteration.items())
+    click.echo(f"trained {config.model} -> {out / 'model'} ({spi})")
+
+
+@generate_group.command("sample")
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Saved model folder, or a training run folder.",
+)
+@click.option("--n", "n", required=True, type=int, help="Number of images.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--steps", type=int, default=None, help="Denoising steps (LDM; default: config's).")
+@click.option(
+    "--sampler",
+    type=click.Choice(["ddpm", "ddim"]),
+    default=None,
+    help="LDM sampler (default: the config's).",
+)
+@click.option("--batch-size", type=int, default=None, help="Images per batch.")
+@click.option("--device", default=None, help="cpu, cuda... (default: CUDA when present).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.pass_context
+def generate_sample_cmd(
+    ctx: click.Context,
+    model_dir: Path,
+    n: int,
+    out: Path,
+    seed: int,
+    steps: int | None,
+    sampler: str | None,
+    batch_size: int | None,
+    device: str | None,
+    overwrite: bool,
+) -> None:
+    """Sample images: 16-bit PNG (2D) or NIfTI (3D) plus manifest.csv for `medmem audit`.
+
+    \b
+    Example:
+      medmem generate sample --model runs/ldm-2d --n 100 --out synth/ --sampler ddim --steps 50
+    """
+    from medmem.generative import GenerativeModel, write_samples
+
+    _check_out(out, overwrite)
+    model = GenerativeModel.load(model_dir, device=device)
+    images = model.sample(
+        n, seed=seed, steps=steps, sampler=sampler, batch_size=batch_size, quiet=ctx.obj["quiet"]
+    )
+    write_samples(images, out)
+    click.echo(f"wrote {n} samples to {out} (manifest: {out / 'manifest.csv'})")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

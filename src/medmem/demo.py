@@ -10,6 +10,7 @@ many novel images it called copies (about 100 - q percent by design).
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medmem._io import atomic_dir, atomic_save, atomic_write_bytes, atomic_write_json
+from medmem._errors import OutputExistsError
+from medmem._io import atomic_save, atomic_write_bytes, atomic_write_json
 from medmem._stats import wilson_interval
 from medmem.audit import AuditResult, audit, format_verdict
 from medmem.data import load_dataset, make_phantom, write_phantoms
 from medmem.data.phantoms import phantom_seed
 from medmem.detector import Detector, vary
+from medmem.screen import screen
 
 
 @dataclass(frozen=True)
@@ -178,38 +181,49 @@ def run_demo(
     cfg = config or DemoConfig.default(spatial_dims)
     out = Path(out)
     t0 = time.perf_counter()
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        truth = build_demo_data(tmp / "data", cfg, seed, quiet=quiet)
-        t_data = time.perf_counter() - t0
-        train = load_dataset(
-            tmp / "data" / "train" / "manifest.csv", image_size=cfg.image_size, quiet=quiet
-        )
-        val = load_dataset(
-            tmp / "data" / "val" / "manifest.csv", image_size=cfg.image_size, quiet=quiet
-        )
-        synthetic = load_dataset(tmp / "data" / "synthetic", image_size=cfg.image_size, quiet=quiet)
-        t = time.perf_counter()
-        detector = Detector.train(
-            train,
-            spatial_dims=cfg.spatial_dims,
-            image_size=cfg.image_size,
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            seed=seed,
-            quiet=quiet,
-        )
-        t_train = time.perf_counter() - t
-        detector.save(tmp / "detector")
-        result = audit(train, val, synthetic, detector=detector, seed=seed, quiet=quiet)
-        result.summary["timings_s"]["detector_training"] = round(t_train, 3)
-        result.save(tmp / "audit")
-        rec = recovery(result, truth, dict(zip(train.ids, train.patient_ids, strict=True)))
-        rec["timings_s"] = {
-            "data": round(t_data, 3),
-            "detector_training": round(t_train, 3),
-            "total": round(time.perf_counter() - t0, 3),
-        }
-        atomic_write_json(tmp / "demo_recovery.json", rec)
+    # The demo works in place, so that the paths recorded in the audit stay valid; its
+    # results (detector, audit, release) are each written atomically.
+    if out.exists():
+        if not overwrite:
+            raise OutputExistsError(
+                f"{out}: output folder exists. Choose another folder, or pass --overwrite."
+            )
+        shutil.rmtree(out)
+    truth = build_demo_data(out / "data", cfg, seed, quiet=quiet)
+    t_data = time.perf_counter() - t0
+    train = load_dataset(
+        out / "data" / "train" / "manifest.csv", image_size=cfg.image_size, quiet=quiet
+    )
+    val = load_dataset(
+        out / "data" / "val" / "manifest.csv", image_size=cfg.image_size, quiet=quiet
+    )
+    synthetic = load_dataset(out / "data" / "synthetic", image_size=cfg.image_size, quiet=quiet)
+    t = time.perf_counter()
+    detector = Detector.train(
+        train,
+        spatial_dims=cfg.spatial_dims,
+        image_size=cfg.image_size,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        seed=seed,
+        quiet=quiet,
+    )
+    t_train = time.perf_counter() - t
+    detector.save(out / "detector")
+    result = audit(train, val, synthetic, detector=detector, seed=seed, quiet=quiet)
+    result.summary["timings_s"]["detector_training"] = round(t_train, 3)
+    result.save(out / "audit")
+    released = screen(out / "audit", out / "release", quiet=quiet)
+    rec = recovery(result, truth, dict(zip(train.ids, train.patient_ids, strict=True)))
+    rec["released"] = released.n_released
+    known = truth.loc[truth["kind"] != "novel", "synthetic_id"]
+    rec["released_known_copies"] = int(known.isin(released.released).sum())
+    rec["timings_s"] = {
+        "data": round(t_data, 3),
+        "detector_training": round(t_train, 3),
+        "total": round(time.perf_counter() - t0, 3),
+    }
+    atomic_write_json(out / "demo_recovery.json", rec)
     lines = [
         f"medmem demo ({cfg.spatial_dims}D phantoms, {len(train)} training images of "
         f"{cfg.n_train_patients} patients, {len(val)} validation images of other patients, "
@@ -232,7 +246,11 @@ def run_demo(
         f"{f_lo:.1%}-{f_hi:.1%}); by design about {rec['design_false_copy_rate']:.0%} of truly "
         "novel images score above tau",
         "",
-        f"audit results: {out / 'audit'} (summary.json, training.csv, synthetic.csv, figures)",
+        f"report:  {out / 'audit' / 'report.html'}",
+        f"audit:   {out / 'audit'} (summary.json, training.csv, synthetic.csv, figures)",
+        f"release: {out / 'release'} ({released.n_released} of {len(synthetic)} synthetic "
+        f"images; {rec['released_known_copies']} known copies slipped through; the manifest "
+        "names no training image or patient)",
         f"took {rec['timings_s']['total']:.0f} s",
     ]
     return "\n".join(lines)

@@ -170,6 +170,14 @@ def sample_pairs(
     above = np.flatnonzero(corr >= tau)
     below = np.flatnonzero(corr < tau)
     n_above = min(len(above), max(n // 2, n - len(below)))
+    for side, have, want in (("at or above", n_above, n // 2), ("below", n - n_above, n - n // 2)):
+        if have < want and n < len(training):
+            warnings.warn(
+                f"only {have} training image(s) have nearest_synthetic_corr {side} tau: "
+                f"{have} of the {n} pairs come from that side, not half, so the audit's "
+                f"{'copy' if side != 'below' else 'novel'} verdicts are checked on few pairs.",
+                stacklevel=2,
+            )
     chosen: list[int] = []
     strata: list[str] = []
     weights: list[float] = []
@@ -554,6 +562,10 @@ _JS = r"""
   el("prev").addEventListener("click", function () { move(-1); });
   el("next").addEventListener("click", function () { move(1); });
   el("save").addEventListener("click", save);
+  // after a mouse click, give the keys back to the shortcuts (Space would re-press the button)
+  Array.prototype.forEach.call(document.querySelectorAll("button"), function (b) {
+    b.addEventListener("click", function (e) { if (e.detail > 0) { b.blur(); } });
+  });
 
   loadStored();
   buildViews();
@@ -688,6 +700,8 @@ def _best_tau(corr: np.ndarray, human_copy: np.ndarray, tau: float) -> dict[str,
                 "youden_j": sens + spec - 1.0,
             }
     assert result is not None
+    if result["youden_j"] <= 0:
+        return None  # no threshold agrees with the labels better than chance
     result["criterion"] = (
         "maximises Youden's J = sensitivity + specificity - 1 over the definite labels "
         "(thresholds midway between observed correlations); ties go to the threshold "
@@ -864,6 +878,13 @@ def validate(
     a = auroc(corr[human_copy], corr[~human_copy])
     result["auroc"] = None if math.isnan(a) else a
     result["best_tau"] = _best_tau(corr, human_copy, tau)
+    if result["best_tau"] is None:
+        result["best_tau_note"] = (
+            "needs pairs labelled copy and novel"
+            if human_copy.all() or not human_copy.any()
+            else "no threshold on nearest_synthetic_corr agrees with the labels better than "
+            "chance (Youden's J <= 0)"
+        )
     result["disagreements"] = [
         {
             "pair_id": int(p),
@@ -918,6 +939,8 @@ def format_validation(result: dict[str, Any]) -> str:
             f"tau best matching the labels: {b['tau']:.4f} (sensitivity {b['sensitivity']:.3f}, "
             f"specificity {b['specificity']:.3f})"
         )
+    elif result.get("best_tau_note"):
+        lines.append(f"tau best matching the labels: none ({result['best_tau_note']})")
     return "\n".join(lines)
 
 

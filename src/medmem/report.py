@@ -89,7 +89,7 @@ td.id,code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.86em;
 .tag.copy{background:#fde2e0;color:#a93226}.tag.novel{background:#e1f3e8;color:#1f6e3f}
 img.figure{max-width:100%;height:auto;background:#fff}
 dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;margin:0}
-dl.kv dt{color:#5a6272}dl.kv dd{margin:0;word-break:break-all}
+dl.kv dt{color:#5a6272}dl.kv dd{margin:0;overflow-wrap:anywhere}
 """
 
 
@@ -174,15 +174,17 @@ def _kv(items: dict[str, Any] | None) -> str:
     """A definition list of a flat dict (nested values shown as compact text)."""
     if not items:
         return '<p class="sub">none recorded</p>'
-    rows = []
-    for k, v in items.items():
-        if isinstance(v, float):
-            v = _fmt(v, ".6g")
-        elif isinstance(v, dict):
-            v = ", ".join(f"{a}: {b}" for a, b in v.items())
-        elif isinstance(v, (list, tuple)):
-            v = ", ".join(str(x) for x in v)
-        rows.append(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>")
+
+    def show(v: Any) -> str:
+        if isinstance(v, (float, np.floating)):
+            return _fmt(v, ".6g")
+        if isinstance(v, dict):
+            return ", ".join(f"{a}: {show(b)}" for a, b in v.items())
+        if isinstance(v, (list, tuple)):
+            return ", ".join(show(x) for x in v)
+        return str(v)
+
+    rows = [f"<dt>{_e(k)}</dt><dd>{_e(show(v))}</dd>" for k, v in items.items()]
     return '<dl class="kv">' + "".join(rows) + "</dl>"
 
 

@@ -161,6 +161,7 @@ def test_save_writes_all_outputs_and_refuses_existing_folder(tmp_path) -> None:
     assert names == [
         "gallery.png",
         "histogram.png",
+        "report.html",
         "summary.json",
         "synthetic.csv",
         "training.csv",

@@ -36,7 +36,12 @@ def _make_audit(root: Path, *, spatial_dims: int = 2, malicious: bool = False) -
     size, fmt = (32, "png") if spatial_dims == 2 else (16, "npy")
     write_phantoms(root / "train", n_patients=24, size=size, fmt=fmt, spatial_dims=spatial_dims)
     write_phantoms(
-        root / "syn", n_patients=20, size=size, fmt=fmt, spatial_dims=spatial_dims, first_patient=200
+        root / "syn",
+        n_patients=20,
+        size=size,
+        fmt=fmt,
+        spatial_dims=spatial_dims,
+        first_patient=200,
     )
     if malicious:  # the id is the path under the folder: a folder '<script>alert(1)<'
         nested = root / "train" / MALICIOUS
@@ -58,7 +63,11 @@ def _make_audit(root: Path, *, spatial_dims: int = 2, malicious: bool = False) -
         n_bootstrap=0,
     )
     r.summary.update(
-        sources={"training": str(root / "train"), "validation": None, "synthetic": str(root / "syn")},
+        sources={
+            "training": str(root / "train"),
+            "validation": None,
+            "synthetic": str(root / "syn"),
+        },
         image_size=list(image_size),
         spatial_dims=spatial_dims,
     )
@@ -95,7 +104,7 @@ def test_sampling_is_seeded_stratified_and_covers_both_sides_of_tau() -> None:
         assert [counts[f"{side}_{b}"] for b in (1, 2, 3, 4)] == [20, 15, 10, 5]
     # oversampled near tau: closer than the population is
     dist = (a["nearest_synthetic_corr"] - tau).abs().median()
-    assert dist < (training["nearest_synthetic_corr"] - tau).abs().median() / 2
+    assert dist < 0.75 * (training["nearest_synthetic_corr"] - tau).abs().median()
     # weights undo the oversampling: they add up to each side's size
     w = a.groupby(above)["weight"].sum()
     assert w[True] == pytest.approx(150) and w[False] == pytest.approx(350)
@@ -107,11 +116,12 @@ def test_a_small_side_gives_all_it_has() -> None:
     training = _training(200, seed=1)
     corr = training["nearest_synthetic_corr"]
     tau = float(np.sort(corr)[-3])  # exactly 3 at or above tau
-    pairs = sample_pairs(training, tau, n=20)
+    with pytest.warns(UserWarning, match="only 3 training image.*at or above tau"):
+        pairs = sample_pairs(training, tau, n=20)
     assert (pairs["nearest_synthetic_corr"] >= tau).sum() == 3
     assert len(pairs) == 20
     with pytest.warns(UserWarning, match="labelling all 200"):
-        assert len(sample_pairs(training, tau, n=500)) == 200
+        assert len(sample_pairs(training, 0.5, n=500)) == 200
     with pytest.raises(InputError, match="n must be an integer >= 1"):
         sample_pairs(training, tau, n=0)
 
@@ -138,12 +148,15 @@ def test_page_is_blind_self_contained_and_escapes_ids(audit_2d, tmp_path) -> Non
         for text in (repr(float(value)), f"{value:.4f}", f"{value:.3f}"):
             assert text not in page
     assert f"{summary['tau']:.3f}" not in page
-    for word in ("tau", "corr", "stratum", "above_", "below_", "memorized", "weight"):
-        assert word not in page.lower()
+    text = re.sub(r'"[A-Za-z0-9+/]{40,}=*"', '""', page).lower()  # without the PNGs
+    for word in ("tau", "corr", "stratum", "above_tau", "below_tau", "verdict", '"weight'):
+        assert word not in text
     data = _page_data(page)
     assert set(data) == {"token", "views", "pairs"}
-    assert all(set(p) == {"pair_id", "train_id", "synthetic_id", "train", "synthetic"}
-               for p in data["pairs"])
+    assert all(
+        set(p) == {"pair_id", "train_id", "synthetic_id", "train", "synthetic"}
+        for p in data["pairs"]
+    )
     assert [p["train_id"] for p in data["pairs"]] == list(pairs["train_id"])
 
     # self-contained: no URL to fetch, a CSP that forbids the network
@@ -182,8 +195,9 @@ def test_page_errors_missing_sources_and_existing_output(audit_2d, tmp_path) -> 
     other = tmp_path / "other"
     write_phantoms(other, n_patients=2, size=32)
     with pytest.raises(InputError, match=r"not in .*pass --synthetic"):
-        make_labeling_page(audit, tmp_path / "q" / "p.html", n=3, train=train_src,
-                           synthetic=other, quiet=True)
+        make_labeling_page(
+            audit, tmp_path / "q" / "p.html", n=3, train=train_src, synthetic=other, quiet=True
+        )
     with pytest.raises(InputError, match="summary.json: not found"):
         make_labeling_page(tmp_path, tmp_path / "r.html")
 
@@ -226,8 +240,9 @@ def hand_audit(tmp_path) -> Path:
     return audit
 
 
-def _labels(path: Path, labels: list[str], *, ids: list[int] | None = None,
-            train: str = "t,{}") -> Path:
+def _labels(
+    path: Path, labels: list[str], *, ids: list[int] | None = None, train: str = "t,{}"
+) -> Path:
     ids = ids or list(range(1, len(labels) + 1))
     pd.DataFrame(
         {
@@ -256,6 +271,19 @@ def test_validate_gives_hand_computed_sensitivity_and_specificity(hand_audit) ->
     assert (v["best_tau"]["sensitivity"], v["best_tau"]["specificity"]) == (0.8, 1.0)
     assert {d["pair_id"] for d in v["disagreements"]} == {5, 6, 7}
     assert json.loads((hand_audit / "validation.json").read_text()) == v
+
+
+def test_best_tau_needs_labels_the_correlation_separates(hand_audit, tmp_path) -> None:
+    # copies only below tau, novel only above: no threshold beats chance
+    labels = ["novel"] * 4 + ["copy"] + ["novel"] * 2 + ["copy"] * 3 + ["", ""]
+    v = validate(hand_audit, _labels(tmp_path / "l.csv", labels), write=False)
+    assert v["best_tau"] is None and "better than chance" in v["best_tau_note"]
+    assert v["sensitivity"] == 0.0 and v["specificity"] == 0.0
+    with pytest.warns(UserWarning, match="no pair is labelled novel, so specificity"):
+        v = validate(hand_audit, _labels(tmp_path / "c.csv", ["copy"] * 3), write=False)
+    assert v["specificity"] is None and v["specificity_ci"] is None
+    assert v["best_tau"] is None and "copy and novel" in v["best_tau_note"]
+    assert not (hand_audit / "validation.json").exists()
 
 
 def test_validate_errors(hand_audit, tmp_path) -> None:
@@ -296,11 +324,15 @@ def test_label_and_validate_commands(audit_2d, tmp_path) -> None:
     assert len(pairs) == 12
     tau = json.loads((audit / "summary.json").read_text())["tau"]
     said = pairs["nearest_synthetic_corr"] >= tau
-    labels = np.where(said, "copy", "novel")
+    labels = np.where(said, "copy", "novel").astype(object)
     labels[0] = "unsure"
     pd.DataFrame(
-        {"pair_id": pairs["pair_id"], "train_id": pairs["train_id"],
-         "synthetic_id": pairs["synthetic_id"], "label": labels}
+        {
+            "pair_id": pairs["pair_id"],
+            "train_id": pairs["train_id"],
+            "synthetic_id": pairs["synthetic_id"],
+            "label": labels,
+        }
     ).to_csv(tmp_path / "labels.csv", index=False)
     r = CliRunner().invoke(
         main, ["validate", "--audit", str(audit), "--labels", str(tmp_path / "labels.csv")]
