@@ -234,7 +234,8 @@ def test_skip_unreadable_lists_skipped_files_in_summary(phantom_sets, tmp_path) 
     r = CliRunner().invoke(main, ["--quiet", "audit", *args, "--out", str(tmp_path / "a")])
     assert r.exit_code == 2 and "broken.png" in r.output
     assert not (tmp_path / "a").exists()
-    r = _run(["audit", *args, "--skip-unreadable", "--out", str(tmp_path / "b")])
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        r = _run(["audit", *args, "--skip-unreadable", "--out", str(tmp_path / "b")])
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert s["n_synthetic"] == 6
