@@ -26,6 +26,7 @@ from medmem.audit import AuditResult, audit, format_verdict
 from medmem.data import load_dataset, make_phantom, write_phantoms
 from medmem.data.phantoms import phantom_seed
 from medmem.detector import Detector, vary
+from medmem.metrics import format_quality, quality
 from medmem.screen import screen
 
 
@@ -212,7 +213,10 @@ def run_demo(
     detector.save(out / "detector")
     result = audit(train, val, synthetic, detector=detector, seed=seed, quiet=quiet)
     result.summary["timings_s"]["detector_training"] = round(t_train, 3)
-    result.save(out / "audit")
+    t = time.perf_counter()
+    qual = quality(val, synthetic, extractor=detector, seed=seed, quiet=quiet)
+    t_quality = time.perf_counter() - t
+    result.save(out / "audit", quality=qual)
     released = screen(out / "audit", out / "release", quiet=quiet)
     rec = recovery(result, truth, dict(zip(train.ids, train.patient_ids, strict=True)))
     rec["released"] = released.n_released
@@ -221,6 +225,7 @@ def run_demo(
     rec["timings_s"] = {
         "data": round(t_data, 3),
         "detector_training": round(t_train, 3),
+        "quality": round(t_quality, 3),
         "total": round(time.perf_counter() - t0, 3),
     }
     atomic_write_json(out / "demo_recovery.json", rec)
@@ -245,6 +250,9 @@ def run_demo(
         f"  novel images called copies: {rec['false_copy_rate_novel']:.1%} (95% CI "
         f"{f_lo:.1%}-{f_hi:.1%}); by design about {rec['design_false_copy_rate']:.0%} of truly "
         "novel images score above tau",
+        "",
+        "Quality of the synthetic set (against the validation images):",
+        format_quality(qual),
         "",
         f"report:  {out / 'audit' / 'report.html'}",
         f"audit:   {out / 'audit'} (summary.json, training.csv, synthetic.csv, figures)",
