@@ -1,0 +1,103 @@
+"""Training checkpoints of several networks and optimizers, without pickles.
+
+One safetensors file, ``checkpoint.safetensors``, written atomically: tensors
+``net/<network>/<key>`` and ``opt/<optimizer>/<param index>/<key>``; everything else (stage,
+iteration, scale factor, config, training-set fingerprint, optimizer param_groups) as JSON
+in the header. The optimizer (de)serialisation is the detector's
+(:mod:`medmem.detector._checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from medmem._errors import InputError
+from medmem._io import atomic_save
+from medmem.detector._checkpoint import flatten_optimizer_state, unflatten_optimizer_state
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "medmem.generative.checkpoint"
+CHECKPOINT_SCHEMA = 1
+
+
+def save_checkpoint(
+    directory: Path,
+    *,
+    networks: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    info: dict[str, Any],
+) -> Path:
+    """Write ``directory/checkpoint.safetensors`` atomically; ``info`` goes into the JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, net in networks.items():
+        for k, v in net.state_dict().items():
+            tensors[f"net/{name}/{k}"] = v.detach().cpu().contiguous().clone()
+    opt_meta = {}
+    for name, opt in optimizers.items():
+        t, meta = flatten_optimizer_state(opt.state_dict())
+        tensors.update({f"opt/{name}/{k[len('optimizer/') :]}": v for k, v in t.items()})
+        opt_meta[name] = meta
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "schema_version": CHECKPOINT_SCHEMA,
+        **info,
+        "optimizers": opt_meta,
+    }
+    text = json.dumps(meta, allow_nan=False, sort_keys=True)
+    path = Path(directory) / CHECKPOINT_NAME
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata={"medmem": text}))
+    return path
+
+
+def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """(info, tensors) of ``directory/checkpoint.safetensors``, or None when absent."""
+    path = Path(directory) / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {})["medmem"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise InputError(
+            f"{path}: not a readable medmem checkpoint ({exc}). Delete it to start afresh."
+        ) from exc
+    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("schema_version") != CHECKPOINT_SCHEMA:
+        raise InputError(
+            f"{path}: not a medmem generative checkpoint of schema {CHECKPOINT_SCHEMA} (format "
+            f"{meta.get('format')!r}); delete it or use another run folder."
+        )
+    return meta, tensors
+
+
+def restore(
+    meta: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    *,
+    networks: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+) -> None:
+    """Load the networks and optimizers named in the checkpoint, in place (strict)."""
+    for name, net in networks.items():
+        prefix = f"net/{name}/"
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not state:
+            raise InputError(f"checkpoint has no weights for network {name!r}.")
+        net.load_state_dict(state, strict=True)
+    for name, opt in optimizers.items():
+        prefix = f"opt/{name}/"
+        t = {"optimizer/" + k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if name not in meta["optimizers"]:
+            raise InputError(f"checkpoint has no state for optimizer {name!r}.")
+        opt.load_state_dict(
+            unflatten_optimizer_state(t, meta["optimizers"][name], opt.state_dict())
+        )
+
+
+__all__ = ["CHECKPOINT_NAME", "read_checkpoint", "restore", "save_checkpoint"]
