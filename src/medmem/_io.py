@@ -127,6 +127,32 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
         raise
 
 
+def save_tensors(path: str | os.PathLike, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Write tensors and a JSON-able ``meta`` dict as one safetensors file, atomically.
+
+    The one checkpoint format of medmem (detector and generative models): no pickle.
+    """
+    from safetensors.torch import save_file
+
+    text = json.dumps(meta, allow_nan=False, sort_keys=True)
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata={"medmem": text}))
+
+
+def load_tensors(path: str | os.PathLike, *, fix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read ``(meta, tensors)`` written by :func:`save_tensors`; ``fix`` ends the error."""
+    from safetensors import SafetensorError, safe_open
+
+    from medmem._errors import InputError
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {})["medmem"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable medmem checkpoint ({exc}). {fix}") from exc
+    return meta, tensors
+
+
 def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
     """SHA-256 of a file's bytes, read in chunks (memory does not grow with file size)."""
     h = hashlib.sha256()
@@ -154,4 +180,6 @@ __all__ = [
     "atomic_write_text",
     "combine_hashes",
     "file_sha256",
+    "load_tensors",
+    "save_tensors",
 ]

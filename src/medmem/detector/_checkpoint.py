@@ -13,16 +13,13 @@ kill leaves either the previous checkpoint or the new one, never a mix):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from medmem._errors import InputError
-from medmem._io import atomic_save
+from medmem._io import load_tensors, save_tensors
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "medmem.detector.checkpoint"
@@ -101,8 +98,7 @@ def save_checkpoint(
         "scheduler": _jsonable(sched),
     }
     path = Path(directory) / CHECKPOINT_NAME
-    text = json.dumps(meta, allow_nan=False, sort_keys=True)
-    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata={"medmem": text}))
+    save_tensors(path, tensors, meta)
     return path
 
 
@@ -111,15 +107,9 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Te
     path = Path(directory) / CHECKPOINT_NAME
     if not path.exists():
         return None
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads((fh.metadata() or {})["medmem"])
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, KeyError, ValueError) as exc:
-        raise InputError(
-            f"{path}: not a readable medmem checkpoint ({exc}). Delete it to start training "
-            "afresh, or pass another checkpoint_dir."
-        ) from exc
+    meta, tensors = load_tensors(
+        path, fix="Delete it to start training afresh, or pass another checkpoint_dir."
+    )
     if meta.get("format") != CHECKPOINT_FORMAT or meta.get("schema_version") != CHECKPOINT_SCHEMA:
         raise InputError(
             f"{path}: unknown checkpoint format {meta.get('format')!r} version "

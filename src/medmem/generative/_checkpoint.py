@@ -9,16 +9,13 @@ in the header. The optimizer (de)serialisation is the detector's
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from medmem._errors import InputError
-from medmem._io import atomic_save
+from medmem._io import load_tensors, save_tensors
 from medmem.detector._checkpoint import flatten_optimizer_state, unflatten_optimizer_state
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -49,9 +46,8 @@ def save_checkpoint(
         **info,
         "optimizers": opt_meta,
     }
-    text = json.dumps(meta, allow_nan=False, sort_keys=True)
     path = Path(directory) / CHECKPOINT_NAME
-    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata={"medmem": text}))
+    save_tensors(path, tensors, meta)
     return path
 
 
@@ -60,14 +56,7 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Te
     path = Path(directory) / CHECKPOINT_NAME
     if not path.exists():
         return None
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads((fh.metadata() or {})["medmem"])
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, KeyError, ValueError) as exc:
-        raise InputError(
-            f"{path}: not a readable medmem checkpoint ({exc}). Delete it to start afresh."
-        ) from exc
+    meta, tensors = load_tensors(path, fix="Delete it to start afresh.")
     if meta.get("format") != CHECKPOINT_FORMAT or meta.get("schema_version") != CHECKPOINT_SCHEMA:
         raise InputError(
             f"{path}: not a medmem generative checkpoint of schema {CHECKPOINT_SCHEMA} (format "
