@@ -28,6 +28,15 @@ def split_patients(
     return {k: manifest[pid.isin(set(v))].reset_index(drop=True) for k, v in groups.items()}
 
 
+def load_nih(data: Path, files: pd.Series, size: tuple[int, int]) -> object:
+    """The listed NIH files as a medmem dataset, patient id from the file name."""
+    import medmem
+
+    return medmem.load_dataset(
+        [data / f for f in files], image_size=size, patient_id_pattern=r"^(\d+)_", quiet=True
+    )
+
+
 def machine() -> str:
     """CPU model and core count, for the record."""
     import os

@@ -42,7 +42,7 @@ from medmem.detector import VariationConfig, apply_variation, sample_variation
 from medmem.search import nearest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import NIH, machine, split_patients  # noqa: E402
+from _common import NIH, load_nih, machine, split_patients  # noqa: E402
 
 KINDS = (
     "exact",
@@ -222,12 +222,7 @@ def main() -> int:
     train_df = tr.drop(held.index)
 
     def load(files: pd.Series) -> medmem.ImageDataset:
-        return medmem.load_dataset(
-            [args.data / f for f in files],
-            image_size=size,
-            patient_id_pattern=r"^(\d+)_",
-            quiet=True,
-        )
+        return load_nih(args.data, files, size)
 
     train, val = load(train_df["file"]), load(parts["val"]["file"])
     novel, follow = load(parts["novel"]["file"]), load(held["file"])

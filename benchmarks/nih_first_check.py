@@ -30,7 +30,7 @@ from medmem.data import ArrayDataset
 from medmem.detector import vary
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import NIH, machine, split_patients  # noqa: E402
+from _common import NIH, load_nih, machine, split_patients  # noqa: E402
 
 
 def main() -> int:
@@ -53,12 +53,7 @@ def main() -> int:
     size = (args.image_size, args.image_size)
 
     def load(df: pd.DataFrame) -> medmem.ImageDataset:
-        return medmem.load_dataset(
-            [args.data / f for f in df["file"]],
-            image_size=size,
-            patient_id_pattern=r"^(\d+)_",
-            quiet=True,
-        )
+        return load_nih(args.data, df["file"], size)
 
     train, val, novel = load(parts["train"]), load(parts["val"]), load(parts["novel"])
     # synthetic set: novel patients' images + varied copies of training images

@@ -5,11 +5,12 @@ Usage: python benchmarks/report_screenshot.py demo-out/audit/report.html docs/im
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from medmem._browser import headless_command
 
 
 def main() -> int:
@@ -17,30 +18,16 @@ def main() -> int:
         print(__doc__)
         return 2
     report, out = Path(sys.argv[1]).resolve(), Path(sys.argv[2])
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(
-            [
-                chromium,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={profile}",
-                "--hide-scrollbars",
-                "--window-size=1280,1900",
-                f"--screenshot={out.resolve()}",
-                report.as_uri(),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
+        cmd = headless_command(
+            profile,
+            "--hide-scrollbars",
+            "--window-size=1280,1900",
+            f"--screenshot={out.resolve()}",
+            report.as_uri(),
         )
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     print(f"wrote {out}")
     return 0
 

@@ -25,10 +25,10 @@ import pandas as pd
 import pytest
 
 from medmem import audit_embeddings, load_dataset
+from medmem._browser import chromium_available, headless_command
 from medmem.data import write_phantoms
 from medmem.label import make_labeling_page, validate
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 MALICIOUS = "<script>alert(1)</script>.png"
 
@@ -203,25 +203,16 @@ class Page:
 @pytest.fixture
 def browser(tmp_path):
     """A headless chromium with a fresh profile, its CDP connection, and a download folder."""
-    if not Path(CHROMIUM).exists():
+    if not chromium_available():
         pytest.skip("chromium not installed: run make test, which installs it")
     profile, downloads = tmp_path / "profile", tmp_path / "downloads"
     downloads.mkdir()
     log = open(tmp_path / "chromium.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *headless_command(profile),
             "--disable-dev-shm-usage",
             "--window-size=1100,900",
-            f"--user-data-dir={profile}",
             "--remote-debugging-port=0",
             "about:blank",
         ],

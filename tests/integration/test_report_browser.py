@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 import medmem
+from medmem._browser import chromium_available, headless_command
 from medmem.audit import audit_embeddings
 from medmem.data import ArrayDataset, load_dataset, make_phantom, write_phantoms
 from medmem.metrics import quality
 from medmem.report import write_report
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 # a synthetic file whose path is markup: folder '<script>alert("x")<' + file 'script> & co.npy'
 EVIL_DIR, EVIL_FILE = '<script>alert("x")<', "script> & co.npy"
@@ -141,16 +141,7 @@ def test_report_renders_without_optional_fields_and_in_3d(tmp_path) -> None:
 
 def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     cmd = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        *headless_command(tmp_path / "chromium-profile"),
         "--enable-logging=stderr",
         "--v=0",
         *args,
@@ -159,7 +150,7 @@ def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 def test_report_in_headless_chromium(report, tmp_path) -> None:
-    if not Path(CHROMIUM).exists():
+    if not chromium_available():
         pytest.skip("chromium not installed: run make test, which installs it")
     path, result, q = report
     url = path.resolve().as_uri()
