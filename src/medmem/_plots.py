@@ -28,17 +28,17 @@ def central_slices(image: np.ndarray) -> list[np.ndarray]:
     return [image[d // 2], image[:, h // 2, :], image[:, :, w // 2]]
 
 
-def plot_histogram(
+def draw_histogram(
+    ax: plt.Axes,
     nearest_val_corr: np.ndarray,
     nearest_synthetic_corr: np.ndarray,
     tau: float,
-    path: str | os.PathLike,
     *,
     title: str = "",
+    legend: bool = True,
 ) -> None:
-    """The paper's Fig. 2: per training image, correlation to its nearest validation and
-    nearest synthetic image, with tau marked."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    """Draw the paper's Fig. 2 on ``ax``: per training image, correlation to its nearest
+    validation and nearest synthetic image, with tau marked."""
     values = np.concatenate([nearest_val_corr, nearest_synthetic_corr])
     lo = float(np.floor(min(values.min(), tau) * 50) / 50)
     bins = np.linspace(lo, 1.0, 41)
@@ -49,8 +49,27 @@ def plot_histogram(
     ax.set_ylabel("training images")
     if title:
         ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    if legend:
+        ax.legend(fontsize=8, loc="upper left")
+
+
+def plot_histogram(
+    nearest_val_corr: np.ndarray,
+    nearest_synthetic_corr: np.ndarray,
+    tau: float,
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+) -> None:
+    """One audit's histogram (:func:`draw_histogram`) as a PNG file."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    draw_histogram(ax, nearest_val_corr, nearest_synthetic_corr, tau, title=title)
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:
+    """Write a figure as PNG atomically and free it."""
     atomic_save(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
 

@@ -606,6 +606,46 @@ def screen_cmd(
     click.echo(str(result))
 
 
+@main.command("study")
+@click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Study folder (default: runs/study-<config name>). Run again to resume.",
+)
+@click.option("--cell", "cells", multiple=True, help="Run only this cell (repeatable).")
+@click.option("--plan", "show_plan", is_flag=True, help="List the cells and exit.")
+@click.pass_context
+def study_cmd(
+    ctx: click.Context, config_path: Path, out: Path | None, cells: tuple[str, ...], show_plan: bool
+) -> None:
+    """Reproduce the paper's factor experiments (model type, size, augmentation, training
+    iterations, training-set size) on your data: one generator per cell, audited with one
+    shared detector; writes results.csv/.md and figures/.
+
+    Stopped and started again with the same --out, it skips the finished cells.
+
+    \b
+    Example:
+      medmem study configs/study/nih-cxr-cpu.yaml --out runs/study-nih-cxr
+      medmem study configs/study/nih-cxr-cpu.yaml --plan
+    """
+    from medmem.study import load_study, plan, run_study
+
+    study = load_study(config_path)
+    if show_plan:
+        for cell in plan(study):
+            click.echo(cell.key)
+        return
+    out = out if out is not None else Path("runs") / f"study-{config_path.name.split('.')[0]}"
+    result = run_study(study, out, only=list(cells) or None, quiet=ctx.obj["quiet"])
+    click.echo(
+        f"study {study.name}: {len(result.computed)} cells computed, {len(result.skipped)} "
+        f"reused; table: {out / 'results.md'}; figures: {out / 'figures'}"
+    )
+
+
 @main.group("generate", cls=_Group)
 def generate_group() -> None:
     """Train generative models (2D/3D latent diffusion, VAE, GAN) and sample from them.

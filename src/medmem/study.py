@@ -1,0 +1,782 @@
+"""Factor studies: the paper's analyses of what drives memorization, on your own data.
+
+Dar et al. train generators under controlled changes of one factor at a time and count
+memorized training images (N_mem) and synthetic copies (N_copies) with one fixed detector:
+
+* prevalence and model type: LDM vs the autoencoder (VAE) and GAN baselines (2.2, 2.4.2);
+* augmentation on/off (2.4.3, Fig. 3);
+* model size (2.4.3);
+* training iterations, with FID and MS-SSIM alongside (2.4.2, Fig. 8);
+* training-set size (2.4.1, Fig. 7).
+
+A study is a YAML file: a base generative config (``medmem.generative``), named model
+variants (overrides of the base), a baseline cell and the factor values to vary. Each cell
+trains its generator, samples ``N_syn = N_train`` images (as the paper), audits them with
+one shared detector trained on the largest training set, and measures quality in that
+detector's feature space. Cells that differ only in ``iterations`` share one training run,
+trained further for each value. Everything is written as it finishes; a study that is
+stopped and run again skips finished cells (a cell is redone only if its settings change).
+
+Example:
+    >>> from medmem.study import load_study, run_study
+    >>> study = load_study("configs/study/nih-cxr-cpu.yaml")  # doctest: +SKIP
+    >>> table = run_study(study, "runs/study").table  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+import medmem
+from medmem._errors import InputError
+from medmem._io import atomic_write_json, atomic_write_text, load_tensors, save_tensors
+from medmem._plots import draw_histogram, plt, save_figure
+from medmem._validation import check_choice, check_in_range, check_positive_int
+from medmem.audit import audit
+from medmem.data import ArrayDataset
+from medmem.detector import Detector
+from medmem.detector._config import _check_keys
+from medmem.generative import (
+    GenerativeConfig,
+    GenerativeModel,
+    build_datasets,
+    load_config,
+    train,
+)
+from medmem.generative._checkpoint import read_checkpoint
+from medmem.metrics import quality
+
+logger = logging.getLogger(__name__)
+
+FACTORS = ("model", "n_train", "iterations", "augment", "seed")
+DESIGNS = ("one_at_a_time", "factorial")
+COLUMNS = (
+    "cell",
+    "model",
+    "model_type",
+    "n_train",
+    "iterations",
+    "augment",
+    "seed",
+    "n_synthetic",
+    "n_val",
+    "tau",
+    "n_mem",
+    "pct_mem",
+    "n_copies",
+    "pct_copies",
+    "expected_copies",
+    "excess_copies",
+    "patients_memorized",
+    "pct_patients_memorized",
+    "fid",
+    "ms_ssim",
+    "ms_ssim_real",
+    "precision",
+    "recall",
+    "train_seconds",
+    "sample_seconds",
+    "audit_seconds",
+)
+ROW_FILE = "row.json"
+_SYNTHETIC_FILE = "synthetic.safetensors"
+
+
+# ------------------------------------------------------------------------------ config
+def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in (changes or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A factor study (see the module docstring).
+
+    Args:
+        name: shown in the tables and figures.
+        generative: the base generative config as a dict (``GenerativeConfig.from_dict``);
+            its ``data`` section is the one dataset of the study.
+        models: model variants, name -> overrides of ``generative`` (e.g. a smaller UNet,
+            ``model: gan``); the name is the ``model`` factor's value.
+        baseline: the cell every factor varies around: ``model``, ``n_train``,
+            ``iterations`` (of the model's last stage; None: as in its config),
+            ``augment`` (the paper's flip + rotation), ``seed``.
+        vary: factor -> values; ``one_at_a_time`` varies each factor alone around the
+            baseline (the paper's design), ``factorial`` crosses them all.
+        design: "one_at_a_time" or "factorial".
+        n_synthetic: synthetic images per cell; None samples N_syn = N_train (the paper).
+        sampler, steps: LDM sampler for the synthetic sets (None: the config's).
+        detector: overrides of the shared detector's settings (``DetectorConfig``).
+        percentile: q of tau.
+        quality: compute FID, precision/recall and MS-SSIM per cell.
+    """
+
+    name: str
+    generative: dict[str, Any]
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    vary: dict[str, list[Any]] = field(default_factory=dict)
+    design: str = "one_at_a_time"
+    n_synthetic: int | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    detector: dict[str, Any] = field(default_factory=dict)
+    percentile: float = 95.0
+    quality: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise InputError("study name must be a non-empty string.")
+        models = dict(self.models) or {"ldm": {}}
+        object.__setattr__(self, "models", models)
+        base = {"model": next(iter(models)), "n_train": None, "iterations": None}
+        base |= {"augment": False, "seed": 0}
+        _check_keys(self.baseline, FACTORS, "study.baseline")
+        object.__setattr__(self, "baseline", base | dict(self.baseline))
+        _check_keys(self.vary, FACTORS, "study.vary")
+        for factor, values in self.vary.items():
+            if not isinstance(values, (list, tuple)) or not values:
+                raise InputError(f"study.vary.{factor} must be a non-empty list of values.")
+        for m in [self.baseline["model"], *self.vary.get("model", [])]:
+            if m not in models:
+                raise InputError(
+                    f"study: model {m!r} is not one of the model variants {sorted(models)}; "
+                    "define it under `models:`."
+                )
+        check_choice(self.design, "study.design", DESIGNS)
+        if self.n_synthetic is not None:
+            check_positive_int(self.n_synthetic, "study.n_synthetic", minimum=2)
+        if self.steps is not None:
+            check_positive_int(self.steps, "study.steps")
+        check_in_range(self.percentile, "study.percentile", 0.0, 100.0)
+        for name in models:
+            self.generative_config(name)  # fail now, not after hours of training
+
+    def generative_config(self, model: str, **factors: Any) -> GenerativeConfig:
+        """The generative config of variant ``model`` with the cell's factor values."""
+        d = _deep_merge(self.generative, self.models[model])
+        d.setdefault("data", {})
+        d.setdefault("train", {})
+        if factors.get("n_train") is not None:
+            d["data"]["n_train"] = int(factors["n_train"])
+        if factors.get("augment") is not None:
+            d["train"]["augment"] = bool(factors["augment"])
+        if factors.get("seed") is not None:
+            d["train"]["seed"] = int(factors["seed"])
+        d["tracking"] = {}  # the study audits each cell itself
+        try:
+            cfg = GenerativeConfig.from_dict(d, f"study.models.{model}")
+        except InputError as exc:
+            raise InputError(f"study {self.name!r}: {exc}") from exc
+        if factors.get("iterations") is not None:
+            last = cfg.stages[-1]
+            section = cfg.stage_settings(last).replace(iterations=int(factors["iterations"]))
+            cfg = cfg.replace(**{last: section})
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able settings (``StudyConfig(**d)`` gives them back)."""
+        return {
+            "name": self.name,
+            "generative": self.generative,
+            "models": self.models,
+            "baseline": self.baseline,
+            "vary": {k: list(v) for k, v in self.vary.items()},
+            "design": self.design,
+            "n_synthetic": self.n_synthetic,
+            "sampler": self.sampler,
+            "steps": self.steps,
+            "detector": self.detector,
+            "percentile": self.percentile,
+            "quality": self.quality,
+        }
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read a study YAML. ``generative`` may be a mapping or the path of a generative
+    config YAML (relative to the study file), with ``generative_overrides`` on top.
+
+    Example:
+        >>> study = load_study("configs/study/nih-cxr-cpu.yaml")  # doctest: +SKIP
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: study config not found.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({exc}).") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of settings at the top level.")
+    keys = [
+        "name", "generative", "generative_overrides", "models", "baseline", "vary", "design",
+        "n_synthetic", "sampler", "steps", "detector", "percentile", "quality",
+    ]  # fmt: skip
+    try:
+        _check_keys(data, keys, str(path))
+    except InputError as exc:
+        raise InputError(str(exc)) from exc
+    gen = data.pop("generative", None)
+    gen_base = path.resolve().parent
+    if isinstance(gen, str):
+        gen_path = Path(gen) if Path(gen).is_absolute() else gen_base / gen
+        load_config(gen_path)  # checks it, with errors naming that file
+        gen = yaml.safe_load(gen_path.read_text(encoding="utf-8"))
+        gen_base = gen_path.resolve().parent
+    if not isinstance(gen, dict):
+        raise InputError(
+            f"{path}: `generative:` must be a generative config mapping or the path of one "
+            "(e.g. ../generative/ldm-2d-cpu.yaml)."
+        )
+    sec = gen.get("data")
+    if isinstance(sec, dict):  # relative data paths are relative to the file naming them
+        for key in ("train", "val"):
+            if isinstance(sec.get(key), str) and not Path(sec[key]).is_absolute():
+                sec[key] = str(gen_base / sec[key])
+    gen = _deep_merge(gen, data.pop("generative_overrides", None) or {})
+    data.setdefault("name", path.stem)
+    try:
+        return StudyConfig(generative=gen, **data)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------- cells
+@dataclass(frozen=True)
+class Cell:
+    """One generator of the study: a model variant under one set of factor values."""
+
+    model: str
+    n_train: int
+    iterations: int
+    augment: bool
+    seed: int
+    config: GenerativeConfig = field(repr=False, compare=False)
+
+    @property
+    def key(self) -> str:
+        """Folder name of the cell, e.g. ``ldm_n100_aug0_it3000_s0``."""
+        aug = int(self.augment)
+        return f"{self.model}_n{self.n_train}_aug{aug}_it{self.iterations}_s{self.seed}"
+
+    @property
+    def run_key(self) -> str:
+        """The training run shared by cells that differ only in ``iterations``."""
+        return f"{self.model}_n{self.n_train}_aug{int(self.augment)}_s{self.seed}"
+
+    def settings_hash(self, study: StudyConfig, detector_fp: str) -> str:
+        """What decides the cell's numbers: its generative settings, the sampler, the
+        detector and the audit settings; a finished cell is reused only if it matches."""
+        blob = {
+            "generative": self.config.identity_dict(),
+            "n_synthetic": study.n_synthetic,
+            "sampler": study.sampler,
+            "steps": study.steps,
+            "percentile": study.percentile,
+            "quality": study.quality,
+            "detector": detector_fp,
+        }
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _n_available(study: StudyConfig) -> int:
+    cfg = study.generative_config(study.baseline["model"])
+    cfg = cfg.replace(data=cfg.data.replace(n_train=None))
+    return len(build_datasets(cfg, quiet=True)[0])
+
+
+def plan(study: StudyConfig, *, n_available: int | None = None) -> list[Cell]:
+    """The study's cells in run order: the baseline's run first, then the runs in the order
+    the config varies the factors; the cells of one run by rising iterations."""
+    base = dict(study.baseline)
+    if study.design == "factorial":
+        combos: list[dict[str, Any]] = [base]
+        for factor, values in study.vary.items():
+            combos = [c | {factor: v} for c in combos for v in values]
+    else:
+        combos = [base] + [
+            base | {factor: v} for factor, values in study.vary.items() for v in values
+        ]
+    cells: dict[tuple, Cell] = {}
+    for c in combos:
+        n_train = c["n_train"]
+        if n_train is None:
+            n_train = n_available if n_available is not None else _n_available(study)
+        cfg = study.generative_config(
+            c["model"], n_train=n_train, augment=c["augment"], seed=c["seed"],
+            iterations=c["iterations"],
+        )  # fmt: skip
+        iterations = cfg.stage_settings(cfg.stages[-1]).iterations
+        cell = Cell(c["model"], int(n_train), iterations, bool(c["augment"]), int(c["seed"]), cfg)
+        cells.setdefault((cell.model, cell.n_train, iterations, cell.augment, cell.seed), cell)
+    # runs in the order the config names them (baseline first), each by rising iterations
+    first = {}
+    for cell in cells.values():
+        first.setdefault(cell.run_key, len(first))
+    return sorted(cells.values(), key=lambda c: (first[c.run_key], c.iterations))
+
+
+# ----------------------------------------------------------------------------- running
+@dataclass
+class StudyResult:
+    """What :func:`run_study` returns: the results table and where everything lies."""
+
+    out: Path
+    table: pd.DataFrame
+    computed: list[str]
+    skipped: list[str]
+    figures: list[Path]
+
+
+def _shared_detector(
+    study: StudyConfig, cells: list[Cell], out: Path, quiet: bool
+) -> tuple[Detector, str]:
+    """The one detector of the study, trained on the largest training set (kept in
+    ``out/detector``; its training resumes from ``out/detector-checkpoint``)."""
+    largest = max(cells, key=lambda c: c.n_train)
+    folder = out / "detector"
+    if (folder / "config.json").exists():
+        det = Detector.load(folder)
+        return det, det.fingerprint
+    train_ds, _ = build_datasets(largest.config, quiet=quiet)
+    logger.info("training the study's detector on %d images", len(train_ds))
+    det = Detector.train(
+        train_ds,
+        checkpoint_dir=out / "detector-checkpoint",
+        quiet=quiet,
+        **study.detector,
+    )
+    det.save(folder)
+    return det, det.fingerprint
+
+
+def _read_row(folder: Path, settings: str) -> dict[str, Any] | None:
+    path = folder / ROW_FILE
+    if not path.exists():
+        return None
+    try:
+        row = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return row if row.get("settings_hash") == settings else None
+
+
+def _train_to(cell: Cell, runs: Path, quiet: bool) -> tuple[GenerativeModel, float, str]:
+    """Train (or train further) the cell's run to its iterations; returns the model, the
+    seconds spent in this call and the run folder."""
+    run_dir = runs / cell.run_key
+    found = read_checkpoint(run_dir)
+    if found is not None:
+        meta = found[0]
+        last = len(cell.config.stages) - 1
+        if int(meta.get("stage", 0)) == last and int(meta.get("iteration", 0)) > cell.iterations:
+            run_dir = runs / f"{cell.run_key}_it{cell.iterations}"  # cannot train backwards
+            found = read_checkpoint(run_dir)
+    t0 = time.perf_counter()
+    result = train(cell.config, run_dir, resume=found is not None, quiet=quiet)
+    assert result.model is not None
+    return result.model, time.perf_counter() - t0, str(run_dir)
+
+
+def _synthetic_set(
+    cell: Cell, n: int, study: StudyConfig, out: Path, quiet: bool
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The cell's synthetic images: read back when the generator and sampler settings are
+    unchanged (an audit-only change redoes no training), else trained and sampled."""
+    path = out / "cells" / cell.key / _SYNTHETIC_FILE
+    blob = {
+        "generative": cell.config.identity_dict(),
+        "n": n,
+        "sampler": study.sampler,
+        "steps": study.steps,
+    }
+    generation = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+    if path.exists():
+        meta, tensors = load_tensors(path, fix="Delete it to sample again.")
+        if meta.get("generation_hash") == generation:
+            return tensors["images"], meta
+    model, train_s, run_dir = _train_to(cell, out / "runs", quiet)
+    t0 = time.perf_counter()
+    ldm = cell.config.model == "ldm"
+    images = model.sample(
+        n,
+        seed=cell.seed + 1,
+        sampler=study.sampler if ldm else None,
+        steps=study.steps if ldm else None,
+        quiet=quiet,
+    )
+    meta = {
+        "generation_hash": generation,
+        "train_seconds": train_s,
+        "sample_seconds": time.perf_counter() - t0,
+        "run_dir": run_dir,
+    }
+    save_tensors(path, {"images": images.contiguous()}, meta)
+    return images, meta
+
+
+def _quality_row(q: dict[str, Any] | None) -> dict[str, float]:
+    if q is None:
+        return {k: math.nan for k in ("fid", "ms_ssim", "ms_ssim_real", "precision", "recall")}
+    return {
+        "fid": float(q["fid"]),
+        "ms_ssim": float(q["ms_ssim_synthetic"]),
+        "ms_ssim_real": float(q["ms_ssim_real"]),
+        "precision": float(q["precision"]),
+        "recall": float(q["recall"]),
+    }
+
+
+def _run_cell(
+    cell: Cell, study: StudyConfig, detector: Detector, out: Path, settings: str, quiet: bool
+) -> dict[str, Any]:
+    folder = out / "cells" / cell.key
+    folder.mkdir(parents=True, exist_ok=True)
+    train_ds, val_ds = build_datasets(cell.config, quiet=True)
+    n_syn = study.n_synthetic or len(train_ds)
+    images, gen_meta = _synthetic_set(cell, n_syn, study, out, quiet)
+    syn = ArrayDataset(
+        images.numpy()[:, 0], ids=[f"{cell.key}_syn{i:05d}" for i in range(len(images))]
+    )
+    t0 = time.perf_counter()
+    result = audit(
+        train_ds,
+        val_ds,
+        syn,
+        detector=detector,
+        percentile=study.percentile,
+        n_bootstrap=200,
+        n_controls=0,
+        cache_dir=out / "embedding-cache",
+        quiet=True,
+    )
+    q = quality(train_ds, syn, extractor=detector, quiet=True) if study.quality else None
+    result.save(folder / "audit", overwrite=True, report=True, quality=q)
+    audit_s = time.perf_counter() - t0
+    s = result.summary
+    chance = s.get("chance") or {}
+    patients = s.get("patients") or {}
+    row: dict[str, Any] = {
+        "cell": cell.key,
+        "model": cell.model,
+        "model_type": cell.config.model,
+        "n_train": s["n_train"],
+        "iterations": cell.iterations,
+        "augment": cell.augment,
+        "seed": cell.seed,
+        "n_synthetic": s["n_synthetic"],
+        "n_val": s["n_val"],
+        "tau": s["tau"],
+        "n_mem": s["n_mem"],
+        "pct_mem": s["pct_mem"],
+        "n_copies": s["n_copies"],
+        "pct_copies": s["pct_copies"],
+        "expected_copies": chance.get("expected_copies", math.nan),
+        "excess_copies": chance.get("excess_copies", math.nan),
+        "patients_memorized": patients.get("n_patients_mem", math.nan),
+        "pct_patients_memorized": patients.get("pct_patients_mem", math.nan),
+        **_quality_row(q),
+        "train_seconds": gen_meta["train_seconds"],
+        "sample_seconds": gen_meta["sample_seconds"],
+        "audit_seconds": audit_s,
+    }
+    atomic_write_json(
+        folder / ROW_FILE,
+        {
+            **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+               for k, v in row.items()},
+            "settings_hash": settings,
+            "run_dir": gen_meta["run_dir"],
+            "medmem_version": medmem.__version__,
+        },
+    )  # fmt: skip
+    return row
+
+
+def run_study(
+    study: StudyConfig,
+    out: str | Path,
+    *,
+    only: list[str] | None = None,
+    figures: bool = True,
+    quiet: bool = False,
+) -> StudyResult:
+    """Run (or resume) ``study`` in the folder ``out``.
+
+    Finished cells (``out/cells/<cell>/row.json`` with the same settings) are read back,
+    not recomputed; training runs resume from their checkpoints. After every cell the
+    results table (``results.csv``, ``results.md``) is rewritten, so a crash loses at most
+    the cell in progress.
+
+    Args:
+        study: the settings (:func:`load_study`).
+        out: the study folder (created; reused when it holds the same study).
+        only: cell keys to run (default all); the table still lists every finished cell.
+        figures: write the figures into ``out/figures``.
+        quiet: no progress bars.
+    """
+    if not isinstance(study, StudyConfig):
+        raise InputError(f"study must be a StudyConfig, got {type(study).__name__}.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "study.json", study.to_dict())
+    cells = plan(study)
+    if only:
+        unknown = sorted(set(only) - {c.key for c in cells})
+        if unknown:
+            raise InputError(
+                f"unknown cells {unknown}; the study's cells are {[c.key for c in cells]}."
+            )
+    detector, det_fp = _shared_detector(study, cells, out, quiet)
+    rows: list[dict[str, Any]] = []
+    computed, skipped = [], []
+    for i, cell in enumerate(cells, 1):
+        settings = cell.settings_hash(study, det_fp)
+        row = _read_row(out / "cells" / cell.key, settings)
+        if row is not None:
+            skipped.append(cell.key)
+            rows.append(row)
+            continue
+        if only and cell.key not in only:
+            continue
+        logger.info("study %s: cell %d/%d %s", study.name, i, len(cells), cell.key)
+        if not quiet:
+            print(f"[study] cell {i}/{len(cells)}: {cell.key}", flush=True)
+        rows.append(_run_cell(cell, study, detector, out, settings, quiet))
+        computed.append(cell.key)
+        write_table(rows, out)
+    table = write_table(rows, out)
+    figs = plot_study(table, out, study) if figures and len(table) else []
+    return StudyResult(out, table, computed, skipped, figs)
+
+
+# ------------------------------------------------------------------------------ output
+def _fmt(v: Any) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (float, np.floating)):
+        if not math.isfinite(v):
+            return "n/a"
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def markdown_table(frame: pd.DataFrame, columns: list[str] | None = None) -> str:
+    """A GitHub Markdown table of ``frame`` (floats to 3 decimals, NaN as n/a)."""
+    cols = columns or list(frame.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for rec in frame[cols].to_dict("records"):
+        lines.append("| " + " | ".join(_fmt(rec[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: list[dict[str, Any]], out: Path) -> pd.DataFrame:
+    """Write ``results.csv`` and ``results.md`` (one row per finished cell)."""
+    frame = pd.DataFrame([{c: r.get(c) for c in COLUMNS} for r in rows], columns=list(COLUMNS))
+    frame = frame.sort_values(["model", "n_train", "augment", "iterations", "seed"], kind="stable")
+    frame = frame.reset_index(drop=True)
+    frame.to_csv(out / "results.csv.tmp", index=False)
+    (out / "results.csv.tmp").replace(out / "results.csv")
+    show = [
+        "model", "model_type", "n_train", "iterations", "augment", "seed", "tau", "n_mem",
+        "pct_mem", "n_copies", "pct_copies", "expected_copies", "fid", "ms_ssim",
+        "precision", "recall", "train_seconds",
+    ]  # fmt: skip
+    atomic_write_text(out / "results.md", markdown_table(frame, show))
+    return frame
+
+
+def _baseline_value(table: pd.DataFrame, study: StudyConfig, factor: str) -> Any:
+    if factor == "n_train":
+        return table["n_train"].max() if study.baseline["n_train"] is None else None
+    if factor == "iterations":
+        rows = table[table["model"] == study.baseline["model"]]
+        cfg = study.generative_config(study.baseline["model"])
+        it = cfg.stage_settings(cfg.stages[-1]).iterations
+        return it if (rows["iterations"] == it).any() else None
+    return None
+
+
+def _group_mask(table: pd.DataFrame, study: StudyConfig, factor: str) -> pd.Series:
+    """Baseline rows, the factor ``factor`` free (model free too), per model's own
+    iterations when the iterations factor is fixed (models may train for different
+    lengths)."""
+    mask = pd.Series(True, index=table.index)
+    for factor2 in ("n_train", "augment", "seed"):
+        if factor2 == factor:
+            continue
+        value = study.baseline[factor2]
+        if value is None:
+            value = _baseline_value(table, study, factor2)
+        if value is not None:
+            mask &= table[factor2] == value
+    if factor != "iterations":
+        its = {}
+        for m in table["model"].unique():
+            if study.baseline["iterations"] is not None:
+                its[m] = study.baseline["iterations"]
+            else:
+                cfg = study.generative_config(m)
+                its[m] = cfg.stage_settings(cfg.stages[-1]).iterations
+        mask &= table.apply(lambda r: r["iterations"] == its[r["model"]], axis=1)
+    return mask
+
+
+def _audit_tables(out: Path, cell: str) -> pd.DataFrame | None:
+    path = out / "cells" / cell / "audit" / "training.csv"
+    return pd.read_csv(path) if path.exists() else None
+
+
+def plot_study(table: pd.DataFrame, out: Path, study: StudyConfig) -> list[Path]:
+    """The paper's figures from the results table (only those the cells allow)."""
+    figdir = out / "figures"
+    figdir.mkdir(exist_ok=True)
+    written: list[Path] = []
+    title = study.name
+
+    # Fig. 2: histograms of the baseline cell of each model variant
+    base = table[_group_mask(table, study, "model") & ~table["augment"].astype(bool)]
+    base = base.drop_duplicates("model")
+    if len(base):
+        n = len(base)
+        fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), dpi=110, squeeze=False)
+        for ax, rec in zip(axes[0], base.to_dict("records"), strict=True):
+            tr = _audit_tables(out, rec["cell"])
+            if tr is None:
+                continue
+            draw_histogram(
+                ax,
+                tr["nearest_val_corr"].to_numpy(),
+                tr["nearest_synthetic_corr"].to_numpy(),
+                rec["tau"],
+                title=f"{rec['model']}: N_mem {rec['n_mem']}/{rec['n_train']}, "
+                f"N_copies {rec['n_copies']}/{rec['n_synthetic']}",
+                legend=ax is axes[0][0],
+            )
+        fig.suptitle(f"{title}: nearest-neighbour correlations (Fig. 2)", fontsize=10)
+        fig.tight_layout()
+        written.append(figdir / "histograms.png")
+        save_figure(fig, written[-1])
+
+    # Fig. 3: augmentation on/off per model
+    aug = table[_group_mask(table, study, "augment")]
+    models_both = [m for m, g in aug.groupby("model") if g["augment"].nunique() == 2]
+    if models_both:
+        fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4), dpi=110)
+        width = 0.38
+        x = np.arange(len(models_both))
+        for ax, col, label in zip(
+            axes,
+            ("pct_mem", "pct_copies"),
+            ("N_mem (% of training)", "N_copies (% synthetic)"),
+            strict=True,
+        ):
+            for j, flag in enumerate((False, True)):
+                vals = [
+                    float(aug[(aug["model"] == m) & (aug["augment"] == flag)][col].mean())
+                    for m in models_both
+                ]
+                bars = ax.bar(x + (j - 0.5) * width, vals, width,
+                              label="augmentation" if flag else "no augmentation")  # fmt: skip
+                ax.bar_label(bars, fmt="%.1f", fontsize=7)
+            ax.set_xticks(x, models_both)
+            ax.set_ylabel(label)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{title}: augmentation (Fig. 3)", fontsize=10)
+        fig.tight_layout()
+        written.append(figdir / "augmentation.png")
+        save_figure(fig, written[-1])
+
+    # Fig. 7: training-set size
+    size = table[_group_mask(table, study, "n_train") & ~table["augment"].astype(bool)]
+    size_models = [m for m, g in size.groupby("model") if g["n_train"].nunique() > 1]
+    if size_models:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=110)
+        for m in size_models:
+            g = size[size["model"] == m].sort_values("n_train")
+            axes[0].plot(g["n_train"], g["n_mem"], "o-", label=m)
+            axes[1].plot(g["n_train"], g["pct_mem"], "o-", label=m)
+            axes[2].plot(g["n_train"], g["pct_copies"], "o-", label=m)
+        for ax, lab in zip(
+            axes,
+            ("N_mem (images)", "N_mem (% of training)", "N_copies (% of synthetic)"),
+            strict=True,
+        ):
+            ax.set_xlabel("training images")
+            ax.set_ylabel(lab)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{title}: training-set size (Fig. 7)", fontsize=10)
+        fig.tight_layout()
+        written.append(figdir / "training-size.png")
+        save_figure(fig, written[-1])
+
+    # Fig. 8: iterations, with FID and MS-SSIM
+    its = table[_group_mask(table, study, "iterations") & ~table["augment"].astype(bool)]
+    it_models = [m for m, g in its.groupby("model") if g["iterations"].nunique() > 1]
+    if it_models:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=110)
+        for m in it_models:
+            g = its[its["model"] == m].sort_values("iterations")
+            axes[0].plot(g["iterations"], g["fid"], "o-", label=m)
+            axes[1].plot(g["iterations"], g["ms_ssim"], "o-", label=m)
+            axes[2].plot(g["iterations"], g["pct_mem"], "o-", label=f"{m} N_mem %")
+            axes[2].plot(g["iterations"], g["pct_copies"], "s--", label=f"{m} N_copies %")
+        for ax, lab in zip(
+            axes, ("FID (detector features)", "MS-SSIM of synthetic pairs", "%"), strict=True
+        ):
+            ax.set_xlabel("training iterations")
+            ax.set_ylabel(lab)
+        axes[2].legend(fontsize=7)
+        fig.suptitle(f"{title}: training iterations (Fig. 8)", fontsize=10)
+        fig.tight_layout()
+        written.append(figdir / "iterations.png")
+        save_figure(fig, written[-1])
+
+    # memorization against quality, per model variant
+    pts = table[np.isfinite(table["fid"].astype(float))]
+    if len(pts):
+        fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=110)
+        for m, g in pts.groupby("model"):
+            ax.scatter(g["fid"], g["pct_copies"], label=m, s=30)
+        ax.set_xlabel("FID (detector features; lower is better)")
+        ax.set_ylabel("N_copies (% of synthetic)")
+        ax.legend(fontsize=8)
+        ax.set_title(f"{title}: memorization against quality", fontsize=10)
+        fig.tight_layout()
+        written.append(figdir / "quality-vs-memorization.png")
+        save_figure(fig, written[-1])
+    return written
+
+
+__all__ = [
+    "COLUMNS",
+    "FACTORS",
+    "Cell",
+    "StudyConfig",
+    "StudyResult",
+    "load_study",
+    "markdown_table",
+    "plan",
+    "plot_study",
+    "run_study",
+    "write_table",
+]

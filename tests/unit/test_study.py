@@ -1,0 +1,146 @@
+"""medmem.study: the factor study runs end to end, writes its table and figures, and
+resumes without recomputing finished cells."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from medmem._errors import InputError
+from medmem.study import COLUMNS, StudyConfig, load_study, plan, run_study
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "study" / "tiny-phantoms.yaml"
+EXPECTED_CELLS = {
+    "ldm_n12_aug0_it2_s0",
+    "ldm_n12_aug0_it4_s0",
+    "ldm_n12_aug1_it4_s0",
+    "ldm_n16_aug0_it4_s0",
+    "ldm-small_n12_aug0_it4_s0",
+    "vae_n12_aug0_it4_s0",
+    "gan_n12_aug0_it4_s0",
+}
+
+
+def _run(study: StudyConfig, out: Path, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FID of 12 images: the metric warns, rightly
+        return run_study(study, out, quiet=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The tiny study run once, stopped after two cells and resumed (as after a kill)."""
+    study = load_study(TINY)
+    out = tmp_path_factory.mktemp("study") / "tiny"
+    first = _run(study, out, only=["ldm_n12_aug0_it2_s0", "gan_n12_aug0_it4_s0"])
+    rows_before = {c: (out / "cells" / c / "row.json").stat().st_mtime_ns for c in first.computed}
+    second = _run(study, out)
+    return study, out, first, second, rows_before
+
+
+def test_plan_varies_one_factor_at_a_time_and_shares_runs():
+    cells = plan(load_study(TINY))
+    assert {c.key for c in cells} == EXPECTED_CELLS
+    # the baseline's run first; the cells of one run by rising iterations
+    assert [c.key for c in cells[:3]] == [
+        "ldm_n12_aug0_it2_s0",
+        "ldm_n12_aug0_it4_s0",
+        "ldm_n12_aug1_it4_s0",
+    ]
+    runs = {c.run_key for c in cells}
+    assert len(runs) == len(cells) - 1  # it2 and it4 of the baseline share a run
+
+
+def test_factorial_design_crosses_the_factors():
+    study = load_study(TINY)
+    cross = StudyConfig(
+        **{
+            **study.to_dict(),
+            "design": "factorial",
+            "vary": {"augment": [False, True], "n_train": [12, 16]},
+        }  # fmt: skip
+    )
+    keys = {c.key for c in plan(cross)}
+    assert keys == {
+        "ldm_n12_aug0_it4_s0",
+        "ldm_n12_aug1_it4_s0",
+        "ldm_n16_aug0_it4_s0",
+        "ldm_n16_aug1_it4_s0",
+    }
+
+
+def test_study_writes_the_table_with_every_cell_and_column(finished):
+    study, out, first, second, _ = finished
+    table = pd.read_csv(out / "results.csv")
+    assert list(table.columns) == list(COLUMNS)
+    assert set(table["cell"]) == EXPECTED_CELLS
+    assert (table["n_synthetic"] == table["n_train"]).all()  # N_syn = N_train, as the paper
+    assert set(table["model_type"]) == {"ldm", "vae", "gan"}
+    assert table["tau"].between(-1, 1).all()
+    assert ((table["n_copies"] >= 0) & (table["n_copies"] <= table["n_synthetic"])).all()
+    assert ((table["n_mem"] >= 0) & (table["n_mem"] <= table["n_train"])).all()
+    assert table["fid"].notna().all() and table["ms_ssim"].between(0, 1).all()
+    # one shared detector: tau depends only on the training set it is calibrated against
+    assert table.groupby("n_train")["tau"].nunique().eq(1).all()
+    md = (out / "results.md").read_text()
+    assert md.count("\n") == len(table) + 2 and "| model |" in md
+    for name in ("histograms", "augmentation", "training-size", "iterations"):
+        assert (out / "figures" / f"{name}.png").stat().st_size > 5000
+    for cell in EXPECTED_CELLS:
+        assert (out / "cells" / cell / "audit" / "summary.json").exists()
+
+
+def test_resumed_study_skips_finished_cells(finished):
+    study, out, first, second, rows_before = finished
+    assert sorted(first.computed) == ["gan_n12_aug0_it4_s0", "ldm_n12_aug0_it2_s0"]
+    assert sorted(second.skipped) == sorted(first.computed)
+    assert set(second.computed) == EXPECTED_CELLS - set(first.computed)
+    for cell, mtime in rows_before.items():  # not rewritten
+        assert (out / "cells" / cell / "row.json").stat().st_mtime_ns == mtime
+    third = _run(study, out)
+    assert third.computed == [] and set(third.skipped) == EXPECTED_CELLS
+    assert len(third.table) == len(EXPECTED_CELLS)
+
+
+def test_interrupted_cell_is_redone_and_changed_settings_recompute(finished, tmp_path):
+    study, out, *_ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "cells" / "vae_n12_aug0_it4_s0" / "row.json").unlink()  # killed mid-cell
+    again = _run(study, copy)
+    assert again.computed == ["vae_n12_aug0_it4_s0"]
+    # another percentile changes every cell's numbers: all are recomputed, and the
+    # training runs are reused (no run folder is trained from scratch)
+    changed = StudyConfig(**{**study.to_dict(), "percentile": 80.0})
+    runs_before = sorted(p.name for p in (copy / "runs").iterdir())
+    redo = _run(changed, copy)
+    assert set(redo.computed) == EXPECTED_CELLS
+    assert sorted(p.name for p in (copy / "runs").iterdir()) == runs_before
+    row = json.loads((copy / "cells" / "ldm_n12_aug0_it4_s0" / "row.json").read_text())
+    assert (
+        row["tau"]
+        < json.loads((out / "cells" / "ldm_n12_aug0_it4_s0" / "row.json").read_text())["tau"]
+    )
+
+
+def test_bad_study_configs_name_the_problem(tmp_path):
+    study = load_study(TINY)
+    d = study.to_dict()
+    with pytest.raises(InputError, match="model 'unet' is not one of the model variants"):
+        StudyConfig(**{**d, "vary": {"model": ["unet"]}})
+    with pytest.raises(InputError, match="unknown setting 'n_trian'"):
+        StudyConfig(**{**d, "vary": {"n_trian": [5]}})
+    with pytest.raises(InputError, match="non-empty list"):
+        StudyConfig(**{**d, "vary": {"augment": []}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ngenerative: nowhere.yaml\n")
+    with pytest.raises(InputError, match="nowhere.yaml"):
+        load_study(bad)
+    with pytest.raises(InputError, match="unknown cells"):
+        run_study(study, tmp_path / "s", only=["ldm_n99_aug0_it4_s0"], quiet=True)
