@@ -350,22 +350,26 @@ class StudyResult:
 def _shared_detector(
     study: StudyConfig, cells: list[Cell], out: Path, quiet: bool
 ) -> tuple[Detector, str]:
-    """The one detector of the study, trained on the largest training set (kept in
-    ``out/detector``; its training resumes from ``out/detector-checkpoint``)."""
+    """The one detector of the study, trained on the largest training set and kept in
+    ``out/detector``; retrained when that set or the detector settings change."""
     largest = max(cells, key=lambda c: c.n_train)
+    train_ds, _ = build_datasets(largest.config, quiet=quiet)
+    wanted = {"train_fingerprint": train_ds.fingerprint(), "settings": study.detector}
+    key = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
     folder = out / "detector"
-    if (folder / "config.json").exists():
+    info = folder / "study-detector.json"
+    if info.exists() and json.loads(info.read_text(encoding="utf-8")).get("key") == key:
         det = Detector.load(folder)
         return det, det.fingerprint
-    train_ds, _ = build_datasets(largest.config, quiet=quiet)
     logger.info("training the study's detector on %d images", len(train_ds))
     det = Detector.train(
         train_ds,
-        checkpoint_dir=out / "detector-checkpoint",
+        checkpoint_dir=out / f"detector-checkpoint-{key}",
         quiet=quiet,
         **study.detector,
     )
-    det.save(folder)
+    det.save(folder, overwrite=True)
+    atomic_write_json(info, {"key": key, "n_train": len(train_ds), **wanted})
     return det, det.fingerprint
 
 

@@ -1,0 +1,45 @@
+"""`medmem study` from the command line: plan, one cell, resume, and clear errors."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pandas as pd
+from click.testing import CliRunner
+
+from medmem.cli import main
+
+TINY = str(Path(__file__).resolve().parents[2] / "configs" / "study" / "tiny-phantoms.yaml")
+
+
+def test_study_plan_lists_the_cells():
+    res = CliRunner().invoke(main, ["study", TINY, "--plan"])
+    assert res.exit_code == 0, res.output
+    cells = res.output.split()
+    assert cells[0] == "ldm_n12_aug0_it2_s0" and len(cells) == 7
+
+
+def test_study_runs_one_cell_then_reuses_it(tmp_path):
+    out = tmp_path / "study"
+    args = ["--quiet", "study", TINY, "--out", str(out), "--cell", "gan_n12_aug0_it4_s0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+        assert "1 cells computed, 0 reused" in res.output
+        table = pd.read_csv(out / "results.csv")
+        assert list(table["cell"]) == ["gan_n12_aug0_it4_s0"]
+        again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert "0 cells computed, 1 reused" in again.output
+
+
+def test_study_errors_are_one_line(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    res = CliRunner().invoke(main, ["study", str(missing)])
+    assert res.exit_code == 2
+    assert "nope.yaml: study config not found" in res.output
+    res = CliRunner().invoke(main, ["study", TINY, "--out", str(tmp_path / "s"), "--cell", "x"])
+    assert res.exit_code == 2
+    assert "unknown cells ['x']" in res.output
