@@ -56,7 +56,7 @@ from medmem.generative import (
     train,
 )
 from medmem.generative._checkpoint import read_checkpoint
-from medmem.metrics import quality
+from medmem.metrics import extract_features, fid, quality
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ COLUMNS = (
     "patients_memorized",
     "pct_patients_memorized",
     "fid",
+    "fid_train_val",
     "ms_ssim",
     "ms_ssim_real",
     "precision",
@@ -92,6 +93,8 @@ COLUMNS = (
 )
 ROW_FILE = "row.json"
 _SYNTHETIC_FILE = "synthetic.safetensors"
+# what the quality columns measure; a change recomputes finished cells' audits
+_METRICS_VERSION = "fid-vs-validation-1"
 
 
 # ------------------------------------------------------------------------------ config
@@ -293,6 +296,7 @@ class Cell:
             "steps": study.steps,
             "percentile": study.percentile,
             "quality": study.quality,
+            "metrics": _METRICS_VERSION,
             "detector": detector_fp,
         }
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
@@ -440,9 +444,11 @@ def _synthetic_set(
 
 def _quality_row(q: dict[str, Any] | None) -> dict[str, float]:
     if q is None:
-        return {k: math.nan for k in ("fid", "ms_ssim", "ms_ssim_real", "precision", "recall")}
+        keys = ("fid", "fid_train_val", "ms_ssim", "ms_ssim_real", "precision", "recall")
+        return {k: math.nan for k in keys}
     return {
         "fid": float(q["fid"]),
+        "fid_train_val": float(q["fid_train_val"]),
         "ms_ssim": float(q["ms_ssim_synthetic"]),
         "ms_ssim_real": float(q["ms_ssim_real"]),
         "precision": float(q["precision"]),
@@ -473,7 +479,14 @@ def _run_cell(
         cache_dir=out / "embedding-cache",
         quiet=True,
     )
-    q = quality(train_ds, syn, extractor=detector, quiet=True) if study.quality else None
+    q = None
+    if study.quality:  # as the paper (Fig. 8): synthetic vs validation images, and the
+        # training images vs the same validation images as the reference
+        q = quality(val_ds, syn, extractor=detector, quiet=True)
+        q["fid_train_val"] = fid(
+            extract_features(val_ds, detector, quiet=True),
+            extract_features(train_ds, detector, quiet=True),
+        )
     result.save(folder / "audit", overwrite=True, report=True, quality=q)
     audit_s = time.perf_counter() - t0
     s = result.summary
@@ -602,7 +615,7 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> pd.DataFrame:
     (out / "results.csv.tmp").replace(out / "results.csv")
     show = [
         "model", "model_type", "n_train", "iterations", "augment", "seed", "tau", "n_mem",
-        "pct_mem", "n_copies", "pct_copies", "expected_copies", "fid", "ms_ssim",
+        "pct_mem", "n_copies", "pct_copies", "expected_copies", "fid", "fid_train_val", "ms_ssim",
         "precision", "recall", "train_seconds",
     ]  # fmt: skip
     atomic_write_text(out / "results.md", markdown_table(frame, show))
@@ -740,12 +753,20 @@ def plot_study(table: pd.DataFrame, out: Path, study: StudyConfig) -> list[Path]
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=110)
         for m in it_models:
             g = its[its["model"] == m].sort_values("iterations")
-            axes[0].plot(g["iterations"], g["fid"], "o-", label=m)
-            axes[1].plot(g["iterations"], g["ms_ssim"], "o-", label=m)
+            line = axes[0].plot(g["iterations"], g["fid"], "o-", label=m)[0]
+            axes[0].axhline(g["fid_train_val"].mean(), color=line.get_color(), ls=":", lw=1)
+            line = axes[1].plot(g["iterations"], g["ms_ssim"], "o-", label=m)[0]
+            axes[1].axhline(g["ms_ssim_real"].mean(), color=line.get_color(), ls=":", lw=1)
             axes[2].plot(g["iterations"], g["pct_mem"], "o-", label=f"{m} N_mem %")
             axes[2].plot(g["iterations"], g["pct_copies"], "s--", label=f"{m} N_copies %")
         for ax, lab in zip(
-            axes, ("FID (detector features)", "MS-SSIM of synthetic pairs", "%"), strict=True
+            axes,
+            (
+                "FID to validation (dotted: training data)",
+                "MS-SSIM of synthetic pairs (dotted: real)",
+                "%",
+            ),
+            strict=True,
         ):
             ax.set_xlabel("training iterations")
             ax.set_ylabel(lab)

@@ -1,0 +1,92 @@
+"""Publish finished `medmem study` folders into docs/: figures, tables and a JSON record.
+
+    python benchmarks/study_results.py runs/study-nih-cxr runs/study-phantoms-3d
+
+For each study folder: copies ``figures/*.png`` to ``docs/figures/study-<name>-*.png``,
+writes ``docs/results/study-<name>.md`` (the results table and run times, as measured)
+and adds the table to ``docs/results/study.json``. The written analysis in
+``docs/results/study.md`` quotes these files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine  # noqa: E402
+
+from medmem.study import markdown_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+SHOW = [
+    "model", "model_type", "n_train", "iterations", "augment", "tau", "n_mem", "pct_mem",
+    "n_copies", "pct_copies", "expected_copies", "patients_memorized", "fid", "fid_train_val",
+    "ms_ssim",
+    "ms_ssim_real", "precision", "recall", "train_seconds",
+]  # fmt: skip
+
+
+def publish(folder: Path) -> dict:
+    study = json.loads((folder / "study.json").read_text())
+    name = study["name"]
+    table = pd.read_csv(folder / "results.csv")
+    figures = []
+    for png in sorted((folder / "figures").glob("*.png")):
+        dest = DOCS / "figures" / f"study-{name}-{png.name}"
+        shutil.copyfile(png, dest)
+        figures.append(dest.relative_to(DOCS).as_posix())
+    seconds = table[["train_seconds", "sample_seconds", "audit_seconds"]].sum()
+    det = json.loads((folder / "detector" / "study-detector.json").read_text())
+    md = [
+        f"# Study `{name}`: results table (generated)",
+        "",
+        f"Written by `python benchmarks/study_results.py {folder}` from `{folder}/results.csv`",
+        f"(the output of `medmem study`). Machine: {machine()}, shared with other jobs.",
+        "",
+        markdown_table(table, SHOW),
+        "pct_mem: % of n_train; pct_copies: % of n_synthetic (= n_train); expected_copies:",
+        "copies expected by chance at tau (the audit's estimate from validation images);",
+        "fid: Frechet distance in the shared detector's feature space, synthetic vs validation",
+        "images (fid_train_val: training vs validation images, the reference);",
+        "ms_ssim: mean MS-SSIM of synthetic pairs (ms_ssim_real: of training pairs);",
+        "train_seconds: training time spent for the cell in its run (cells of one run share",
+        "the earlier iterations).",
+        "",
+        f"Shared detector: trained on {det['n_train']} images, settings {det['settings']}.",
+        f"Total: training {seconds['train_seconds'] / 60:.1f} min, sampling "
+        f"{seconds['sample_seconds'] / 60:.1f} min, audits and quality "
+        f"{seconds['audit_seconds'] / 60:.1f} min.",
+        "",
+    ]
+    (DOCS / "results" / f"study-{name}.md").write_text("\n".join(md) + "\n")
+    return {
+        "name": name,
+        "settings": study,
+        "machine": machine(),
+        "detector": det,
+        "rows": json.loads(table.to_json(orient="records")),
+        "figures": figures,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="finished study folders")
+    args = parser.parse_args()
+    record = [publish(f) for f in args.folders]
+    path = DOCS / "results" / "study.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    for r in record:
+        print(f"{r['name']}: {len(r['rows'])} cells -> docs/results/study-{r['name']}.md")
+
+
+if __name__ == "__main__":
+    main()
