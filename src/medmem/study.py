@@ -400,7 +400,8 @@ def _train_to(cell: Cell, runs: Path, quiet: bool) -> tuple[GenerativeModel, flo
             run_dir = runs / f"{cell.run_key}_it{cell.iterations}"  # cannot train backwards
             found = read_checkpoint(run_dir)
     t0 = time.perf_counter()
-    result = train(cell.config, run_dir, resume=found is not None, quiet=quiet)
+    # a run folder without a checkpoint yet (killed early) is resumed from the start
+    result = train(cell.config, run_dir, resume=run_dir.exists(), quiet=quiet)
     assert result.model is not None
     return result.model, time.perf_counter() - t0, str(run_dir)
 
