@@ -25,12 +25,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import math
+import os
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +45,13 @@ import torch
 
 import medmem
 from medmem._errors import InputError
-from medmem._io import atomic_write_json, atomic_write_text, load_tensors, save_tensors
+from medmem._io import (
+    atomic_save,
+    atomic_write_json,
+    atomic_write_text,
+    load_tensors,
+    save_tensors,
+)
 from medmem._plots import draw_histogram, plt, save_figure
 from medmem._validation import check_choice, check_in_range, check_positive_int
 from medmem.audit import audit
@@ -530,6 +540,50 @@ def _run_cell(
     return row
 
 
+@contextlib.contextmanager
+def _cell_lock(folder: Path) -> Iterator[bool]:
+    """Claim a cell, so that processes sharing a study folder never run the same cell;
+    yields False when another live process (or another machine) holds it. A lock left by
+    a dead process of this machine is taken over."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "running.lock"
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                held = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                held = {}
+            alive = held.get("host") != me["host"] or _pid_alive(int(held.get("pid", -1)))
+            if alive:
+                yield False
+                return
+            path.unlink(missing_ok=True)  # stale: its process died
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        try:
+            yield True
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    yield False
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_study(
     study: StudyConfig,
     out: str | Path,
@@ -565,23 +619,30 @@ def run_study(
                 f"unknown cells {unknown}; the study's cells are {[c.key for c in cells]}."
             )
     detector, det_fp = _shared_detector(study, cells, out, quiet)
-    rows: list[dict[str, Any]] = []
+    settings = {c.key: c.settings_hash(study, det_fp) for c in cells}
+
+    def finished() -> list[dict[str, Any]]:  # read from disk: other processes may add cells
+        rows = [_read_row(out / "cells" / c.key, settings[c.key]) for c in cells]
+        return [r for r in rows if r is not None]
+
     computed, skipped = [], []
     for i, cell in enumerate(cells, 1):
-        settings = cell.settings_hash(study, det_fp)
-        row = _read_row(out / "cells" / cell.key, settings)
-        if row is not None:
+        if _read_row(out / "cells" / cell.key, settings[cell.key]) is not None:
             skipped.append(cell.key)
-            rows.append(row)
             continue
         if only and cell.key not in only:
             continue
-        logger.info("study %s: cell %d/%d %s", study.name, i, len(cells), cell.key)
-        if not quiet:
-            print(f"[study] cell {i}/{len(cells)}: {cell.key}", flush=True)
-        rows.append(_run_cell(cell, study, detector, out, settings, quiet))
+        with _cell_lock(out / "cells" / cell.key) as mine:
+            if not mine:
+                logger.warning("cell %s is being run by another process; skipped", cell.key)
+                continue
+            logger.info("study %s: cell %d/%d %s", study.name, i, len(cells), cell.key)
+            if not quiet:
+                print(f"[study] cell {i}/{len(cells)}: {cell.key}", flush=True)
+            _run_cell(cell, study, detector, out, settings[cell.key], quiet)
         computed.append(cell.key)
-        write_table(rows, out)
+        write_table(finished(), out)
+    rows = finished()
     table = write_table(rows, out)
     figs = plot_study(table, out, study) if figures and len(table) else []
     return StudyResult(out, table, computed, skipped, figs)
@@ -612,8 +673,7 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> pd.DataFrame:
     frame = pd.DataFrame([{c: r.get(c) for c in COLUMNS} for r in rows], columns=list(COLUMNS))
     frame = frame.sort_values(["model", "n_train", "augment", "iterations", "seed"], kind="stable")
     frame = frame.reset_index(drop=True)
-    frame.to_csv(out / "results.csv.tmp", index=False)
-    (out / "results.csv.tmp").replace(out / "results.csv")
+    atomic_save(out / "results.csv", lambda p: frame.to_csv(p, index=False))
     show = [
         "model", "model_type", "n_train", "iterations", "augment", "seed", "tau", "n_mem",
         "pct_mem", "n_copies", "pct_copies", "expected_copies", "fid", "fid_train_val", "ms_ssim",

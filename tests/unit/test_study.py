@@ -152,3 +152,19 @@ def test_bad_study_configs_name_the_problem(tmp_path):
         load_study(bad)
     with pytest.raises(InputError, match="unknown cells"):
         run_study(study, tmp_path / "s", only=["ldm_n99_aug0_it4_s0"], quiet=True)
+
+
+def test_a_cell_claimed_by_a_live_process_is_left_to_it(tmp_path):
+    import os
+    import socket
+
+    study = load_study(TINY)
+    out = tmp_path / "s"
+    lock = out / "cells" / "gan_n12_aug0_it4_s0" / "running.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    held = _run(study, out, only=["gan_n12_aug0_it4_s0"])
+    assert held.computed == [] and lock.exists()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345}))  # dead
+    taken = _run(study, out, only=["gan_n12_aug0_it4_s0"])
+    assert taken.computed == ["gan_n12_aug0_it4_s0"] and not lock.exists()
