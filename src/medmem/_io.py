@@ -19,6 +19,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from medmem._errors import InputError
+
 
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
@@ -183,3 +185,19 @@ __all__ = [
     "load_tensors",
     "save_tensors",
 ]
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dict[str, Any]:
+    """Read a YAML file whose top level is a mapping; errors name the file and the problem."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({exc}).") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of settings at the top level.")
+    return data

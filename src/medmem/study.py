@@ -50,6 +50,7 @@ from medmem._io import (
     atomic_write_json,
     atomic_write_text,
     load_tensors,
+    read_yaml_mapping,
     save_tensors,
 )
 from medmem._plots import draw_histogram, plt, save_figure
@@ -229,17 +230,8 @@ def load_study(path: str | Path) -> StudyConfig:
     Example:
         >>> study = load_study("configs/study/nih-cxr-cpu.yaml")  # doctest: +SKIP
     """
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: study config not found.")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({exc}).") from exc
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a mapping of settings at the top level.")
+    data = read_yaml_mapping(path, "study config")
     keys = [
         "name", "generative", "generative_overrides", "models", "baseline", "vary", "design",
         "n_synthetic", "sampler", "steps", "detector", "percentile", "quality",
@@ -253,7 +245,7 @@ def load_study(path: str | Path) -> StudyConfig:
     if isinstance(gen, str):
         gen_path = Path(gen) if Path(gen).is_absolute() else gen_base / gen
         load_config(gen_path)  # checks it, with errors naming that file
-        gen = yaml.safe_load(gen_path.read_text(encoding="utf-8"))
+        gen = read_yaml_mapping(gen_path)
         gen_base = gen_path.resolve().parent
     if not isinstance(gen, dict):
         raise InputError(
@@ -724,6 +716,43 @@ def _audit_tables(out: Path, cell: str) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.exists() else None
 
 
+_Panel = tuple[str, list[tuple[str, str, str, str | None]]]
+
+
+def _factor_figure(
+    table: pd.DataFrame,
+    study: StudyConfig,
+    factor: str,
+    xlabel: str,
+    panels: list[_Panel],
+    title: str,
+    path: Path,
+) -> bool:
+    """Line plots of the baseline cells against ``factor``, one line per model variant
+    that was run at several values; each panel is (ylabel, [(column, style, label suffix,
+    reference column drawn dotted)]). False when no model varies the factor."""
+    rows = table[_group_mask(table, study, factor) & ~table["augment"].astype(bool)]
+    models = [m for m, g in rows.groupby("model") if g[factor].nunique() > 1]
+    if not models:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=110)
+    for m in models:
+        g = rows[rows["model"] == m].sort_values(factor)
+        for ax, (_, lines) in zip(axes, panels, strict=True):
+            for column, style, suffix, reference in lines:
+                line = ax.plot(g[factor], g[column], style, label=f"{m}{suffix}")[0]
+                if reference is not None:
+                    ax.axhline(g[reference].mean(), color=line.get_color(), ls=":", lw=1)
+    for ax, (ylabel, _) in zip(axes, panels, strict=True):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return True
+
+
 def plot_study(table: pd.DataFrame, out: Path, study: StudyConfig) -> list[Path]:
     """The paper's figures from the results table (only those the cells allow)."""
     figdir = out / "figures"
@@ -784,58 +813,24 @@ def plot_study(table: pd.DataFrame, out: Path, study: StudyConfig) -> list[Path]
         written.append(figdir / "augmentation.png")
         save_figure(fig, written[-1])
 
-    # Fig. 7: training-set size
-    size = table[_group_mask(table, study, "n_train") & ~table["augment"].astype(bool)]
-    size_models = [m for m, g in size.groupby("model") if g["n_train"].nunique() > 1]
-    if size_models:
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=110)
-        for m in size_models:
-            g = size[size["model"] == m].sort_values("n_train")
-            axes[0].plot(g["n_train"], g["n_mem"], "o-", label=m)
-            axes[1].plot(g["n_train"], g["pct_mem"], "o-", label=m)
-            axes[2].plot(g["n_train"], g["pct_copies"], "o-", label=m)
-        for ax, lab in zip(
-            axes,
-            ("N_mem (images)", "N_mem (% of training)", "N_copies (% of synthetic)"),
-            strict=True,
-        ):
-            ax.set_xlabel("training images")
-            ax.set_ylabel(lab)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"{title}: training-set size (Fig. 7)", fontsize=10)
-        fig.tight_layout()
-        written.append(figdir / "training-size.png")
-        save_figure(fig, written[-1])
-
-    # Fig. 8: iterations, with FID and MS-SSIM
-    its = table[_group_mask(table, study, "iterations") & ~table["augment"].astype(bool)]
-    it_models = [m for m, g in its.groupby("model") if g["iterations"].nunique() > 1]
-    if it_models:
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=110)
-        for m in it_models:
-            g = its[its["model"] == m].sort_values("iterations")
-            line = axes[0].plot(g["iterations"], g["fid"], "o-", label=m)[0]
-            axes[0].axhline(g["fid_train_val"].mean(), color=line.get_color(), ls=":", lw=1)
-            line = axes[1].plot(g["iterations"], g["ms_ssim"], "o-", label=m)[0]
-            axes[1].axhline(g["ms_ssim_real"].mean(), color=line.get_color(), ls=":", lw=1)
-            axes[2].plot(g["iterations"], g["pct_mem"], "o-", label=f"{m} N_mem %")
-            axes[2].plot(g["iterations"], g["pct_copies"], "s--", label=f"{m} N_copies %")
-        for ax, lab in zip(
-            axes,
-            (
-                "FID to validation (dotted: training data)",
-                "MS-SSIM of synthetic pairs (dotted: real)",
-                "%",
-            ),
-            strict=True,
-        ):
-            ax.set_xlabel("training iterations")
-            ax.set_ylabel(lab)
-        axes[2].legend(fontsize=7)
-        fig.suptitle(f"{title}: training iterations (Fig. 8)", fontsize=10)
-        fig.tight_layout()
-        written.append(figdir / "iterations.png")
-        save_figure(fig, written[-1])
+    # Fig. 7: training-set size; Fig. 8: iterations, with FID and MS-SSIM
+    mem_panels: list[_Panel] = [
+        ("N_mem (images)", [("n_mem", "o-", "", None)]),
+        ("N_mem (% of training)", [("pct_mem", "o-", "", None)]),
+        ("N_copies (% of synthetic)", [("pct_copies", "o-", "", None)]),
+    ]
+    quality_panels: list[_Panel] = [
+        ("FID to validation (dotted: training data)", [("fid", "o-", "", "fid_train_val")]),
+        ("MS-SSIM of synthetic pairs (dotted: real)", [("ms_ssim", "o-", "", "ms_ssim_real")]),
+        ("%", [("pct_mem", "o-", " N_mem %", None), ("pct_copies", "s--", " N_copies %", None)]),
+    ]
+    for factor, xlabel, panels, name, fig_title in (
+        ("n_train", "training images", mem_panels, "training-size", "training-set size (Fig. 7)"),
+        ("iterations", "iterations", quality_panels, "iterations", "training iterations (Fig. 8)"),
+    ):
+        path = figdir / f"{name}.png"
+        if _factor_figure(table, study, factor, xlabel, panels, f"{title}: {fig_title}", path):
+            written.append(path)
 
     # memorization against quality, per model variant
     pts = table[np.isfinite(table["fid"].astype(float))]

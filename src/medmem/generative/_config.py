@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from medmem._errors import InputError
+from medmem._io import read_yaml_mapping
 from medmem._validation import check_choice, check_in_range, check_positive_int
 from medmem.detector._config import _check_keys
 
@@ -566,17 +567,8 @@ def load_config(path: str | Path) -> GenerativeConfig:
     Example:
         >>> cfg = load_config("configs/generative/ldm-2d-cpu.yaml")  # doctest: +SKIP
     """
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: config file not found.")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({exc}).") from exc
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a mapping of settings at the top level.")
+    data = read_yaml_mapping(path)
     base = path.resolve().parent
     for section, key in (("data", "train"), ("data", "val"), ("tracking", "detector")):
         sec = data.get(section)
