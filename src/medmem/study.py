@@ -753,10 +753,13 @@ def _factor_figure(
     return True
 
 
-def plot_study(table: pd.DataFrame, out: Path, study: StudyConfig) -> list[Path]:
-    """The paper's figures from the results table (only those the cells allow)."""
-    figdir = out / "figures"
-    figdir.mkdir(exist_ok=True)
+def plot_study(
+    table: pd.DataFrame, out: Path, study: StudyConfig, *, figdir: Path | None = None
+) -> list[Path]:
+    """The paper's figures from the results table of the study folder ``out`` (only
+    those its cells allow), into ``figdir`` (default ``out/figures``)."""
+    figdir = Path(figdir) if figdir is not None else out / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     title = study.name
 
