@@ -749,5 +749,184 @@ def generate_sample_cmd(
     click.echo(f"wrote {n} samples to {out} (manifest: {out / 'manifest.csv'})")
 
 
+@main.group("prompts", cls=_Group)
+def prompts_group() -> None:
+    """Text-to-image memorization: train a text-conditional LDM on (image, report) pairs,
+    score prompts (d_t, attention entropy), rank tokens, measure mitigations.
+
+    \b
+    Example:
+      medmem prompts train --config configs/text2image/ldm-t2i-cpu.yaml --out runs/t2i
+      medmem prompts score --model runs/t2i --prompts prompts.csv --out runs/t2i-scores
+      medmem prompts mitigate --model runs/t2i --prompts prompts.csv --out runs/t2i-mitigate
+    """
+
+
+@prompts_group.command("train")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="YAML config (see configs/text2image/).",
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.pass_context
+def prompts_train_cmd(ctx: click.Context, config_path: Path, out: Path, resume: bool) -> None:
+    """Train the text-to-image LDM of a YAML config (a CSV of image paths and report texts,
+    a saved KL autoencoder, a frozen text encoder); writes checkpoints, losses.csv, model/.
+
+    \b
+    Example:
+      medmem prompts train --config configs/text2image/ldm-t2i-cpu.yaml --out runs/t2i
+    """
+    from medmem.text2image import load_t2i_config, train_t2i
+
+    result = train_t2i(load_t2i_config(config_path), out, resume=resume, quiet=ctx.obj["quiet"])
+    click.echo(
+        f"trained text-to-image LDM -> {out / 'model'} ({result.seconds_per_iteration:.3f} s/it)"
+    )
+
+
+def _prompts_inputs(model_dir: Path, prompts_csv: Path, text_column: str) -> tuple[Any, Any]:
+    from medmem.text2image import TextToImageModel, read_prompts
+
+    return TextToImageModel.load(model_dir), read_prompts(prompts_csv, text_column=text_column)
+
+
+_model_option = click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Saved text-to-image model, or its training run folder.",
+)
+_prompts_option = click.option(
+    "--prompts",
+    "prompts_csv",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="CSV with a prompt per row (column 'text'; optional boolean 'memorized').",
+)
+
+
+@prompts_group.command("score")
+@_model_option
+@_prompts_option
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--text-column", default="text", show_default=True, help="Prompt column.")
+@click.option(
+    "--n-per-prompt", type=int, default=4, show_default=True, help="Generations per prompt."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--steps", type=int, default=None, help="DDIM steps (default: the model's).")
+@click.option(
+    "--flag-fraction",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Share of prompts flagged (highest first-step d_t).",
+)
+@click.option("--no-tokens", is_flag=True, help="Skip the token attribution.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.pass_context
+def prompts_score_cmd(
+    ctx: click.Context,
+    model_dir: Path,
+    prompts_csv: Path,
+    out: Path,
+    text_column: str,
+    n_per_prompt: int,
+    seed: int,
+    steps: int | None,
+    flag_fraction: float,
+    no_tokens: bool,
+    overwrite: bool,
+) -> None:
+    """Rank prompts by memorization (d_t, Wen et al.; attention entropy, Ren et al.) and
+    their tokens by the gradient of d_t; writes prompts-ranked.csv, tokens-*.csv, figures,
+    report.html and summary.json (detection AUROC when a 'memorized' column is given).
+
+    \b
+    Example:
+      medmem prompts score --model runs/t2i --prompts prompts.csv --out runs/t2i-scores
+    """
+    from medmem.text2image import score_prompts
+
+    _check_out(out, overwrite)
+    model, prompts = _prompts_inputs(model_dir, prompts_csv, text_column)
+    summary = score_prompts(
+        model,
+        prompts,
+        out,
+        n_per_prompt=n_per_prompt,
+        seed=seed,
+        steps=steps,
+        tokens=not no_tokens,
+        flag_fraction=flag_fraction,
+        quiet=ctx.obj["quiet"],
+    )
+    for score, d in summary.get("detection", {}).items():
+        click.echo(f"{score}: AUROC {d['auroc']:.3f}, TPR at 1% FPR {d['tpr_at_1pct_fpr']:.3f}")
+    click.echo(f"{summary['n_prompts']} prompts scored; ranked: {out / 'prompts-ranked.csv'}")
+
+
+@prompts_group.command("mitigate")
+@_model_option
+@_prompts_option
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--text-column", default="text", show_default=True, help="Prompt column.")
+@click.option(
+    "--mitigation",
+    "kinds",
+    multiple=True,
+    help="gaussian_noise, random_tokens, repeat_words, random_numbers, "
+    "prompt_optimization, attention_rescale (repeatable; default: all).",
+)
+@click.option(
+    "--n-per-prompt", type=int, default=4, show_default=True, help="Generations per prompt."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--steps", type=int, default=None, help="DDIM steps (default: the model's).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.pass_context
+def prompts_mitigate_cmd(
+    ctx: click.Context,
+    model_dir: Path,
+    prompts_csv: Path,
+    out: Path,
+    text_column: str,
+    kinds: tuple[str, ...],
+    n_per_prompt: int,
+    seed: int,
+    steps: int | None,
+    overwrite: bool,
+) -> None:
+    """Measure inference-time mitigations on the prompts: d_t with and without each, from
+    the same initial noises; writes mitigations.csv.
+
+    \b
+    Example:
+      medmem prompts mitigate --model runs/t2i --prompts prompts.csv --out runs/t2i-mit \\
+          --mitigation random_tokens --mitigation attention_rescale
+    """
+    from medmem.text2image import MITIGATIONS, compare_mitigations
+
+    _check_out(out, overwrite)
+    model, prompts = _prompts_inputs(model_dir, prompts_csv, text_column)
+    frame = compare_mitigations(
+        model,
+        prompts,
+        out,
+        kinds=kinds or MITIGATIONS,
+        n_per_prompt=n_per_prompt,
+        seed=seed,
+        steps=steps,
+        quiet=ctx.obj["quiet"],
+    )
+    click.echo(frame[["mitigation", "d_first", "relative_change_d_first"]].to_string(index=False))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,297 @@
+"""Training of the text-conditional LDM on (image, report) pairs; resumable, seeded.
+
+The frozen first stage encodes every distinct training image once (posterior mean, scaled
+by 1/std); the frozen text encoder encodes every distinct caption once. Each iteration then
+draws a batch of pairs (consecutive slices of per-epoch seeded permutations, as in
+``medmem.generative``), drops captions with probability ``caption_dropout`` (classifier-free
+guidance), noises the latents and regresses the noise (DDPM).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from medmem._errors import InputError, OutputExistsError
+from medmem._io import atomic_save, atomic_write_json
+from medmem._progress import progress
+from medmem.data import load_dataset
+from medmem.generative._checkpoint import read_checkpoint, restore, save_checkpoint
+from medmem.generative._pipeline import derive_seed
+from medmem.generative._train import batch_indices
+from medmem.text2image._config import Text2ImageConfig
+from medmem.text2image._encoder import MARKER_RE, TextEncoder
+from medmem.text2image._model import TextToImageModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Pairs:
+    """Training pairs: ``paths`` (absolute), ``texts``, optional ``patient_ids``."""
+
+    paths: list[str]
+    texts: list[str]
+    patient_ids: list[str | None]
+
+
+def read_pairs(csv: str | Path, *, path_column: str = "path", text_column: str = "text") -> Pairs:
+    """Read a CSV of image paths (relative to the CSV's folder) and report texts."""
+    csv = Path(csv)
+    if not csv.is_file():
+        raise InputError(f"{csv}: pairs CSV not found (columns {path_column}, {text_column}).")
+    frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    missing = [c for c in (path_column, text_column) if c not in frame.columns]
+    if missing:
+        raise InputError(
+            f"{csv}: missing column(s) {missing}; found {list(frame.columns)}. Name the image "
+            f"path column {path_column!r} and the report column {text_column!r}."
+        )
+    if frame.empty:
+        raise InputError(f"{csv}: no rows.")
+    base = csv.resolve().parent
+    paths = [str(p if Path(p).is_absolute() else base / p) for p in frame[path_column]]
+    pids = list(frame["patient_id"]) if "patient_id" in frame.columns else [None] * len(paths)
+    return Pairs(paths, list(frame[text_column]), pids)
+
+
+def treat_markers(
+    text: str,
+    mode: str,
+    *,
+    neutral: str = "unspecified",
+    rng: Any = None,
+    vocab: list[str] | None = None,
+) -> str:
+    """Apply a de-identification marker treatment: keep, remove, neutral word, random word."""
+    if mode == "keep":
+        return text
+    if mode == "remove":
+        return " ".join(MARKER_RE.sub("", text).split())
+    if mode == "neutral":
+        return MARKER_RE.sub(neutral, text)
+    if mode == "random":
+        if rng is None or not vocab:
+            raise InputError("markers 'random' needs a random generator and a vocabulary.")
+        return MARKER_RE.sub(lambda _m: vocab[rng.randrange(len(vocab))], text)
+    raise InputError(f"unknown marker treatment {mode!r}: use keep, remove, neutral or random.")
+
+
+@dataclass
+class T2ITrainResult:
+    """What :func:`train_t2i` returns: the run folder, the model (None if stopped early),
+    whether it finished, seconds per iteration."""
+
+    run_dir: Path
+    model: TextToImageModel | None
+    finished: bool
+    seconds_per_iteration: float
+
+
+def _identity(config: Text2ImageConfig) -> dict[str, Any]:
+    d = config.to_dict()
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("checkpoint_every", "log_every")}
+    d.pop("sampling")
+    d.pop("guidance_scale")
+    d["diffusion"].pop("iterations")
+    return d
+
+
+def train_t2i(
+    config: Text2ImageConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    encoder: TextEncoder | None = None,
+    quiet: bool = False,
+) -> T2ITrainResult:
+    """Train the text-to-image LDM of ``config`` into the run folder ``out``.
+
+    Args:
+        config: settings (``load_t2i_config`` reads YAML); ``config.data`` is the pairs CSV.
+        out: run folder; may hold a run only with ``resume``.
+        resume: continue from the checkpoint (same settings; iterations may be raised).
+        stop_after: stop after this many iterations in this call (checkpoint kept).
+        encoder: a loaded text encoder (default: ``config.text.encoder``).
+        quiet: no progress bar.
+
+    Example:
+        >>> result = train_t2i(load_t2i_config("configs/text2image/ldm-t2i-cpu.yaml"),
+        ...                    "runs/t2i")  # doctest: +SKIP
+    """
+    out = Path(out)
+    if not config.data:
+        raise InputError("config.data is required: a CSV of image paths and report texts.")
+    found = read_checkpoint(out)
+    if (found is not None or (out / "model").exists()) and not resume:
+        raise OutputExistsError(
+            f"{out} already holds a training run; pass --resume to continue it, or choose "
+            "another folder."
+        )
+    pairs = read_pairs(config.data, path_column=config.path_column, text_column=config.text_column)
+    torch.manual_seed(derive_seed(config.train.seed, 0))
+    model = TextToImageModel.create(config, encoder=encoder)
+    enc = model.encoder
+    unique_paths = sorted(set(pairs.paths))
+    index = {p: i for i, p in enumerate(unique_paths)}
+    ds = load_dataset(
+        unique_paths,
+        spatial_dims=model.first_stage.spatial_dims,
+        image_size=model.first_stage.image_size,
+        quiet=quiet,
+    )
+    images = torch.stack([ds[i] for i in range(len(ds))]).float()
+    with torch.no_grad():
+        raw = torch.cat([model.autoencoder.encode(b)[0] for b in images.split(32)]).float()
+    if found is not None:
+        meta = found[0]
+        if meta.get("identity") != _identity(config) or meta.get("n_pairs") != len(pairs.paths):
+            raise InputError(
+                f"{out}: the checkpoint was written with other settings or pairs; resume with "
+                "the same config (only diffusion.iterations may change) or use a new folder."
+            )
+        scale = float(meta["scale_factor"])
+    else:
+        scale = 1.0 / float(raw.std())
+    model.scale_factor = scale
+    latents = raw * scale  # (n_images, C, *S)
+    image_of = torch.tensor([index[p] for p in pairs.paths])
+
+    tc = config.text
+    if tc.markers in ("remove", "neutral"):
+        captions = [treat_markers(t, tc.markers, neutral=tc.neutral_word) for t in pairs.texts]
+    else:
+        captions = list(pairs.texts)
+    distinct = sorted(set(captions))
+    cap_index = {c: i for i, c in enumerate(distinct)}
+    encoded = enc.encode(distinct)
+    cap_of = torch.tensor([cap_index[c] for c in captions])
+    variants = None
+    if tc.markers == "random":  # a seeded pool of random-word variants per caption, encoded once
+        vocab = enc.vocab_words()
+        rng0 = random.Random(derive_seed(config.train.seed, 2))
+        variants = torch.stack(
+            [
+                enc.encode(
+                    [treat_markers(c, "random", rng=rng0, vocab=vocab) for c in distinct]
+                ).states
+                for _ in range(tc.random_variants)
+            ]
+        )  # (variants, n_captions, L, d)
+
+    unet = model.unet.train()
+    opt = torch.optim.Adam(unet.parameters(), lr=config.diffusion.lr)
+    start = 0
+    if found is not None:
+        restore(found[0], found[1], networks={"unet": unet}, optimizers={"unet": opt})
+        start = int(found[0]["iteration"])
+    total = config.diffusion.iterations
+    if start > total:
+        raise InputError(f"{out}: the checkpoint is at iteration {start} > iterations {total}.")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        out / "run.json",
+        {
+            "config": config.to_dict(),
+            "n_pairs": len(pairs.paths),
+            "n_images": len(unique_paths),
+            "n_captions": len(distinct),
+        },
+    )
+    scheduler = model.scheduler("ddpm")
+    n = len(pairs.paths)
+    bs = config.diffusion.batch_size
+    rows = _read_losses(out / "losses.csv", start)
+    bar = progress(None, desc="training text-to-image LDM", total=total - start, quiet=quiet)
+    t0 = time.perf_counter()
+    done = 0
+    it = start
+    while it < total and (stop_after is None or done < stop_after):
+        idx = torch.tensor(batch_indices(n, bs, it, config.train.seed, 0))
+        gen = torch.Generator().manual_seed(derive_seed(config.train.seed, 1, it))
+        z = latents[image_of[idx]]
+        ctx = encoded.states[cap_of[idx]].clone()
+        if variants is not None:
+            pick = torch.randint(0, variants.shape[0], (len(idx),), generator=gen)
+            ctx = variants[pick, cap_of[idx]].clone()
+        if tc.caption_replacement > 0:
+            swap = torch.rand(len(idx), generator=gen) < tc.caption_replacement
+            other = torch.randint(0, len(distinct), (len(idx),), generator=gen)
+            ctx[swap] = encoded.states[other[swap]]
+        drop = torch.rand(len(idx), generator=gen) < tc.caption_dropout
+        ctx[drop] = model.empty.states[0]
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, scheduler.num_train_timesteps, (len(idx),), generator=gen)
+        noisy = scheduler.add_noise(original_samples=z, noise=noise, timesteps=t)
+        pred = unet(noisy, timesteps=t, context=ctx)
+        target = (
+            noise
+            if config.diffusion.prediction_type == "epsilon"
+            else (scheduler.get_velocity(z, noise, t))
+        )
+        loss = F.mse_loss(pred.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        it += 1
+        done += 1
+        bar.update(1)
+        if it % config.train.log_every == 0 or it == total:
+            rows.append({"iteration": it, "loss": float(loss.item())})
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if it % config.train.checkpoint_every == 0 or it == total:
+            _checkpoint(out, unet, opt, it, scale, config, n)
+            _write_losses(out / "losses.csv", rows)
+    bar.close()
+    if done:
+        _checkpoint(out, unet, opt, it, scale, config, n)
+        _write_losses(out / "losses.csv", rows)
+    spi = (time.perf_counter() - t0) / max(done, 1)
+    unet.eval()
+    if it < total:
+        return T2ITrainResult(out, None, False, spi)
+    model.info.update(
+        {
+            "iterations": total,
+            "n_pairs": n,
+            "n_images": len(unique_paths),
+            "n_captions": len(distinct),
+        }
+    )
+    model.save(out / "model", overwrite=True)
+    return T2ITrainResult(out, model, True, spi)
+
+
+def _checkpoint(
+    out: Path, unet: Any, opt: Any, it: int, scale: float, config: Text2ImageConfig, n: int
+) -> None:
+    save_checkpoint(
+        out,
+        networks={"unet": unet},
+        optimizers={"unet": opt},
+        info={"iteration": it, "scale_factor": scale, "identity": _identity(config), "n_pairs": n},
+    )
+
+
+def _read_losses(path: Path, upto: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    frame = pd.read_csv(path)
+    return [r for r in frame.to_dict("records") if r["iteration"] <= upto]
+
+
+def _write_losses(path: Path, rows: list[dict[str, Any]]) -> None:
+    frame = pd.DataFrame(rows, columns=["iteration", "loss"])
+    atomic_save(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+__all__ = ["Pairs", "T2ITrainResult", "read_pairs", "train_t2i", "treat_markers"]

@@ -1,0 +1,270 @@
+"""medmem.text2image on a tiny model: a 1-layer BERT, a 16x16 KL autoencoder, 3 iterations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from medmem._errors import InputError
+from medmem.generative import GenerativeConfig, GenerativeModel
+from medmem.generative._networks import networks_for_sampling
+from medmem.text2image import (
+    MARKER_GROUP,
+    MITIGATIONS,
+    Mitigation,
+    Text2ImageConfig,
+    TextEncoder,
+    TextToImageModel,
+    detection,
+    gap_gradient,
+    generate,
+    mitigated_generate,
+    pool_tokens,
+    rank_prompts,
+    token_significance,
+    token_table,
+    train_t2i,
+    treat_markers,
+    words_of,
+)
+
+WORDS = [
+    "no",
+    "acute",
+    "disease",
+    "heart",
+    "size",
+    "normal",
+    "xx",
+    "##xx",
+    "pneumonia",
+    "the",
+    "is",
+    "lungs",
+    "clear",
+    "left",
+    "right",
+    "opacity",
+    ".",
+    ",",
+]
+PROMPTS = [
+    "heart size normal . lungs clear .",
+    "no acute disease .",
+    "left opacity , XXXX pneumonia .",
+    "right XXXX opacity .",
+]
+
+
+def make_tiny_encoder(folder: Path) -> Path:
+    """A random 1-layer BERT (hidden 16) with a word-level vocabulary, saved for AutoModel."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tok = BertTokenizer(str(vocab), do_lower_case=True)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(WORDS) + 5,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_autoencoder(folder: Path) -> Path:
+    cfg = GenerativeConfig.from_dict(
+        {
+            "model": "vae",
+            "image_size": [16, 16],
+            "data": {"source": "phantoms"},
+            "autoencoder": {"channels": [8, 8], "latent_channels": 2, "norm_num_groups": 4},
+        }
+    )
+    torch.manual_seed(0)
+    GenerativeModel(cfg, networks_for_sampling(cfg)).save(folder)
+    return folder
+
+
+def make_pairs(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, text in enumerate(PROMPTS):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(folder / f"{i}.png")
+        rows += [{"path": f"{i}.png", "text": text}] * (3 if i == 0 else 1)  # pair 0 duplicated
+    pd.DataFrame(rows).to_csv(folder / "pairs.csv", index=False)
+    return folder / "pairs.csv"
+
+
+def tiny_config(tmp: Path, **text: object) -> Text2ImageConfig:
+    return Text2ImageConfig.from_dict(
+        {
+            "data": str(make_pairs(tmp / "data")),
+            "autoencoder": str(make_tiny_autoencoder(tmp / "ae")),
+            "diffusion": {
+                "channels": [8, 8],
+                "attention_levels": [False, True],
+                "num_head_channels": 8,
+                "norm_num_groups": 4,
+                "num_train_timesteps": 20,
+                "iterations": 3,
+                "batch_size": 4,
+            },
+            "sampling": {"sampler": "ddim", "steps": 4},
+            "text": {"encoder": str(make_tiny_encoder(tmp / "enc")), "max_length": 12, **text},
+            "train": {"checkpoint_every": 1, "log_every": 1},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TextToImageModel:
+    tmp = tmp_path_factory.mktemp("t2i")
+    cfg = tiny_config(tmp)
+    first = train_t2i(cfg, tmp / "run", stop_after=1, quiet=True)
+    assert not first.finished and first.model is None
+    result = train_t2i(cfg, tmp / "run", resume=True, quiet=True)
+    assert result.finished
+    assert len(pd.read_csv(tmp / "run" / "losses.csv")) == 3
+    return TextToImageModel.load(tmp / "run")
+
+
+def test_encoder_states_and_words(tiny: TextToImageModel) -> None:
+    enc = tiny.encoder
+    out = enc.encode(PROMPTS)
+    assert out.states.shape == (4, 12, 16) and out.mask.shape == (4, 12)
+    words = words_of(enc.tokens(out.ids[2]), special=set(enc.tokenizer.all_special_tokens))
+    assert [w for w, _, _ in words] == ["left", "opacity", ",", "xxxx", "pneumonia", "."]
+    assert words[3][2] == [4, 5]  # "xx" + "##xx"
+
+
+def test_attention_control_reproduces_monai(tiny: TextToImageModel) -> None:
+    z = torch.randn(2, *tiny.latent_shape)
+    t = torch.tensor([3, 10])
+    ctx = tiny.encode_prompts(PROMPTS[:2]).states
+    with torch.no_grad():
+        ours = tiny.eps(z, t, ctx)
+        monai = tiny.unet(z, timesteps=t, context=ctx)
+    torch.testing.assert_close(ours, monai, rtol=1e-5, atol=1e-6)
+
+
+def test_generate_scores_have_right_shapes(tiny: TextToImageModel) -> None:
+    cond = tiny.encode_prompts(PROMPTS)
+    gen = generate(tiny, cond, n_per_prompt=2, seed=1, batch_size=3, quiet=True)
+    assert gen.images.shape == (4, 2, 1, 16, 16)
+    assert gen.d.shape == gen.entropy.shape == (4, 2, 4)
+    assert torch.isfinite(gen.d).all() and (gen.entropy > 0).all()
+    assert (gen.entropy <= np.log(12) + 1e-5).all()
+    scores = gen.scores()
+    assert set(scores) == {"d_first", "d_mean", "entropy_first"}
+    assert all(v.shape == (4,) for v in scores.values())
+    again = generate(tiny, cond, n_per_prompt=2, seed=1, batch_size=8, quiet=True)
+    torch.testing.assert_close(gen.d, again.d)  # batching does not change the scores
+    ranked = rank_prompts(PROMPTS, scores, duplicated=[True, False, False, False])
+    assert list(ranked["rank"]) == [1, 2, 3, 4]
+    assert ranked["d_first"].is_monotonic_decreasing
+    assert ranked.set_index("prompt_id").loc[2, "n_markers"] == 1
+
+
+def test_attribution_gradient_matches_finite_differences(tiny: TextToImageModel) -> None:
+    unet = tiny.unet.double()
+    try:
+        tiny.empty.states = tiny.empty.states.double()
+        h = tiny.encode_prompts(PROMPTS[2:3]).states[0].double()
+        z = torch.randn(2, *tiny.latent_shape, dtype=torch.float64)
+        t = torch.tensor([15, 5])
+        d, grad = gap_gradient(tiny, z, t, h)
+        assert grad.shape == (2, *h.shape)
+        rng = np.random.default_rng(0)
+        for s in range(2):
+            for i, j in zip(rng.integers(0, 12, 4), rng.integers(0, 16, 4), strict=True):
+                e = 1e-6
+                hp, hm = h.clone(), h.clone()
+                hp[i, j] += e
+                hm[i, j] -= e
+                fd = (
+                    gap_gradient(tiny, z[s : s + 1], t[s : s + 1], hp)[0]
+                    - gap_gradient(tiny, z[s : s + 1], t[s : s + 1], hm)[0]
+                ) / (2 * e)
+                assert float(fd) == pytest.approx(float(grad[s, i, j]), rel=1e-5, abs=1e-8)
+    finally:
+        unet.float()
+        tiny.empty.states = tiny.empty.states.float()
+
+
+def test_token_significance_tables(tiny: TextToImageModel) -> None:
+    cond = tiny.encode_prompts(PROMPTS)
+    gen = generate(tiny, cond, n_per_prompt=1, keep_latents=True, quiet=True)
+    assert gen.latents is not None and gen.latents.shape == (4, 1, 4, *tiny.latent_shape)
+    sig = token_significance(tiny, gen, cond, quiet=True)
+    assert sig.shape == (4, 12) and (sig >= 0).all()
+    table = token_table(tiny.encoder, cond, sig)
+    assert not table["word"].isin(["[CLS]", "[SEP]", "[PAD]"]).any()
+    assert table.groupby("prompt_id")["share"].sum().round(6).eq(1).all()
+    pooled = pool_tokens(table, min_prompts=2)
+    assert MARKER_GROUP in set(pooled["word"])  # "xxxx" in prompts 2 and 3, pooled as a group
+    with pytest.raises(InputError, match="keep_latents"):
+        token_significance(tiny, generate(tiny, cond, n_per_prompt=1, quiet=True), cond)
+
+
+@pytest.mark.parametrize("kind", [k for k in MITIGATIONS if k != "none"])
+def test_each_mitigation_runs_and_changes_the_output(tiny: TextToImageModel, kind: str) -> None:
+    base = mitigated_generate(tiny, PROMPTS[2:], Mitigation(), n_per_prompt=1, quiet=True)
+    out = mitigated_generate(tiny, PROMPTS[2:], Mitigation(kind), n_per_prompt=1, quiet=True)
+    assert out.images.shape == base.images.shape
+    assert not torch.allclose(out.images, base.images)
+    assert not torch.allclose(out.d, base.d)
+
+
+def test_text_mitigations_and_marker_treatments() -> None:
+    vocab = ["alpha", "beta"]
+    text = "left XXXX opacity"
+    assert len(Mitigation("random_tokens", 2).texts([text], vocab)[0].split()) == 5
+    assert Mitigation("random_tokens", 2).texts([text], vocab) == Mitigation(
+        "random_tokens", 2
+    ).texts([text], vocab)
+    assert treat_markers(text, "remove") == "left opacity"
+    assert treat_markers(text, "neutral", neutral="unspecified") == "left unspecified opacity"
+    import random
+
+    assert treat_markers(text, "random", rng=random.Random(0), vocab=vocab).split()[1] in vocab
+    with pytest.raises(InputError, match="mitigation"):
+        Mitigation("nope")
+
+
+def test_detection_convention() -> None:
+    pos = np.array([5.0, 4.0, 1.0])
+    neg = np.arange(100, dtype=float) / 100  # max 0.99, 2nd highest 0.98
+    out = detection(pos, neg)
+    assert out["auroc"] == pytest.approx((2 * 100 + 100) / 300)
+    assert out["threshold"] == pytest.approx(0.98)  # k = floor(0.01 * 100) = 1
+    assert out["tpr_at_1pct_fpr"] == pytest.approx(1.0)
+    with pytest.raises(InputError, match="positive"):
+        detection(np.array([]), neg)
+
+
+def test_markers_training_fix_trains(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, markers="random", caption_replacement=0.5)
+    result = train_t2i(
+        cfg.replace(diffusion=cfg.diffusion.replace(iterations=2)), tmp_path / "run", quiet=True
+    )
+    assert result.finished and (tmp_path / "run" / "model" / "unet.safetensors").is_file()
+
+
+def test_default_encoder_is_bundled_minilm() -> None:
+    enc = TextEncoder(max_length=16)
+    out = enc.encode(["Heart size XXXX. No pneumonia."])
+    assert enc.dim == 384 and out.states.shape == (1, 16, 384)
+    assert "xx" in enc.tokens(out.ids[0])
