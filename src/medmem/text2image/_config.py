@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medmem._errors import InputError
+from medmem._io import read_yaml_mapping
 from medmem._validation import check_choice, check_in_range, check_positive_int
 from medmem.generative import DiffusionConfig, SamplingConfig
 from medmem.generative._config import _Section
@@ -117,17 +118,8 @@ def load_t2i_config(path: str | Path) -> Text2ImageConfig:
     Example:
         >>> cfg = load_t2i_config("configs/text2image/ldm-t2i-cpu.yaml")  # doctest: +SKIP
     """
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: config file not found.")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({exc}).") from exc
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a mapping of settings at the top level.")
+    data = read_yaml_mapping(path)
     base = path.resolve().parent
     for holder, key in ((data, "data"), (data, "autoencoder"), (data.get("text"), "encoder")):
         if isinstance(holder, dict) and isinstance(holder.get(key), str):
