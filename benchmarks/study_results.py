@@ -56,7 +56,7 @@ def publish(folder: Path) -> dict:
         "copies expected by chance at tau (the audit's estimate from validation images);",
         "fid: Frechet distance in the shared detector's feature space, synthetic vs validation",
         "images (fid_train_val: training vs validation images, the reference);",
-        "ms_ssim: mean MS-SSIM of synthetic pairs (ms_ssim_real: of training pairs);",
+        "ms_ssim: mean MS-SSIM of synthetic pairs (ms_ssim_real: of validation pairs);",
         "train_seconds: training time spent for the cell in its run (cells of one run share",
         "the earlier iterations).",
         "",
