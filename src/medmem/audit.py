@@ -47,6 +47,10 @@ TRAINING_COLUMNS = [
 SYNTHETIC_COLUMNS = ["synthetic_id", "nearest_train_id", "nearest_train_corr", "copy"]
 
 
+# tau at or above this means the detector cannot tell images apart
+COLLAPSED_TAU = 0.999
+
+
 def min_calibration_size(percentile: float) -> int:
     """Fewest values for which the q-th percentile is set by data, not by the sample maximum.
 
@@ -369,6 +373,15 @@ def audit_embeddings(
     rho_val, rho_syn, rho_copy = rho_val[:, 0], rho_syn[:, 0], rho_copy[:, 0]
     rho_chance = rho_chance[:, 0]
     tau = calibrate(rho_val, percentile)
+    if tau >= COLLAPSED_TAU:
+        warnings.warn(
+            f"tau = {tau:.4f}: the training images correlate almost perfectly with their "
+            "nearest validation images, so the detector's embeddings have collapsed (all "
+            "images look alike to it) and no synthetic image can be called a copy. Retrain "
+            "the detector (more epochs, another lr or arch; its final loss should be well "
+            "below ln(2K - 1)).",
+            stacklevel=2,
+        )
     memorized = rho_syn >= tau
     copy = rho_copy >= tau
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -290,3 +291,17 @@ def test_controls_are_scored_but_never_counted() -> None:
     assert len(r.synthetic) == 2 and not r.synthetic["synthetic_id"].str.contains("control").any()
     lo, hi = c["sensitivity_ci"]
     assert lo < 0.75 < hi
+
+
+def test_collapsed_embeddings_warn_that_no_copy_can_be_found() -> None:
+    rng = np.random.default_rng(0)
+    common = rng.normal(size=16)
+    # every embedding is the same vector up to a tiny jitter: what a collapsed detector gives
+    train, val, syn = (common + 1e-4 * rng.normal(size=(n, 16)) for n in (30, 30, 10))
+    with pytest.warns(UserWarning, match="embeddings have collapsed"):
+        r = audit_embeddings(train, val, syn, n_bootstrap=0)
+    assert r.summary["tau"] >= 0.999
+    healthy = rng.normal(size=(30, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        audit_embeddings(healthy, rng.normal(size=(30, 16)), syn, n_bootstrap=0)

@@ -493,3 +493,18 @@ def test_training_divergence_is_reported(train_set, monkeypatch):
     monkeypatch.setattr(_detector, "nt_xent", lambda *a, **k: torch.tensor(float("nan")))
     with pytest.raises(MedmemError, match="diverged"):
         Detector.train(train_set, quiet=True, **TINY)
+
+
+def test_training_stuck_at_the_chance_loss_warns() -> None:
+    import warnings
+
+    from medmem.detector._detector import chance_loss, warn_if_not_learned
+
+    cfg = DetectorConfig.default(3)
+    assert chance_loss(10) == pytest.approx(math.log(19))
+    with pytest.warns(UserWarning, match="did not learn"):
+        assert warn_if_not_learned([4.8, 3.1, 2.93], 10, cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not warn_if_not_learned([4.8, 1.2, 0.4], 10, cfg)
+        assert not warn_if_not_learned([], 10, cfg)

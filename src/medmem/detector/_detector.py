@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,32 @@ def _check_dataset(dataset: Any, name: str = "dataset") -> None:
         )
     if len(dataset) == 0:
         raise InputError(f"{name} is empty.")
+
+
+def chance_loss(batch_size: int) -> float:
+    """NT-Xent when every embedding is the same: each of the 2K views sees its positive
+    among 2K - 1 equally similar candidates, so the loss is ln(2K - 1)."""
+    return math.log(2 * batch_size - 1)
+
+
+def warn_if_not_learned(history: list[float], batch_size: int, cfg: DetectorConfig) -> bool:
+    """Warn (and return True) when training ended at the chance loss: the embeddings have
+    collapsed, every image looks like every other, tau will be about 1 and no copy can be
+    found. Seen with the small 3D conv encoder on 32^3 volumes."""
+    if not history:
+        return False
+    chance = chance_loss(batch_size)
+    if history[-1] < 0.97 * chance:
+        return False
+    warnings.warn(
+        f"the detector did not learn: its final loss {history[-1]:.3f} is the chance value "
+        f"ln(2K - 1) = {chance:.3f} (K = {batch_size}), reached when all embeddings are the "
+        f"same. Audits with it cannot find copies. Train longer (epochs {cfg.epochs}), change "
+        f"the learning rate (lr {cfg.lr}) or the architecture (arch {cfg.arch!r}; a 3D "
+        "'resnet' learned where 'conv' collapsed on 32^3 phantoms).",
+        stacklevel=3,
+    )
+    return True
 
 
 class Detector:
@@ -311,6 +338,7 @@ class Detector:
                     )
 
             bar.close()
+        warn_if_not_learned(history, batch_size, cfg)
         model.eval()
         self.model_ = model
         self.train_fingerprint_ = fingerprint
