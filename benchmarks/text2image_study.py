@@ -42,6 +42,7 @@ from medmem.generative import load_config, train  # noqa: E402
 from medmem.text2image import (  # noqa: E402
     MARKER_GROUP,
     MARKER_RE,
+    MITIGATIONS,
     Mitigation,
     TextToImageModel,
     detection,
@@ -225,6 +226,7 @@ def _copy_flags(images: torch.Tensor, sel: pd.DataFrame, out: Path, seed: int) -
         "own_copy": copy & (near == own),
         "nearest": near,
         "tau": float(res.summary["tau"]),
+        "synthetic": syn,
     }
 
 
@@ -510,11 +512,9 @@ def stage_detector(cfg: dict, out: Path) -> None:
 def stage_mitigations(cfg: dict, out: Path) -> None:
     """Each inference-time mitigation on the duplicated and some single prompts: d_t, image
     copies (medmem.audit), FID in the detector's feature space, prompt faithfulness."""
-    from medmem.data import ArrayDataset
-
     ev = cfg["eval"]
     model, _, _ = _load(out)
-    train_ds, val_ds, pairs = _datasets(out)
+    train_ds, _, pairs = _datasets(out)
     det = medmem.Detector.load(out / "detector")
     train_feat = metrics.extract_features(train_ds, det, quiet=True)
     prompts = pd.read_csv(out / "prompts-scored.csv")
@@ -525,7 +525,6 @@ def stage_mitigations(cfg: dict, out: Path) -> None:
         ]
     )
     texts = sel["text"].tolist()
-    own = [str(Path(p).resolve()) for p in sel["path"]]
     path_of_id = dict(
         zip(train_ds.ids, [str(Path(p).resolve()) for p in pairs["path"]], strict=True)
     )
@@ -533,15 +532,7 @@ def stage_mitigations(cfg: dict, out: Path) -> None:
     caption_of = dict(zip(path_of_id.values(), pairs["text"], strict=True))
     prompt_emb = model.encoder.sentence_embedding(texts)
     rows = []
-    for kind in (
-        "none",
-        "gaussian_noise",
-        "random_tokens",
-        "repeat_words",
-        "random_numbers",
-        "prompt_optimization",
-        "attention_rescale",
-    ):
+    for kind in MITIGATIONS:
         t0 = time.perf_counter()
         gen = mitigated_generate(
             model,
@@ -553,26 +544,10 @@ def stage_mitigations(cfg: dict, out: Path) -> None:
         )
         seconds = time.perf_counter() - t0
         P, G = gen.d.shape[:2]
-        syn = ArrayDataset(
-            gen.images.reshape(P * G, *gen.images.shape[2:]),
-            ids=[f"p{p:03d}_g{g}" for p in range(P) for g in range(G)],
-        )
-        res = medmem.audit(
-            train_ds,
-            val_ds,
-            syn,
-            detector=det,
-            n_bootstrap=200,
-            n_controls=50,
-            seed=cfg["seed"],
-            cache_dir=out / "embedding-cache",
-            quiet=True,
-        )
-        s = res.synthetic.set_index("synthetic_id").loc[syn.ids]
-        near = [path_of_id[i] for i in s["nearest_train_id"]]
-        copy = s["copy"].to_numpy().astype(bool)
+        flags = _copy_flags(gen.images, sel, out, cfg["seed"])
+        syn, near = flags["synthetic"], flags["nearest"]
+        copy, own_copy = flags["copy"], flags["own_copy"]
         prompt_idx = np.repeat(np.arange(P), G)
-        own_copy = copy & (np.array(near) == np.array(own)[prompt_idx])
         fid = metrics.fid(train_feat, metrics.extract_features(syn, det, quiet=True))
         agree = np.array([finding_of[n] for n in near]) == sel["finding"].to_numpy()[prompt_idx]
         cap_emb = model.encoder.sentence_embedding([caption_of[n] for n in near])
@@ -594,7 +569,7 @@ def stage_mitigations(cfg: dict, out: Path) -> None:
                 "fid_detector": float(fid),
                 "finding_agreement": float(agree.mean()),
                 "caption_cosine": float(cosine.mean()),
-                "tau": float(res.summary["tau"]),
+                "tau": flags["tau"],
                 "n_images": int(P * G),
                 "seconds": round(seconds, 1),
             }
