@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from medmem._errors import InputError
+from medmem._errors import InputError, OutputExistsError
 
 
 @contextmanager
@@ -201,3 +201,32 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dic
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping of settings at the top level.")
     return data
+
+
+MODEL_CONFIG = "config.json"  # the JSON half of a saved model folder
+
+
+def save_model_folder(
+    directory: str | os.PathLike,
+    networks: dict[str, Any],
+    meta: dict[str, Any],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """A saved model: one ``<name>.safetensors`` per network (``torch.nn.Module``) and
+    ``config.json`` holding ``meta``, each written atomically; nothing is pickled.
+
+    A folder already holding a ``config.json`` is refused unless ``overwrite``.
+    """
+    directory = Path(directory)
+    if (directory / MODEL_CONFIG).exists() and not overwrite:
+        raise OutputExistsError(
+            f"{directory} already holds a saved model; pass overwrite=True or choose "
+            "another folder."
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, net in networks.items():
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+        save_tensors(directory / f"{name}.safetensors", state, {"network": name})
+    atomic_write_json(directory / MODEL_CONFIG, meta)
+    return directory

@@ -17,19 +17,19 @@ import numpy as np
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import medmem
-from medmem._errors import InputError, OutputExistsError
-from medmem._io import atomic_save, atomic_write_json
+from medmem._errors import InputError
+from medmem._io import MODEL_CONFIG, save_model_folder
 from medmem._progress import progress
 from medmem._validation import check_choice, check_positive_int
 from medmem.generative._config import SAMPLERS, GenerativeConfig
 from medmem.generative._networks import networks_for_sampling
 
 SCHEMA_VERSION = 1
-CONFIG_NAME = "config.json"
+CONFIG_NAME = MODEL_CONFIG
 MODEL_KIND = "medmem.generative.GenerativeModel"
 
 
@@ -185,18 +185,9 @@ class GenerativeModel:
         Example:
             >>> model.save("runs/ldm/model")  # doctest: +SKIP
         """
-        directory = Path(directory)
-        if (directory / CONFIG_NAME).exists() and not overwrite:
-            raise OutputExistsError(
-                f"{directory} already holds a saved model; pass overwrite=True or choose "
-                "another folder."
-            )
-        directory.mkdir(parents=True, exist_ok=True)
-        for name, net in self.networks.items():
-            state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
-            atomic_save(directory / f"{name}.safetensors", lambda tmp, s=state: save_file(s, tmp))
-        atomic_write_json(
-            directory / CONFIG_NAME,
+        return save_model_folder(
+            directory,
+            self.networks,
             {
                 "schema_version": SCHEMA_VERSION,
                 "kind": MODEL_KIND,
@@ -206,8 +197,8 @@ class GenerativeModel:
                 "info": self.info,
                 "medmem_version": medmem.__version__,
             },
+            overwrite=overwrite,
         )
-        return directory
 
     @classmethod
     def load(

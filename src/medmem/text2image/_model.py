@@ -21,8 +21,8 @@ from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
 import medmem
-from medmem._errors import InputError, OutputExistsError
-from medmem._io import atomic_write_json, load_tensors, save_tensors
+from medmem._errors import InputError
+from medmem._io import MODEL_CONFIG, load_tensors, save_model_folder
 from medmem.generative import DiffusionConfig, GenerativeConfig, GenerativeModel
 from medmem.generative._networks import _require_einops, build_autoencoder
 from medmem.generative._pipeline import latent_shape, make_scheduler
@@ -31,7 +31,7 @@ from medmem.text2image._encoder import EncodedText, TextEncoder
 
 SCHEMA_VERSION = 1
 MODEL_KIND = "medmem.text2image.TextToImageModel"
-CONFIG_NAME = "config.json"
+CONFIG_NAME = MODEL_CONFIG
 
 
 def build_conditional_unet(
@@ -226,18 +226,9 @@ class TextToImageModel:
     # ------------------------------------------------------------------ save / load
     def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
         """Write ``config.json``, ``unet.safetensors`` and ``autoencoder.safetensors``."""
-        directory = Path(directory)
-        if (directory / CONFIG_NAME).exists() and not overwrite:
-            raise OutputExistsError(
-                f"{directory} already holds a saved model; pass overwrite=True or choose "
-                "another folder."
-            )
-        directory.mkdir(parents=True, exist_ok=True)
-        for name, net in (("unet", self.unet), ("autoencoder", self.autoencoder)):
-            state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
-            save_tensors(directory / f"{name}.safetensors", state, {"network": name})
-        atomic_write_json(
-            directory / CONFIG_NAME,
+        return save_model_folder(
+            directory,
+            {"unet": self.unet, "autoencoder": self.autoencoder},
             {
                 "schema_version": SCHEMA_VERSION,
                 "kind": MODEL_KIND,
@@ -249,8 +240,8 @@ class TextToImageModel:
                 "info": self.info,
                 "medmem_version": medmem.__version__,
             },
+            overwrite=overwrite,
         )
-        return directory
 
     @classmethod
     def load(cls, directory: str | Path, *, encoder: TextEncoder | None = None) -> TextToImageModel:
