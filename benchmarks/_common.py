@@ -11,6 +11,15 @@ DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NIH = DATA_ROOT / "nih-cxr"
 
 
+def read_manifest(data: Path) -> pd.DataFrame | None:
+    """The NIH subset's manifest.csv as strings, or None (with a message) when absent."""
+    path = data / "manifest.csv"
+    if not path.exists():
+        print(f"skipped: {path} not found (../shared/data is absent)")
+        return None
+    return pd.read_csv(path, dtype=str)
+
+
 def split_patients(
     manifest: pd.DataFrame, seed: int, fractions: tuple[float, float] = (0.6, 0.2)
 ) -> dict[str, pd.DataFrame]:

@@ -42,7 +42,7 @@ from medmem.detector import VariationConfig, apply_variation, sample_variation
 from medmem.search import nearest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import NIH, load_nih, machine, split_patients  # noqa: E402
+from _common import NIH, load_nih, machine, read_manifest, split_patients  # noqa: E402
 
 KINDS = (
     "exact",
@@ -208,12 +208,11 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
     ap.add_argument("--checkpoint-dir", type=Path, default=Path("runs/detection-benchmark"))
     args = ap.parse_args()
-    if not (args.data / "manifest.csv").exists():
-        print(f"skipped: {args.data / 'manifest.csv'} not found (../shared/data is absent)")
+    manifest = read_manifest(args.data)
+    if manifest is None:
         return 0
     t0 = time.perf_counter()
     size = (args.image_size, args.image_size)
-    manifest = pd.read_csv(args.data / "manifest.csv", dtype=str)
     parts = split_patients(manifest, args.seed)
     # one study of each multi-study training patient is held out: the follow-up group
     tr = parts["train"].sort_values(["patient_id", "follow_up"])
@@ -382,34 +381,16 @@ def render(r: dict) -> str:
             f"{cell('sensitivity_at_tau')} | {cell('specificity_at_tau')} | "
             f"{m['tau']:.4f} |"
         )
-    lines += [
-        "",
-        "Intervals: percentile bootstrap 95% over positives and negatives (tau fixed).",
-        "",
-        "## Share of positives at or above tau, per change kind",
-        "",
-        "| change | " + " | ".join(names) + " |",
-        "|---" * (len(names) + 1) + "|",
-    ]
-    for k in KINDS:
-        lines.append(
-            f"| {k} | "
-            + " | ".join(f"{r['methods'][n]['per_kind_above_tau'][k]:.2f}" for n in names)
-            + " |"
-        )
-    lines += [
-        "",
-        "## AUROC per change kind (vs novel patients)",
-        "",
-        "| change | " + " | ".join(names) + " |",
-        "|---" * (len(names) + 1) + "|",
-    ]
-    for k in KINDS:
-        lines.append(
-            f"| {k} | "
-            + " | ".join(f"{r['methods'][n]['per_kind_auroc'][k]:.3f}" for n in names)
-            + " |"
-        )
+    lines += ["", "Intervals: percentile bootstrap 95% over positives and negatives (tau fixed)."]
+    for title, key, fmt in (
+        ("Share of positives at or above tau, per change kind", "per_kind_above_tau", ".2f"),
+        ("AUROC per change kind (vs novel patients)", "per_kind_auroc", ".3f"),
+    ):
+        lines += ["", f"## {title}", "", "| change | " + " | ".join(names) + " |"]
+        lines.append("|---" * (len(names) + 1) + "|")
+        for k in KINDS:
+            cells = " | ".join(f"{r['methods'][n][key][k]:{fmt}}" for n in names)
+            lines.append(f"| {k} | {cells} |")
     lines += [
         "",
         "## Follow-up studies of training patients (same patient, different image)",

@@ -30,7 +30,7 @@ from medmem.data import ArrayDataset
 from medmem.detector import vary
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import NIH, load_nih, machine, split_patients  # noqa: E402
+from _common import NIH, load_nih, machine, read_manifest, split_patients  # noqa: E402
 
 
 def main() -> int:
@@ -44,11 +44,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("docs/results/nih-cxr-first-check.json"))
     ap.add_argument("--checkpoint-dir", type=Path, default=Path("runs/nih-first-check"))
     args = ap.parse_args()
-    if not (args.data / "manifest.csv").exists():
-        print(f"skipped: {args.data / 'manifest.csv'} not found (../shared/data is absent)")
+    manifest = read_manifest(args.data)
+    if manifest is None:
         return 0
     t0 = time.perf_counter()
-    manifest = pd.read_csv(args.data / "manifest.csv", dtype=str)
     parts = split_patients(manifest, args.seed)
     size = (args.image_size, args.image_size)
 
