@@ -230,3 +230,20 @@ def save_model_folder(
         save_tensors(directory / f"{name}.safetensors", state, {"network": name})
     atomic_write_json(directory / MODEL_CONFIG, meta)
     return directory
+
+
+def read_versioned_tensors(
+    path: str | os.PathLike, *, fmt: str, schema: int, fix: str
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """``(meta, tensors)`` of a :func:`save_tensors` file whose meta names format ``fmt``
+    and ``schema_version`` ``schema``; None when the file is absent. ``fix`` ends errors."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    meta, tensors = load_tensors(path, fix=fix)
+    if meta.get("format") != fmt or meta.get("schema_version") != schema:
+        raise InputError(
+            f"{path}: unknown checkpoint format {meta.get('format')!r} version "
+            f"{meta.get('schema_version')!r} (expected {fmt!r} version {schema}). {fix}"
+        )
+    return meta, tensors

@@ -18,8 +18,7 @@ from typing import Any
 
 import torch
 
-from medmem._errors import InputError
-from medmem._io import load_tensors, save_tensors
+from medmem._io import read_versioned_tensors, save_tensors
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "medmem.detector.checkpoint"
@@ -104,19 +103,12 @@ def save_checkpoint(
 
 def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
     """Return (info, tensors) of ``directory/checkpoint.safetensors``, or None if absent."""
-    path = Path(directory) / CHECKPOINT_NAME
-    if not path.exists():
-        return None
-    meta, tensors = load_tensors(
-        path, fix="Delete it to start training afresh, or pass another checkpoint_dir."
+    return read_versioned_tensors(
+        Path(directory) / CHECKPOINT_NAME,
+        fmt=CHECKPOINT_FORMAT,
+        schema=CHECKPOINT_SCHEMA,
+        fix="Delete it to start training afresh, or pass another checkpoint_dir.",
     )
-    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("schema_version") != CHECKPOINT_SCHEMA:
-        raise InputError(
-            f"{path}: unknown checkpoint format {meta.get('format')!r} version "
-            f"{meta.get('schema_version')!r} (expected {CHECKPOINT_FORMAT!r} version "
-            f"{CHECKPOINT_SCHEMA}). Delete it or pass another checkpoint_dir."
-        )
-    return meta, tensors
 
 
 def restore(

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from medmem._errors import InputError
-from medmem._io import load_tensors, save_tensors
+from medmem._io import read_versioned_tensors, save_tensors
 from medmem.detector._checkpoint import flatten_optimizer_state, unflatten_optimizer_state
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -53,16 +53,12 @@ def save_checkpoint(
 
 def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
     """(info, tensors) of ``directory/checkpoint.safetensors``, or None when absent."""
-    path = Path(directory) / CHECKPOINT_NAME
-    if not path.exists():
-        return None
-    meta, tensors = load_tensors(path, fix="Delete it to start afresh.")
-    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("schema_version") != CHECKPOINT_SCHEMA:
-        raise InputError(
-            f"{path}: not a medmem generative checkpoint of schema {CHECKPOINT_SCHEMA} (format "
-            f"{meta.get('format')!r}); delete it or use another run folder."
-        )
-    return meta, tensors
+    return read_versioned_tensors(
+        Path(directory) / CHECKPOINT_NAME,
+        fmt=CHECKPOINT_FORMAT,
+        schema=CHECKPOINT_SCHEMA,
+        fix="Delete it to start afresh, or use another run folder.",
+    )
 
 
 def restore(
