@@ -247,3 +247,17 @@ def read_versioned_tensors(
             f"{meta.get('schema_version')!r} (expected {fmt!r} version {schema}). {fix}"
         )
     return meta, tensors
+
+
+def resolve_paths(
+    data: dict[str, Any], keys: tuple[tuple[str | None, str], ...], base: str | os.PathLike
+) -> None:
+    """Make the relative path strings of a config mapping relative to ``base`` (the folder
+    of the file naming them), in place. ``keys`` are (section or None for the top level,
+    key) pairs; absolute paths and URLs are kept."""
+    for section, key in keys:
+        holder = data if section is None else data.get(section)
+        if isinstance(holder, dict) and isinstance(holder.get(key), str):
+            value = holder[key]
+            if "://" not in value and not Path(value).is_absolute():
+                holder[key] = str(Path(base) / value)

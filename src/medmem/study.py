@@ -51,6 +51,7 @@ from medmem._io import (
     atomic_write_text,
     load_tensors,
     read_yaml_mapping,
+    resolve_paths,
     save_tensors,
 )
 from medmem._plots import draw_histogram, plt, save_figure
@@ -67,6 +68,7 @@ from medmem.generative import (
     train,
 )
 from medmem.generative._checkpoint import read_checkpoint
+from medmem.generative._config import PATH_KEYS
 from medmem.metrics import extract_features, fid, quality
 
 logger = logging.getLogger(__name__)
@@ -236,10 +238,7 @@ def load_study(path: str | Path) -> StudyConfig:
         "name", "generative", "generative_overrides", "models", "baseline", "vary", "design",
         "n_synthetic", "sampler", "steps", "detector", "percentile", "quality",
     ]  # fmt: skip
-    try:
-        _check_keys(data, keys, str(path))
-    except InputError as exc:
-        raise InputError(str(exc)) from exc
+    _check_keys(data, keys, str(path))
     gen = data.pop("generative", None)
     gen_base = path.resolve().parent
     if isinstance(gen, str):
@@ -252,11 +251,7 @@ def load_study(path: str | Path) -> StudyConfig:
             f"{path}: `generative:` must be a generative config mapping or the path of one "
             "(e.g. ../generative/ldm-2d-cpu.yaml)."
         )
-    sec = gen.get("data")
-    if isinstance(sec, dict):  # relative data paths are relative to the file naming them
-        for key in ("train", "val"):
-            if isinstance(sec.get(key), str) and not Path(sec[key]).is_absolute():
-                sec[key] = str(gen_base / sec[key])
+    resolve_paths(gen, PATH_KEYS, gen_base)  # relative to the file naming them
     gen = _deep_merge(gen, data.pop("generative_overrides", None) or {})
     data.setdefault("name", path.stem)
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from medmem._errors import InputError
-from medmem._io import read_yaml_mapping
+from medmem._io import read_yaml_mapping, resolve_paths
 from medmem._validation import check_choice, check_in_range, check_positive_int
 from medmem.detector._config import _check_keys
 
@@ -558,6 +558,14 @@ class GenerativeConfig(_Section):
         return d
 
 
+# the settings that hold paths (relative ones are relative to the YAML file naming them)
+PATH_KEYS: tuple[tuple[str | None, str], ...] = (
+    ("data", "train"),
+    ("data", "val"),
+    ("tracking", "detector"),
+)
+
+
 def load_config(path: str | Path) -> GenerativeConfig:
     """Read a YAML config into a :class:`GenerativeConfig`.
 
@@ -569,12 +577,7 @@ def load_config(path: str | Path) -> GenerativeConfig:
     """
     path = Path(path)
     data = read_yaml_mapping(path)
-    base = path.resolve().parent
-    for section, key in (("data", "train"), ("data", "val"), ("tracking", "detector")):
-        sec = data.get(section)
-        if isinstance(sec, dict) and isinstance(sec.get(key), str):
-            if "://" not in sec[key] and not Path(sec[key]).is_absolute():
-                sec[key] = str(base / sec[key])
+    resolve_paths(data, PATH_KEYS, path.resolve().parent)
     try:
         return GenerativeConfig.from_dict(data, "config")
     except InputError as exc:

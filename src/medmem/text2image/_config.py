@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medmem._errors import InputError
-from medmem._io import read_yaml_mapping
+from medmem._io import read_yaml_mapping, resolve_paths
 from medmem._validation import check_choice, check_in_range, check_positive_int
 from medmem.generative import DiffusionConfig, SamplingConfig
 from medmem.generative._config import _Section
@@ -120,11 +120,8 @@ def load_t2i_config(path: str | Path) -> Text2ImageConfig:
     """
     path = Path(path)
     data = read_yaml_mapping(path)
-    base = path.resolve().parent
-    for holder, key in ((data, "data"), (data, "autoencoder"), (data.get("text"), "encoder")):
-        if isinstance(holder, dict) and isinstance(holder.get(key), str):
-            if not Path(holder[key]).is_absolute():
-                holder[key] = str(base / holder[key])
+    keys = ((None, "data"), (None, "autoencoder"), ("text", "encoder"))
+    resolve_paths(data, keys, path.resolve().parent)
     try:
         return Text2ImageConfig.from_dict(data, "config")
     except InputError as exc:
