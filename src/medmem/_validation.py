@@ -97,3 +97,17 @@ __all__ = [
     "check_positive_int",
     "check_seed",
 ]
+
+
+def check_keys(data: Any, allowed: Iterable[str], where: str) -> None:
+    """Raise on keys not in ``allowed``, suggesting the closest spelling."""
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a mapping of settings, got {type(data).__name__}.")
+    allowed = list(allowed)
+    for key in data:
+        if key not in allowed:
+            close = get_close_matches(str(key), allowed, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise InputError(
+                f"{where}: unknown setting {key!r}.{hint} Known settings: {sorted(allowed)}."
+            )

@@ -55,11 +55,10 @@ from medmem._io import (
     save_tensors,
 )
 from medmem._plots import draw_histogram, plt, save_figure
-from medmem._validation import check_choice, check_in_range, check_positive_int
+from medmem._validation import check_choice, check_in_range, check_keys, check_positive_int
 from medmem.audit import audit
 from medmem.data import ArrayDataset
 from medmem.detector import Detector
-from medmem.detector._config import _check_keys
 from medmem.generative import (
     GenerativeConfig,
     GenerativeModel,
@@ -164,9 +163,9 @@ class StudyConfig:
         object.__setattr__(self, "models", models)
         base = {"model": next(iter(models)), "n_train": None, "iterations": None}
         base |= {"augment": False, "seed": 0}
-        _check_keys(self.baseline, FACTORS, "study.baseline")
+        check_keys(self.baseline, FACTORS, "study.baseline")
         object.__setattr__(self, "baseline", base | dict(self.baseline))
-        _check_keys(self.vary, FACTORS, "study.vary")
+        check_keys(self.vary, FACTORS, "study.vary")
         for factor, values in self.vary.items():
             if not isinstance(values, (list, tuple)) or not values:
                 raise InputError(f"study.vary.{factor} must be a non-empty list of values.")
@@ -238,7 +237,7 @@ def load_study(path: str | Path) -> StudyConfig:
         "name", "generative", "generative_overrides", "models", "baseline", "vary", "design",
         "n_synthetic", "sampler", "steps", "detector", "percentile", "quality",
     ]  # fmt: skip
-    _check_keys(data, keys, str(path))
+    check_keys(data, keys, str(path))
     gen = data.pop("generative", None)
     gen_base = path.resolve().parent
     if isinstance(gen, str):

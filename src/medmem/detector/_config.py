@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
-from difflib import get_close_matches
 from typing import Any
 
 import numpy as np
 
 from medmem._errors import InputError
-from medmem._validation import check_choice, check_in_range, check_positive_int
+from medmem._validation import check_choice, check_in_range, check_keys, check_positive_int
 from medmem.detector._variations import VariationConfig
 
 ARCHS = ("resnet", "conv")
@@ -26,20 +25,6 @@ _DIM_DEFAULTS: dict[int, dict[str, Any]] = {
     2: {"arch": "resnet", "embed_dim": 128, "batch_size": 64},
     3: {"arch": "conv", "embed_dim": 32, "batch_size": 10},
 }
-
-
-def _check_keys(data: Any, allowed: Iterable[str], where: str) -> None:
-    """Raise on keys not in ``allowed``, suggesting the closest spelling."""
-    if not isinstance(data, dict):
-        raise InputError(f"{where}: expected a mapping of settings, got {type(data).__name__}.")
-    allowed = list(allowed)
-    for key in data:
-        if key not in allowed:
-            close = get_close_matches(str(key), allowed, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise InputError(
-                f"{where}: unknown setting {key!r}.{hint} Known settings: {sorted(allowed)}."
-            )
 
 
 def conv_downsamplings(image_size: Iterable[int]) -> tuple[int, ...]:
@@ -226,7 +211,7 @@ class DetectorConfig:
 
     def replace(self, **changes: Any) -> DetectorConfig:
         """A copy with ``changes`` applied (unknown names fail with a did-you-mean)."""
-        _check_keys(changes, [f.name for f in fields(self)], "DetectorConfig")
+        check_keys(changes, [f.name for f in fields(self)], "DetectorConfig")
         new_dims = changes.get("spatial_dims", self.spatial_dims)
         if new_dims != self.spatial_dims:
             # Fields still at the old dimension's default follow the new dimension's.
@@ -250,7 +235,7 @@ class DetectorConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DetectorConfig:
         """Build from a dict (e.g. parsed JSON/YAML); unknown keys fail with a did-you-mean."""
-        _check_keys(data, [f.name for f in fields(cls)], "DetectorConfig")
+        check_keys(data, [f.name for f in fields(cls)], "DetectorConfig")
         kwargs = dict(data)
         for name in ("image_size", "resnet_layers", "resnet_channels"):
             if isinstance(kwargs.get(name), list):

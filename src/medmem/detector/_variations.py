@@ -109,9 +109,9 @@ class VariationConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VariationConfig:
         """Inverse of :meth:`to_dict`; unknown keys fail with a did-you-mean."""
-        from medmem.detector._config import _check_keys
+        from medmem._validation import check_keys
 
-        _check_keys(data, [f.name for f in fields(cls)], "variations")
+        check_keys(data, [f.name for f in fields(cls)], "variations")
         return cls(**{k: _tuple_or(v) for k, v in data.items()})
 
 

@@ -13,17 +13,15 @@ Unknown keys fail with a did-you-mean at every level; values are checked in
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medmem._errors import InputError
 from medmem._io import read_yaml_mapping, resolve_paths
+from medmem._section import ConfigSection
 from medmem._validation import check_choice, check_in_range, check_positive_int
-from medmem.detector._config import _check_keys
 
 MODEL_KINDS = ("ldm", "vae", "gan")
 AUTOENCODER_KINDS = ("kl", "vq")
@@ -67,50 +65,8 @@ def _check_groups(channels: tuple[int, ...], groups: int, name: str) -> None:
         )
 
 
-class _Section:
-    """Shared to_dict/from_dict/replace for the config dataclasses."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/YAML-able dict; ``from_dict`` gives back an equal config."""
-        out: dict[str, Any] = {}
-        for f in fields(self):  # type: ignore[arg-type]
-            v = getattr(self, f.name)
-            if isinstance(v, _Section):
-                v = v.to_dict()
-            elif isinstance(v, tuple):
-                v = list(v)
-            out[f.name] = v
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str | None = None) -> Any:
-        """Build from a (nested) dict; unknown keys fail with a did-you-mean."""
-        where = where or cls.__name__
-        if data is None:
-            data = {}
-        _check_keys(data, [f.name for f in fields(cls)], where)  # type: ignore[arg-type]
-        hints = typing.get_type_hints(cls)
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            hint = hints[key]
-            if isinstance(hint, type) and issubclass(hint, _Section):
-                value = hint.from_dict(value, f"{where}.{key}")
-            elif isinstance(value, list):
-                value = tuple(value)
-            kwargs[key] = value
-        try:
-            return cls(**kwargs)
-        except TypeError as exc:  # pragma: no cover - defensive
-            raise InputError(f"{where}: {exc}") from exc
-
-    def replace(self, **changes: Any) -> Any:
-        """A copy with ``changes`` applied (unknown names fail with a did-you-mean)."""
-        _check_keys(changes, [f.name for f in fields(self)], type(self).__name__)  # type: ignore[arg-type]
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
-
-
 @dataclass(frozen=True)
-class DataConfig(_Section):
+class DataConfig(ConfigSection):
     """Where the training (and validation) images come from.
 
     Args:
@@ -161,7 +117,7 @@ class DataConfig(_Section):
 
 
 @dataclass(frozen=True)
-class AutoencoderConfig(_Section):
+class AutoencoderConfig(ConfigSection):
     """First stage of the LDM (and the VAE baseline): MONAI AutoencoderKL or VQVAE.
 
     Losses follow the MONAI generative tutorials: L1 reconstruction + ``kl_weight`` * KL
@@ -242,7 +198,7 @@ class AutoencoderConfig(_Section):
 
 
 @dataclass(frozen=True)
-class DiffusionConfig(_Section):
+class DiffusionConfig(ConfigSection):
     """Second stage of the LDM: MONAI DiffusionModelUNet on scaled latents, DDPM training.
 
     The latents are multiplied by ``scale_factor = 1 / std(latents)`` (estimated on up to
@@ -302,7 +258,7 @@ class DiffusionConfig(_Section):
 
 
 @dataclass(frozen=True)
-class GANConfig(_Section):
+class GANConfig(ConfigSection):
     """The GAN baseline: DCGAN-style generator (latent -> 4^d -> doublings) and a
     MONAI PatchDiscriminator, least-squares adversarial loss.
 
@@ -333,7 +289,7 @@ class GANConfig(_Section):
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Section):
+class TrainConfig(ConfigSection):
     """Settings of the one training loop shared by all models.
 
     Args:
@@ -383,7 +339,7 @@ class TrainConfig(_Section):
 
 
 @dataclass(frozen=True)
-class SamplingConfig(_Section):
+class SamplingConfig(ConfigSection):
     """Default sampler of a saved LDM (``medmem generate sample`` may override them).
 
     Args:
@@ -403,7 +359,7 @@ class SamplingConfig(_Section):
 
 
 @dataclass(frozen=True)
-class TrackingConfig(_Section):
+class TrackingConfig(ConfigSection):
     """Memorization tracked during training (the paper's Fig. 8).
 
     At each iteration in ``at`` (or every ``every`` iterations) of the last training stage,
@@ -458,7 +414,7 @@ class TrackingConfig(_Section):
 
 
 @dataclass(frozen=True)
-class GenerativeConfig(_Section):
+class GenerativeConfig(ConfigSection):
     """All settings of one generative model and its training run.
 
     Args:

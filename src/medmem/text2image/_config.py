@@ -11,15 +11,15 @@ from pathlib import Path
 
 from medmem._errors import InputError
 from medmem._io import read_yaml_mapping, resolve_paths
+from medmem._section import ConfigSection
 from medmem._validation import check_choice, check_in_range, check_positive_int
 from medmem.generative import DiffusionConfig, SamplingConfig
-from medmem.generative._config import _Section
 
 MARKER_MODES = ("keep", "remove", "neutral", "random")
 
 
 @dataclass(frozen=True)
-class TextConfig(_Section):
+class TextConfig(ConfigSection):
     """The frozen text encoder and the caption treatment in training.
 
     Args:
@@ -55,7 +55,7 @@ class TextConfig(_Section):
 
 
 @dataclass(frozen=True)
-class Text2ImageTrainConfig(_Section):
+class Text2ImageTrainConfig(ConfigSection):
     """Training loop settings.
 
     Args:
@@ -75,7 +75,7 @@ class Text2ImageTrainConfig(_Section):
 
 
 @dataclass(frozen=True)
-class Text2ImageConfig(_Section):
+class Text2ImageConfig(ConfigSection):
     """All settings of one text-to-image LDM.
 
     Args:

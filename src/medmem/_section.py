@@ -1,0 +1,54 @@
+"""``ConfigSection``: to_dict/from_dict/replace for frozen config dataclasses, shared by the
+generative and text-to-image configs (unknown keys fail with a did-you-mean)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import fields
+from typing import Any
+
+from medmem._errors import InputError
+from medmem._validation import check_keys
+
+
+class ConfigSection:
+    """Shared to_dict/from_dict/replace for the config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-able dict; ``from_dict`` gives back an equal config."""
+        out: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if isinstance(v, ConfigSection):
+                v = v.to_dict()
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str | None = None) -> Any:
+        """Build from a (nested) dict; unknown keys fail with a did-you-mean."""
+        where = where or cls.__name__
+        if data is None:
+            data = {}
+        check_keys(data, [f.name for f in fields(cls)], where)  # type: ignore[arg-type]
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            hint = hints[key]
+            if isinstance(hint, type) and issubclass(hint, ConfigSection):
+                value = hint.from_dict(value, f"{where}.{key}")
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[key] = value
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # pragma: no cover - defensive
+            raise InputError(f"{where}: {exc}") from exc
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with ``changes`` applied (unknown names fail with a did-you-mean)."""
+        check_keys(changes, [f.name for f in fields(self)], type(self).__name__)  # type: ignore[arg-type]
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
