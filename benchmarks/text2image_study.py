@@ -73,6 +73,8 @@ STAGES = (
     "mitigations",
     "fix_t2i",
     "fix_eval",
+    "variants",
+    "variants_eval",
     "unconditional",
     "labels",
     "report",
@@ -190,6 +192,39 @@ def stage_fix_t2i(cfg: dict, out: Path) -> None:
     result = train_t2i(c, run, resume=(run / "checkpoint.safetensors").exists())
     if not result.finished:
         raise SystemExit("training of the fixed model stopped early; run again to resume.")
+
+
+def variant_config(cfg: dict, out: Path, name: str) -> Any:
+    """``model_config`` with the overrides of ``variants.<name>`` (nested mappings)."""
+    base = model_config(cfg, out).to_dict()
+
+    def merge(into: dict, over: dict) -> dict:
+        for k, v in over.items():
+            into[k] = merge(dict(into.get(k) or {}), v) if isinstance(v, dict) else v
+        return into
+
+    return type(model_config(cfg, out)).from_dict(merge(base, cfg["variants"][name]), name)
+
+
+def stage_variants(cfg: dict, out: Path, only: list[str] | None = None) -> None:
+    """Train every model of ``variants`` (or those named in ``only``) into t2i-<name>."""
+    for name in only or list(cfg["variants"]):
+        run = out / f"t2i-{name}"
+        if (run / "model").exists():
+            continue
+        t0 = time.perf_counter()
+        result = train_t2i(
+            variant_config(cfg, out, name), run, resume=(run / "checkpoint.safetensors").exists()
+        )
+        if not result.finished:
+            raise SystemExit(f"training of variant {name} stopped early; run again to resume.")
+        atomic_write_json(
+            run / "timing.json",
+            {
+                "seconds_last_call": round(time.perf_counter() - t0, 1),
+                "seconds_per_iteration_last_call": result.seconds_per_iteration,
+            },
+        )
 
 
 def _copy_flags(images: torch.Tensor, sel: pd.DataFrame, out: Path, seed: int) -> dict:
@@ -807,6 +842,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}"
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        help="with --stages variants: train only this variant (repeatable; one process per "
+        "variant can run side by side)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = yaml.safe_load(args.config.read_text(encoding="utf-8"))
@@ -827,6 +868,9 @@ def main(argv: list[str] | None = None) -> None:
             log.info("stage %s: done already (%s)", stage, target)
             continue
         log.info("stage %s: start", stage)
+        if stage == "variants" and args.variant:  # a subset: no done marker, own timing files
+            stage_variants(cfg, out, only=args.variant)
+            continue
         t0 = time.perf_counter()
         globals()[f"stage_{stage}"](cfg, out)
         if stage not in done_marker and stage != "report":

@@ -89,7 +89,7 @@ def test_prompts_train_score_mitigate(tmp_path: Path) -> None:
         "flagged",
     } <= set(ranked.columns)
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["detection"]) == {"d_first", "d_mean", "entropy_first"}
+    assert set(summary["detection"]) == {"d_first", "d_mean", "d_mid", "entropy_first"}
     tokens = pd.read_csv(out / "tokens-per-prompt.csv")
     assert set(tokens["prompt_id"]) == {0, 2}
     page = (out / "report.html").read_text()

@@ -15,6 +15,7 @@ from medmem.generative import GenerativeConfig, GenerativeModel
 from medmem.generative._networks import networks_for_sampling
 from medmem.text2image import (
     MARKER_GROUP,
+    MID_WINDOW,
     MITIGATIONS,
     Mitigation,
     Text2ImageConfig,
@@ -32,6 +33,8 @@ from medmem.text2image import (
     treat_markers,
     words_of,
 )
+from medmem.text2image._scores import mid_steps
+from medmem.text2image._train import HighDFilter
 
 WORDS = [
     "no",
@@ -168,7 +171,9 @@ def test_generate_scores_have_right_shapes(tiny: TextToImageModel) -> None:
     assert torch.isfinite(gen.d).all() and (gen.entropy > 0).all()
     assert (gen.entropy <= np.log(12) + 1e-5).all()
     scores = gen.scores()
-    assert set(scores) == {"d_first", "d_mean", "entropy_first"}
+    assert set(scores) == {"d_first", "d_mean", "d_mid", "entropy_first"}
+    mid = mid_steps(gen.timesteps, gen.num_train_timesteps)
+    np.testing.assert_allclose(scores["d_mid"], gen.d[:, :, mid].mean((1, 2)).numpy())
     assert all(v.shape == (4,) for v in scores.values())
     again = generate(tiny, cond, n_per_prompt=2, seed=1, batch_size=8, quiet=True)
     torch.testing.assert_close(gen.d, again.d)  # batching does not change the scores
@@ -261,6 +266,50 @@ def test_markers_training_fix_trains(tmp_path: Path) -> None:
         cfg.replace(diffusion=cfg.diffusion.replace(iterations=2)), tmp_path / "run", quiet=True
     )
     assert result.finished and (tmp_path / "run" / "model" / "unet.safetensors").is_file()
+
+
+def test_mid_steps_follow_the_window() -> None:
+    ddim25 = list(range(999, -1, -41))[:25]  # 999, 958, ..., 15
+    idx = mid_steps(ddim25, 1000)
+    assert idx and all(MID_WINDOW[0] <= ddim25[i] / 1000 <= MID_WINDOW[1] for i in idx)
+    assert mid_steps([20, 14, 0], 20) == [1]  # none inside: the closest step (0.7)
+
+
+def test_high_d_filter_drops_above_the_running_median_of_its_timestep() -> None:
+    f = HighDFilter(2.0, 100)
+    low = torch.full((40,), 1.0)
+    keep = f.keep(low, torch.full((40,), 5), conditioned=torch.ones(40, dtype=bool), active=True)
+    assert keep.all()  # the bin's median is not trusted before 32 values
+    d = torch.tensor([3.0, 1.5, 3.0, 100.0])
+    t = torch.tensor([5, 5, 95, 5])
+    cond = torch.tensor([True, True, True, False])
+    keep = f.keep(d, t, conditioned=cond, active=True)
+    assert keep.tolist() == [False, True, True, True]  # other bin empty; unconditioned kept
+    f.count(torch.tensor([0, 1, 1, 2]), keep, n_rows=3)
+    assert f.seen == [1, 2, 1] and f.dropped == [1, 0, 0]
+    assert len(f.history[0]) == 42 and len(f.history[9]) == 1
+
+
+def test_drop_high_d_training_drops_samples_and_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(HighDFilter, "min_history", 1)
+    cfg = tiny_config(tmp_path, caption_dropout=0.0, caption_replacement=0.25)
+    cfg = cfg.replace(
+        diffusion=cfg.diffusion.replace(iterations=8),
+        train=cfg.train.replace(drop_high_d=1.0, drop_warmup=2),
+    )
+    whole = train_t2i(cfg, tmp_path / "whole", quiet=True)
+    train_t2i(cfg, tmp_path / "split", stop_after=5, quiet=True)
+    split = train_t2i(cfg, tmp_path / "split", resume=True, quiet=True)
+    drops = pd.read_csv(tmp_path / "whole" / "drops.csv")
+    assert drops["seen"].sum() == 8 * 4 and drops["dropped"].sum() > 0
+    losses = pd.read_csv(tmp_path / "whole" / "losses.csv")
+    assert (losses.loc[losses["iteration"] <= 2, "dropped"] == 0).all()  # warm-up
+    assert losses["dropped"].max() > 0
+    pd.testing.assert_frame_equal(drops, pd.read_csv(tmp_path / "split" / "drops.csv"))
+    for k, v in whole.model.unet.state_dict().items():
+        torch.testing.assert_close(v, split.model.unet.state_dict()[k])
 
 
 def test_default_encoder_is_bundled_minilm() -> None:

@@ -51,6 +51,7 @@ from medmem.text2image._mitigations import (
 )
 from medmem.text2image._model import AttentionControl, TextToImageModel, build_conditional_unet
 from medmem.text2image._scores import (
+    MID_WINDOW,
     SCORES,
     Generation,
     detection,
@@ -69,6 +70,7 @@ __all__ = [
     "MARKER_MODES",
     "MARKER_RE",
     "MITIGATIONS",
+    "MID_WINDOW",
     "SCORES",
     "AttentionControl",
     "EncodedText",

@@ -34,8 +34,11 @@ class TextConfig(ConfigSection):
             variants with fresh random words (encoded once); every draw picks one at
             random.
         neutral_word: the word of ``markers: neutral``.
-        caption_replacement: probability of replacing a training caption by a random other
-            caption of the training set (training-time mitigation, Somepalli et al.).
+        caption_replacement: probability of replacing a training caption by a random
+            sequence of vocabulary words (training-time mitigation "random caption
+            replacement", Somepalli et al., NeurIPS 2023). The random captions come from a
+            seeded pool of ``random_variants`` x 16 sequences, encoded once, whose lengths
+            follow the training captions' word counts.
     """
 
     encoder: str | None = None
@@ -62,14 +65,26 @@ class Text2ImageTrainConfig(ConfigSection):
         seed: seeds initialisation, batches, caption dropout and noise.
         checkpoint_every: checkpoint every N iterations (resume exactly).
         log_every: a losses.csv row every N iterations.
+        drop_high_d: training-time mitigation of Wen et al. (ICLR 2024): leave out of the
+            loss every sample whose d_t = ||eps(x_t, c) - eps(x_t, empty)||_2 exceeds
+            ``drop_high_d`` times the running median of d_t at similar timesteps (10 bins
+            of t, the last 256 values each). 0 = off. Wen et al. use a fixed threshold
+            tuned per model; a multiple of the median is scale-free, and per-timestep
+            because d_t's scale depends strongly on t.
+        drop_warmup: iterations before samples are dropped (the medians fill meanwhile).
     """
 
     seed: int = 0
     checkpoint_every: int = 250
     log_every: int = 25
+    drop_high_d: float = 0.0
+    drop_warmup: int = 1000
 
     def __post_init__(self) -> None:
         check_positive_int(self.seed, "train.seed", minimum=0)
+        if self.drop_high_d != 0.0:
+            check_in_range(self.drop_high_d, "train.drop_high_d", 1.0, 100.0)
+        check_positive_int(self.drop_warmup, "train.drop_warmup", minimum=0)
         check_positive_int(self.checkpoint_every, "train.checkpoint_every")
         check_positive_int(self.log_every, "train.log_every")
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from medmem._errors import InputError, OutputExistsError
 from medmem._io import atomic_save, atomic_write_json
@@ -187,6 +186,17 @@ def train_t2i(
                 for _ in range(tc.random_variants)
             ]
         )  # (variants, n_captions, L, d)
+    replacements = None
+    if tc.caption_replacement > 0:  # a seeded pool of random word sequences, encoded once
+        vocab = enc.vocab_words()
+        rng1 = random.Random(derive_seed(config.train.seed, 3))
+        lengths = [len(c.split()) or 1 for c in distinct]
+        replacements = enc.encode(
+            [
+                " ".join(rng1.choice(vocab) for _ in range(rng1.choice(lengths)))
+                for _ in range(16 * tc.random_variants)
+            ]
+        ).states
 
     unet = model.unet.train()
     opt = torch.optim.Adam(unet.parameters(), lr=config.diffusion.lr)
@@ -211,6 +221,15 @@ def train_t2i(
     n = len(pairs.paths)
     bs = config.diffusion.batch_size
     rows = _read_losses(out / "losses.csv", start)
+    dropper = None
+    warmup = config.train.drop_warmup
+    if config.train.drop_high_d > 0:
+        state = found[0].get("drop_filter", {}) if found is not None else {}
+        dropper = HighDFilter(
+            config.train.drop_high_d, scheduler.num_train_timesteps, history=state.get("d_history")
+        )
+        dropper.seen, dropper.dropped = state.get("seen", []), state.get("dropped", [])
+    n_dropped = n_seen = 0
     bar = progress(None, desc="training text-to-image LDM", total=total - start, quiet=quiet)
     t0 = time.perf_counter()
     done = 0
@@ -223,10 +242,10 @@ def train_t2i(
         if variants is not None:
             pick = torch.randint(0, variants.shape[0], (len(idx),), generator=gen)
             ctx = variants[pick, cap_of[idx]].clone()
-        if tc.caption_replacement > 0:
+        if replacements is not None:
             swap = torch.rand(len(idx), generator=gen) < tc.caption_replacement
-            other = torch.randint(0, len(distinct), (len(idx),), generator=gen)
-            ctx[swap] = encoded.states[other[swap]]
+            other = torch.randint(0, len(replacements), (len(idx),), generator=gen)
+            ctx[swap] = replacements[other[swap]]
         drop = torch.rand(len(idx), generator=gen) < tc.caption_dropout
         ctx[drop] = model.empty.states[0]
         noise = torch.randn(z.shape, generator=gen)
@@ -238,7 +257,17 @@ def train_t2i(
             if config.diffusion.prediction_type == "epsilon"
             else (scheduler.get_velocity(z, noise, t))
         )
-        loss = F.mse_loss(pred.float(), target)
+        per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
+        if dropper is not None:
+            with torch.no_grad():
+                empty = model.empty.states.expand(len(idx), -1, -1)
+                d = (pred.detach() - unet(noisy, timesteps=t, context=empty)).flatten(1)
+            keep = dropper.keep(d.norm(dim=1), t, conditioned=~drop, active=it >= warmup)
+            dropper.count(idx, keep, n)
+            n_dropped += int((~keep).sum())
+            per_sample = per_sample[keep]
+        n_seen += len(idx)
+        loss = per_sample.mean() if len(per_sample) else pred.sum() * 0.0
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -246,14 +275,21 @@ def train_t2i(
         done += 1
         bar.update(1)
         if it % config.train.log_every == 0 or it == total:
-            rows.append({"iteration": it, "loss": float(loss.item())})
+            rows.append(
+                {
+                    "iteration": it,
+                    "loss": float(loss.item()),
+                    "dropped": n_dropped / max(n_seen, 1),
+                }
+            )
+            n_dropped = n_seen = 0
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if it % config.train.checkpoint_every == 0 or it == total:
-            _checkpoint(out, unet, opt, it, scale, config, n)
+            _checkpoint(out, unet, opt, it, scale, config, n, dropper)
             _write_losses(out / "losses.csv", rows)
     bar.close()
     if done:
-        _checkpoint(out, unet, opt, it, scale, config, n)
+        _checkpoint(out, unet, opt, it, scale, config, n, dropper)
         _write_losses(out / "losses.csv", rows)
     spi = (time.perf_counter() - t0) / max(done, 1)
     unet.eval()
@@ -271,15 +307,79 @@ def train_t2i(
     return T2ITrainResult(out, model, True, spi)
 
 
+class HighDFilter:
+    """Which samples of a batch to keep under ``train.drop_high_d`` (Wen et al., ICLR 2024).
+
+    A sample is dropped when its d_t exceeds ``factor`` times the running median of d_t in
+    its timestep bin (10 bins; the last ``window`` conditioned samples of each). Samples
+    trained with the empty caption have no d_t and are always kept.
+    """
+
+    n_bins = 10
+    min_history = 32  # values a bin needs before its median is trusted
+
+    def __init__(
+        self,
+        factor: float,
+        num_train_timesteps: int,
+        *,
+        window: int = 256,
+        history: list[list[float]] | None = None,
+    ) -> None:
+        self.factor = factor
+        self.num_train_timesteps = num_train_timesteps
+        self.window = window
+        self.history: list[list[float]] = (
+            [list(h) for h in history] if history else [[] for _ in range(self.n_bins)]
+        )
+        self.seen: list[int] = []
+        self.dropped: list[int] = []
+
+    def count(self, rows: torch.Tensor, keep: torch.Tensor, n_rows: int) -> None:
+        """Tally, per training row, how often it was drawn and how often dropped."""
+        if not self.seen:
+            self.seen, self.dropped = [0] * n_rows, [0] * n_rows
+        for r, k in zip(rows.tolist(), keep.tolist(), strict=True):
+            self.seen[r] += 1
+            self.dropped[r] += int(not k)
+
+    def state(self) -> dict[str, Any]:
+        return {"d_history": self.history, "seen": self.seen, "dropped": self.dropped}
+
+    def keep(
+        self, d: torch.Tensor, t: torch.Tensor, *, conditioned: torch.Tensor, active: bool
+    ) -> torch.Tensor:
+        """Boolean mask of the samples to keep; records the conditioned samples' d_t."""
+        bins = (t * self.n_bins // self.num_train_timesteps).clamp(max=self.n_bins - 1)
+        keep = torch.ones(len(d), dtype=torch.bool)
+        for i in range(len(d)):
+            if not conditioned[i]:
+                continue
+            h = self.history[int(bins[i])]
+            if active and len(h) >= self.min_history:
+                keep[i] = float(d[i]) <= self.factor * float(torch.tensor(h).median())
+            h.append(float(d[i]))
+            del h[: max(0, len(h) - self.window)]
+        return keep
+
+
 def _checkpoint(
-    out: Path, unet: Any, opt: Any, it: int, scale: float, config: Text2ImageConfig, n: int
+    out: Path,
+    unet: Any,
+    opt: Any,
+    it: int,
+    scale: float,
+    config: Text2ImageConfig,
+    n: int,
+    dropper: HighDFilter | None = None,
 ) -> None:
-    save_checkpoint(
-        out,
-        networks={"unet": unet},
-        optimizers={"unet": opt},
-        info={"iteration": it, "scale_factor": scale, "identity": _identity(config), "n_pairs": n},
-    )
+    info = {"iteration": it, "scale_factor": scale, "identity": _identity(config), "n_pairs": n}
+    if dropper is not None:
+        info["drop_filter"] = dropper.state()
+        frame = pd.DataFrame({"seen": dropper.seen, "dropped": dropper.dropped})
+        frame.index.name = "row"
+        atomic_save(out / "drops.csv", lambda tmp: frame.to_csv(tmp))
+    save_checkpoint(out, networks={"unet": unet}, optimizers={"unet": opt}, info=info)
 
 
 def _read_losses(path: Path, upto: int) -> list[dict[str, Any]]:
@@ -290,8 +390,8 @@ def _read_losses(path: Path, upto: int) -> list[dict[str, Any]]:
 
 
 def _write_losses(path: Path, rows: list[dict[str, Any]]) -> None:
-    frame = pd.DataFrame(rows, columns=["iteration", "loss"])
+    frame = pd.DataFrame(rows, columns=["iteration", "loss", "dropped"])
     atomic_save(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-__all__ = ["Pairs", "T2ITrainResult", "read_pairs", "train_t2i", "treat_markers"]
+__all__ = ["HighDFilter", "Pairs", "T2ITrainResult", "read_pairs", "train_t2i", "treat_markers"]
