@@ -43,6 +43,7 @@ from medmem.text2image import (  # noqa: E402
     MARKER_GROUP,
     MARKER_RE,
     MITIGATIONS,
+    SCORES,
     Mitigation,
     TextToImageModel,
     detection,
@@ -443,7 +444,7 @@ def detection_table(prompts: pd.DataFrame) -> dict[str, Any]:
         ("unseen", prompts["group"] == "unseen"),
         ("single+unseen", prompts["group"] != "duplicated"),
     ):
-        for score in ("d_first", "d_mean", "entropy_first"):
+        for score in [s for s in SCORES if s in prompts.columns]:
             out[f"{score} | duplicated vs {neg_name}"] = detection(
                 prompts.loc[dup, score].to_numpy(), prompts.loc[neg, score].to_numpy()
             )
@@ -544,28 +545,73 @@ def stage_detector(cfg: dict, out: Path) -> None:
     det.save(out / "detector")
 
 
+def _mitigation_selection(cfg: dict, out: Path) -> pd.DataFrame:
+    """The prompts of the mitigation runs: the duplicated ones and the first single ones."""
+    prompts = pd.read_csv(out / "prompts-scored.csv")
+    return pd.concat(
+        [
+            prompts[prompts["group"] == "duplicated"],
+            prompts[prompts["group"] == "single"].head(cfg["eval"]["mitigation_single"]),
+        ]
+    )
+
+
+class ImageJudge:
+    """Copies, own copies, FID in the detector's feature space and prompt faithfulness of
+    the images generated for the mitigation prompts (one row of the mitigation table)."""
+
+    def __init__(self, cfg: dict, out: Path, model: TextToImageModel) -> None:
+        self.cfg, self.out = cfg, out
+        train_ds, _, pairs = _datasets(out)
+        self.det = medmem.Detector.load(out / "detector")
+        self.train_feat = metrics.extract_features(train_ds, self.det, quiet=True)
+        self.sel = _mitigation_selection(cfg, out)
+        paths = [str(Path(p).resolve()) for p in pairs["path"]]
+        self.finding_of = dict(zip(paths, pairs["finding"], strict=True))
+        self.caption_of = dict(zip(paths, pairs["text"], strict=True))
+        self.encoder = model.encoder
+        self.prompt_emb = model.encoder.sentence_embedding(self.sel["text"].tolist())
+
+    def row(self, images: torch.Tensor, scores: dict[str, np.ndarray]) -> dict[str, Any]:
+        """``images`` (P, G, 1, H, W) and per-prompt ``scores`` of the selected prompts."""
+        sel = self.sel
+        P, G = images.shape[:2]
+        flags = _copy_flags(images, sel, self.out, self.cfg["seed"])
+        near, copy, own_copy = flags["nearest"], flags["copy"], flags["own_copy"]
+        prompt_idx = np.repeat(np.arange(P), G)
+        syn_feat = metrics.extract_features(flags["synthetic"], self.det, quiet=True)
+        fid = metrics.fid(self.train_feat, syn_feat)
+        agree = (
+            np.array([self.finding_of[n] for n in near]) == sel["finding"].to_numpy()[prompt_idx]
+        )
+        cap_emb = self.encoder.sentence_embedding([self.caption_of[n] for n in near])
+        cosine = (cap_emb * self.prompt_emb[prompt_idx]).sum(1).numpy()
+        dup = sel["group"].to_numpy()[prompt_idx] == "duplicated"
+        pdup = sel["group"].to_numpy() == "duplicated"
+        return {
+            "d_first_duplicated": float(scores["d_first"][pdup].mean()),
+            "d_first_single": float(scores["d_first"][~pdup].mean()),
+            "d_mean_duplicated": float(scores["d_mean"][pdup].mean()),
+            "auroc_d_first": detection(scores["d_first"][pdup], scores["d_first"][~pdup])["auroc"],
+            "copies_duplicated": float(copy[dup].mean()),
+            "own_copies_duplicated": float(own_copy[dup].mean()),
+            "copies_single": float(copy[~dup].mean()),
+            "own_copies_single": float(own_copy[~dup].mean()),
+            "fid_detector": float(fid),
+            "finding_agreement": float(agree.mean()),
+            "caption_cosine": float(cosine.mean()),
+            "tau": flags["tau"],
+            "n_images": int(P * G),
+        }
+
+
 def stage_mitigations(cfg: dict, out: Path) -> None:
     """Each inference-time mitigation on the duplicated and some single prompts: d_t, image
     copies (medmem.audit), FID in the detector's feature space, prompt faithfulness."""
     ev = cfg["eval"]
     model, _, _ = _load(out)
-    train_ds, _, pairs = _datasets(out)
-    det = medmem.Detector.load(out / "detector")
-    train_feat = metrics.extract_features(train_ds, det, quiet=True)
-    prompts = pd.read_csv(out / "prompts-scored.csv")
-    sel = pd.concat(
-        [
-            prompts[prompts["group"] == "duplicated"],
-            prompts[prompts["group"] == "single"].head(ev["mitigation_single"]),
-        ]
-    )
-    texts = sel["text"].tolist()
-    path_of_id = dict(
-        zip(train_ds.ids, [str(Path(p).resolve()) for p in pairs["path"]], strict=True)
-    )
-    finding_of = dict(zip(path_of_id.values(), pairs["finding"], strict=True))
-    caption_of = dict(zip(path_of_id.values(), pairs["text"], strict=True))
-    prompt_emb = model.encoder.sentence_embedding(texts)
+    judge = ImageJudge(cfg, out, model)
+    texts = judge.sel["text"].tolist()
     rows = []
     for kind in MITIGATIONS:
         t0 = time.perf_counter()
@@ -578,34 +624,10 @@ def stage_mitigations(cfg: dict, out: Path) -> None:
             batch_size=ev["batch_size"],
         )
         seconds = time.perf_counter() - t0
-        P, G = gen.d.shape[:2]
-        flags = _copy_flags(gen.images, sel, out, cfg["seed"])
-        syn, near = flags["synthetic"], flags["nearest"]
-        copy, own_copy = flags["copy"], flags["own_copy"]
-        prompt_idx = np.repeat(np.arange(P), G)
-        fid = metrics.fid(train_feat, metrics.extract_features(syn, det, quiet=True))
-        agree = np.array([finding_of[n] for n in near]) == sel["finding"].to_numpy()[prompt_idx]
-        cap_emb = model.encoder.sentence_embedding([caption_of[n] for n in near])
-        cosine = (cap_emb * prompt_emb[prompt_idx]).sum(1).numpy()
-        dup = sel["group"].to_numpy()[prompt_idx] == "duplicated"
-        sc = gen.scores()
-        pdup = sel["group"].to_numpy() == "duplicated"
         rows.append(
             {
                 "mitigation": Mitigation(kind).label,
-                "d_first_duplicated": float(sc["d_first"][pdup].mean()),
-                "d_first_single": float(sc["d_first"][~pdup].mean()),
-                "d_mean_duplicated": float(sc["d_mean"][pdup].mean()),
-                "auroc_d_first": detection(sc["d_first"][pdup], sc["d_first"][~pdup])["auroc"],
-                "copies_duplicated": float(copy[dup].mean()),
-                "own_copies_duplicated": float(own_copy[dup].mean()),
-                "copies_single": float(copy[~dup].mean()),
-                "own_copies_single": float(own_copy[~dup].mean()),
-                "fid_detector": float(fid),
-                "finding_agreement": float(agree.mean()),
-                "caption_cosine": float(cosine.mean()),
-                "tau": flags["tau"],
-                "n_images": int(P * G),
+                **judge.row(gen.images, gen.scores()),
                 "seconds": round(seconds, 1),
             }
         )
@@ -615,8 +637,81 @@ def stage_mitigations(cfg: dict, out: Path) -> None:
             save_tensors(
                 out / "mitigation-none-images.safetensors",
                 {"images": gen.images.contiguous()},
-                {"texts_group": list(sel["group"])},
+                {"texts_group": list(judge.sel["group"])},
             )
+
+
+def _models(cfg: dict, out: Path) -> dict[str, Path]:
+    """Every trained text-to-image model of the study, by name."""
+    models = {"original": out / "t2i", "markers_random": out / "t2i-fix"}
+    models.update({name: out / f"t2i-{name}" for name in cfg.get("variants", {})})
+    return models
+
+
+def stage_variants_eval(cfg: dict, out: Path) -> None:
+    """Every model on the same prompts and noises: detection of the duplicated prompts by
+    each score (d_mid fixed from the original model, tested on the others), per-step
+    AUROC, and the mitigation-table row of its images (training-time mitigations)."""
+    ev = cfg["eval"]
+    prompts = evaluated_prompts(cfg, out)
+    scored = pd.read_csv(out / "prompts-scored.csv")
+    if not scored["text"].equals(prompts["text"]):
+        raise SystemExit("prompts-scored.csv does not match the evaluated prompts; rerun scores.")
+    groups = prompts["group"].to_numpy()
+    sel_rows = torch.tensor(_mitigation_selection(cfg, out).index.to_numpy().copy())
+    rows, per_step = [], {}
+    judge = None
+    for name, run in _models(cfg, out).items():
+        if not (run / "model").exists():
+            log.info("variants_eval: %s not trained yet, skipped", name)
+            continue
+        model = TextToImageModel.load(run / "model")
+        judge = judge or ImageJudge(cfg, out, model)
+        t0 = time.perf_counter()
+        gen = generate(
+            model,
+            model.encode_prompts(prompts["text"].tolist()),
+            n_per_prompt=ev["n_per_prompt"],
+            seed=cfg["seed"],
+            batch_size=ev["batch_size"],
+            quiet=True,
+        )
+        seconds = time.perf_counter() - t0
+        sc = gen.scores()
+        write_table(prompts.assign(**sc), out / f"variant-{name}-prompts-scored.csv")
+        det = {}
+        for score in SCORES:
+            for neg in ("single", "unseen"):
+                r = detection(sc[score][groups == "duplicated"], sc[score][groups == neg])
+                det[f"auroc_{score}_vs_{neg}"] = r["auroc"]
+                det[f"tpr1_{score}_vs_{neg}"] = r["tpr_at_1pct_fpr"]
+        d_steps = gen.d.mean(1).numpy()
+        per_step[name] = {
+            neg: [
+                detection(d_steps[groups == "duplicated", k], d_steps[groups == neg, k])["auroc"]
+                for k in range(d_steps.shape[1])
+            ]
+            for neg in ("single", "unseen")
+        }
+        per_step["timesteps"] = gen.timesteps
+        sel_scores = {k: v[sel_rows.numpy()] for k, v in sc.items()}
+        row = {"model": name, **det, **judge.row(gen.images[sel_rows], sel_scores)}
+        drops = run / "drops.csv"
+        if drops.exists():  # drop_high_d: which training rows the filter kept out
+            d = pd.read_csv(drops)
+            pairs = pd.read_csv(out / "pairs.csv")
+            repeated = pairs.duplicated(["path", "text"], keep=False).to_numpy()
+            row["dropped_share_duplicated_rows"] = float(
+                d["dropped"][repeated].sum() / d["seen"][repeated].sum()
+            )
+            row["dropped_share_single_rows"] = float(
+                d["dropped"][~repeated].sum() / d["seen"][~repeated].sum()
+            )
+        row["seconds_scoring"] = round(seconds, 1)
+        rows.append(row)
+        log.info("variants_eval %s: %s", name, row)
+        write_table(pd.DataFrame(rows), out / "variants.csv")
+        atomic_write_json(out / "variants-per-step.json", per_step)
 
 
 def stage_report(cfg: dict, out: Path) -> None:

@@ -90,7 +90,19 @@ def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
     raise InputError(f"{name} must be one of {options}, got {value!r}.{hint}")
 
 
+def require_einops(where: str) -> None:
+    """MONAI's attention blocks need einops; say so before MONAI fails deep inside."""
+    import importlib.util
+
+    if importlib.util.find_spec("einops") is None:
+        raise InputError(
+            f"the {where} network uses self-attention, which MONAI builds with the einops "
+            "package (not installed). Install it: pip install einops."
+        )
+
+
 __all__ = [
+    "require_einops",
     "check_choice",
     "check_embeddings",
     "check_in_range",

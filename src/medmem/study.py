@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 
 import medmem
+from medmem._checkpoint import read_checkpoint
 from medmem._errors import InputError
 from medmem._io import (
     atomic_save,
@@ -60,14 +61,13 @@ from medmem.audit import audit
 from medmem.data import ArrayDataset
 from medmem.detector import Detector
 from medmem.generative import (
+    PATH_KEYS,
     GenerativeConfig,
     GenerativeModel,
     build_datasets,
     load_config,
     train,
 )
-from medmem.generative._checkpoint import read_checkpoint
-from medmem.generative._config import PATH_KEYS
 from medmem.metrics import extract_features, fid, quality
 
 logger = logging.getLogger(__name__)

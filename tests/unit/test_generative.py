@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from medmem import InputError, OutputExistsError, load_dataset
+from medmem._seeds import batch_indices
 from medmem.generative import (
     GenerativeConfig,
     GenerativeModel,
@@ -22,7 +23,6 @@ from medmem.generative import (
     train,
     write_samples,
 )
-from medmem.generative._train import batch_indices
 
 REPO = Path(__file__).resolve().parents[2]
 

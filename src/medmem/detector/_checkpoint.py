@@ -18,60 +18,12 @@ from typing import Any
 
 import torch
 
+from medmem._checkpoint import flatten_optimizer_state, jsonable, unflatten_optimizer_state
 from medmem._io import read_versioned_tensors, save_tensors
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "medmem.detector.checkpoint"
 CHECKPOINT_SCHEMA = 1
-
-
-def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split ``optimizer.state_dict()`` into tensors and a JSON-able rest."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, pstate in state["state"].items():
-        for key, value in pstate.items():
-            if "/" in str(key):
-                raise ValueError(f"optimizer state key {key!r} contains '/'")
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer/{int(pid)}/{key}"] = value.detach().cpu().contiguous().clone()
-            else:
-                scalars.setdefault(str(int(pid)), {})[key] = value
-    groups = [_jsonable(dict(g)) for g in state["param_groups"]]
-    return tensors, {"param_groups": groups, "state_scalars": scalars}
-
-
-def unflatten_optimizer_state(
-    tensors: dict[str, torch.Tensor], meta: dict, template: dict[str, Any]
-) -> dict[str, Any]:
-    """Inverse of :func:`flatten_optimizer_state`; ``template`` is a fresh optimizer's
-    state_dict, used to restore tuples (JSON has only lists)."""
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        _, pid, key = name.split("/", 2)
-        state.setdefault(int(pid), {})[key] = value
-    for pid, pstate in meta["state_scalars"].items():
-        state.setdefault(int(pid), {}).update(pstate)
-    groups = []
-    for saved, fresh in zip(meta["param_groups"], template["param_groups"], strict=True):
-        g = dict(saved)
-        for key, value in fresh.items():
-            if isinstance(value, tuple) and isinstance(g.get(key), list):
-                g[key] = tuple(g[key])
-        groups.append(g)
-    return {"state": state, "param_groups": groups}
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint's JSON")
 
 
 def save_checkpoint(
@@ -94,7 +46,7 @@ def save_checkpoint(
         "schema_version": CHECKPOINT_SCHEMA,
         **info,
         "optimizer": opt_meta,
-        "scheduler": _jsonable(sched),
+        "scheduler": jsonable(sched),
     }
     path = Path(directory) / CHECKPOINT_NAME
     save_tensors(path, tensors, meta)

@@ -137,9 +137,9 @@ def warn_if_not_learned(history: list[float], batch_size: int, cfg: DetectorConf
     if history[-1] < 0.97 * chance:
         return False
     warnings.warn(
-        f"the detector did not learn: its final loss {history[-1]:.3f} is the chance value "
-        f"ln(2K - 1) = {chance:.3f} (K = {batch_size}), reached when all embeddings are the "
-        f"same. Audits with it cannot find copies. Train longer (epochs {cfg.epochs}), change "
+        f"the detector did not learn: its final loss {history[-1]:.3f} is not below the "
+        f"chance value ln(2K - 1) = {chance:.3f} (K = {batch_size}), the loss when all "
+        f"embeddings are the same. Audits with it cannot find copies. Train longer (epochs {cfg.epochs}), change "
         f"the learning rate (lr {cfg.lr}) or the architecture (arch {cfg.arch!r}; a 3D "
         "'resnet' learned where 'conv' collapsed on 32^3 phantoms).",
         stacklevel=3,

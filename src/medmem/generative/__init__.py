@@ -15,6 +15,9 @@ Public API:
   ``save(dir)``;
 * :func:`write_samples` -- 16-bit PNG / NIfTI plus manifest.csv for ``medmem audit``.
 
+Building blocks that ``medmem.text2image`` reuses: ``build_autoencoder``, ``make_scheduler``,
+``latent_shape`` and ``PATH_KEYS`` (the config keys holding paths).
+
 Example:
     >>> from medmem.generative import load_config, train, GenerativeModel
     >>> config = load_config("configs/generative/ldm-2d-cpu.yaml")  # doctest: +SKIP
@@ -25,6 +28,7 @@ Example:
 from __future__ import annotations
 
 from medmem.generative._config import (
+    PATH_KEYS,
     AutoencoderConfig,
     DataConfig,
     DiffusionConfig,
@@ -36,12 +40,13 @@ from medmem.generative._config import (
     load_config,
 )
 from medmem.generative._data import augment, build_datasets, write_samples
-from medmem.generative._networks import DCGANGenerator
-from medmem.generative._pipeline import GenerativeModel
+from medmem.generative._networks import DCGANGenerator, build_autoencoder
+from medmem.generative._pipeline import GenerativeModel, latent_shape, make_scheduler
 from medmem.generative._tracking import plot_tracking, save_grid
 from medmem.generative._train import TrainResult, train
 
 __all__ = [
+    "PATH_KEYS",
     "AutoencoderConfig",
     "DCGANGenerator",
     "DataConfig",
@@ -54,8 +59,11 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "augment",
+    "build_autoencoder",
     "build_datasets",
+    "latent_shape",
     "load_config",
+    "make_scheduler",
     "plot_tracking",
     "save_grid",
     "train",

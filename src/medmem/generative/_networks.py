@@ -10,26 +10,15 @@ import torch
 from monai.networks.nets import VQVAE, AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
 from torch import nn
 
-from medmem._errors import InputError
+from medmem._validation import require_einops
 from medmem.generative._config import AutoencoderConfig, GenerativeConfig
-
-
-def _require_einops(where: str) -> None:
-    """MONAI's attention blocks need einops; say so before MONAI fails deep inside."""
-    import importlib.util
-
-    if importlib.util.find_spec("einops") is None:
-        raise InputError(
-            f"the {where} network uses self-attention, which MONAI builds with the einops "
-            "package (not installed). Install it: pip install einops."
-        )
 
 
 def build_autoencoder(config: GenerativeConfig) -> nn.Module:
     """The first stage: AutoencoderKL (kind "kl") or VQVAE (kind "vq"), random weights."""
     ae: AutoencoderConfig = config.autoencoder
     if ae.kind == "kl" and any(ae.attention_levels):
-        _require_einops("autoencoder")
+        require_einops("autoencoder")
     if ae.kind == "kl":
         return AutoencoderKL(
             spatial_dims=config.spatial_dims,
@@ -63,7 +52,7 @@ def build_unet(config: GenerativeConfig) -> nn.Module:
     """The diffusion UNet on latents (in = out = latent channels)."""
     d = config.diffusion
     c = config.autoencoder.latent_channels
-    _require_einops("diffusion")  # the UNet's middle block always has attention
+    require_einops("diffusion")  # the UNet's middle block always has attention
     return DiffusionModelUNet(
         spatial_dims=config.spatial_dims,
         in_channels=c,

@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from safetensors import SafetensorError
@@ -24,6 +23,7 @@ import medmem
 from medmem._errors import InputError
 from medmem._io import MODEL_CONFIG, save_model_folder
 from medmem._progress import progress
+from medmem._seeds import derive_seed
 from medmem._validation import check_choice, check_positive_int
 from medmem.generative._config import SAMPLERS, GenerativeConfig
 from medmem.generative._networks import networks_for_sampling
@@ -31,11 +31,6 @@ from medmem.generative._networks import networks_for_sampling
 SCHEMA_VERSION = 1
 CONFIG_NAME = MODEL_CONFIG
 MODEL_KIND = "medmem.generative.GenerativeModel"
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (e.g. (seed, stage, iteration)), independent across parts."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> 1)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

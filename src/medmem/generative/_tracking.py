@@ -24,9 +24,10 @@ import numpy as np
 import pandas as pd
 
 from medmem._io import atomic_save
+from medmem._seeds import derive_seed
 from medmem.data import ArrayDataset
 from medmem.generative._config import GenerativeConfig
-from medmem.generative._pipeline import GenerativeModel, derive_seed
+from medmem.generative._pipeline import GenerativeModel
 
 logger = logging.getLogger(__name__)
 

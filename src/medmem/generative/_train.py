@@ -20,7 +20,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +32,11 @@ from torch import nn
 from tqdm import tqdm
 
 import medmem
+from medmem import _checkpoint
 from medmem._errors import InputError, MedmemError, OutputExistsError
 from medmem._io import atomic_save, atomic_write_json
 from medmem._progress import progress
-from medmem.generative import _checkpoint
+from medmem._seeds import batch_indices, derive_seed
 from medmem.generative._config import GenerativeConfig
 from medmem.generative._data import augment, build_datasets
 from medmem.generative._networks import (
@@ -48,7 +48,6 @@ from medmem.generative._networks import (
 from medmem.generative._pipeline import (
     GenerativeModel,
     autocast,
-    derive_seed,
     make_scheduler,
     resolve_device,
 )
@@ -433,20 +432,6 @@ class _Run:
         return torch.stack(items).to(self.device, dtype=torch.float32)
 
 
-def batch_indices(n: int, batch_size: int, iteration: int, seed: int, stage: int) -> list[int]:
-    """Indices of a stage's batch ``iteration``: consecutive slices of per-epoch seeded
-    permutations (every image once per epoch), a pure function of its arguments."""
-    return [
-        int(_permutation(n, seed, stage, pos // n)[pos % n])
-        for pos in range(iteration * batch_size, (iteration + 1) * batch_size)
-    ]
-
-
-@lru_cache(maxsize=8)
-def _permutation(n: int, seed: int, stage: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, stage, epoch, 7]).permutation(n)
-
-
 def _write_table(rows: list[dict[str, Any]], path: Path) -> None:
     frame = pd.DataFrame(rows)
     atomic_save(path, lambda tmp: frame.to_csv(tmp, index=False))
@@ -757,4 +742,4 @@ def _check_resume(
         )
 
 
-__all__ = ["TrainResult", "batch_indices", "train"]
+__all__ = ["TrainResult", "train"]

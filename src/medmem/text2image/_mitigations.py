@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from medmem._errors import InputError
+from medmem._seeds import derive_seed
 from medmem._validation import check_choice
-from medmem.generative._pipeline import derive_seed
 from medmem.text2image._encoder import EncodedText
 from medmem.text2image._model import TextToImageModel
 from medmem.text2image._scores import Generation, generate, guidance_gap

@@ -23,9 +23,15 @@ from torch import nn
 import medmem
 from medmem._errors import InputError
 from medmem._io import MODEL_CONFIG, load_tensors, save_model_folder
-from medmem.generative import DiffusionConfig, GenerativeConfig, GenerativeModel
-from medmem.generative._networks import _require_einops, build_autoencoder
-from medmem.generative._pipeline import latent_shape, make_scheduler
+from medmem._validation import require_einops
+from medmem.generative import (
+    DiffusionConfig,
+    GenerativeConfig,
+    GenerativeModel,
+    build_autoencoder,
+    latent_shape,
+    make_scheduler,
+)
 from medmem.text2image._config import Text2ImageConfig
 from medmem.text2image._encoder import EncodedText, TextEncoder
 
@@ -41,7 +47,7 @@ def build_conditional_unet(
     spatial_dims: int = 2,
 ) -> DiffusionModelUNet:
     """The diffusion UNet with cross-attention to ``cross_attention_dim``-sized token states."""
-    _require_einops("diffusion")
+    require_einops("diffusion")
     return DiffusionModelUNet(
         spatial_dims=spatial_dims,
         in_channels=latent_channels,

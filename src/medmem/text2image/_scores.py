@@ -22,8 +22,8 @@ import torch
 
 from medmem._errors import InputError
 from medmem._progress import progress
+from medmem._seeds import derive_seed
 from medmem._stats import auroc
-from medmem.generative._pipeline import derive_seed
 from medmem.text2image._encoder import EncodedText
 from medmem.text2image._model import TextToImageModel
 

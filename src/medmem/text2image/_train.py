@@ -19,13 +19,12 @@ from typing import Any
 import pandas as pd
 import torch
 
+from medmem._checkpoint import read_checkpoint, restore, save_checkpoint
 from medmem._errors import InputError, OutputExistsError
 from medmem._io import atomic_save, atomic_write_json
 from medmem._progress import progress
+from medmem._seeds import batch_indices, derive_seed
 from medmem.data import load_dataset
-from medmem.generative._checkpoint import read_checkpoint, restore, save_checkpoint
-from medmem.generative._pipeline import derive_seed
-from medmem.generative._train import batch_indices
 from medmem.text2image._config import Text2ImageConfig
 from medmem.text2image._encoder import MARKER_RE, TextEncoder
 from medmem.text2image._model import TextToImageModel
