@@ -38,10 +38,12 @@ sys.path.insert(0, str(ROOT / "src"))
 import medmem  # noqa: E402
 from medmem import metrics  # noqa: E402
 from medmem._io import atomic_write_json, load_tensors, save_tensors  # noqa: E402
+from medmem._plots import plt, save_figure  # noqa: E402
 from medmem.generative import load_config, train  # noqa: E402
 from medmem.text2image import (  # noqa: E402
     MARKER_GROUP,
     MARKER_RE,
+    MID_WINDOW,
     MITIGATIONS,
     SCORES,
     Mitigation,
@@ -660,8 +662,13 @@ def stage_variants_eval(cfg: dict, out: Path) -> None:
     groups = prompts["group"].to_numpy()
     sel_rows = torch.tensor(_mitigation_selection(cfg, out).index.to_numpy().copy())
     rows, per_step = [], {}
+    if (out / "variants.csv").exists():  # resumable: models evaluated already are kept
+        rows = pd.read_csv(out / "variants.csv").to_dict("records")
+        per_step = json.loads((out / "variants-per-step.json").read_text())
     judge = None
     for name, run in _models(cfg, out).items():
+        if any(r["model"] == name for r in rows):
+            continue
         if not (run / "model").exists():
             log.info("variants_eval: %s not trained yet, skipped", name)
             continue
@@ -860,6 +867,24 @@ def stage_report(cfg: dict, out: Path) -> None:
             if mem.any() and (~mem).any()
             else None,
         }
+    variants = None
+    if (out / "variants.csv").exists():
+        per_step = json.loads((out / "variants-per-step.json").read_text())
+        _plot_step_auroc(per_step, figs / "text2image-step-auroc-models.png")
+        variants = {
+            "mid_window": list(MID_WINDOW),
+            "mid_timesteps": [
+                t for t in per_step["timesteps"] if MID_WINDOW[0] <= t / 1000 <= MID_WINDOW[1]
+            ],
+            "overrides": cfg.get("variants", {}),
+            "rows": pd.read_csv(out / "variants.csv").to_dict("records"),
+            "auroc_per_step": per_step,
+            "training_seconds": {
+                name: json.loads((out / f"t2i-{name}" / "timing.json").read_text())
+                for name in cfg.get("variants", {})
+                if (out / f"t2i-{name}" / "timing.json").exists()
+            },
+        }
     unconditional = None
     if (out / "unconditional.json").exists():
         unconditional = json.loads((out / "unconditional.json").read_text())
@@ -886,6 +911,7 @@ def stage_report(cfg: dict, out: Path) -> None:
         "marker_ablation_paired": paired,
         "mitigations": mit.to_dict("records"),
         "training_time_fix": fix,
+        "variants": variants,
         "unconditional_diagnostic": unconditional,
         "audit_labels": labels,
         "timings_s": timings,
@@ -911,13 +937,6 @@ def _cpu() -> str:
 
 
 def _plot_steps(d: torch.Tensor, groups: np.ndarray, timesteps: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from medmem._io import atomic_save
-
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for g in ("duplicated", "single", "unseen"):
         m = d[torch.from_numpy(groups == g)].mean(1)  # (P_g, S)
@@ -927,8 +946,29 @@ def _plot_steps(d: torch.Tensor, groups: np.ndarray, timesteps: list[int], path:
     ax.set_ylabel("mean d_t")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def _plot_step_auroc(per_step: dict[str, Any], path: Path) -> None:
+    """AUROC of d_t at each sampling step, duplicated vs unseen and vs single, per model;
+    the shaded band is MID_WINDOW (d_mid)."""
+    t = np.array(per_step["timesteps"])
+    models = [k for k in per_step if k != "timesteps"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    lo, hi = MID_WINDOW
+    for ax, neg in zip(axes, ("unseen", "single"), strict=True):
+        for name in models:
+            ax.plot(t, per_step[name][neg], marker=".", label=name)
+        ax.axvspan(lo * 1000, hi * 1000, color="0.85", zorder=0)
+        ax.axhline(0.5, color="0.5", lw=0.8, ls=":")
+        ax.axhline(0.9, color="0.5", lw=0.8, ls="--")
+        ax.set_xlim(t.max() + 20, t.min() - 20)
+        ax.set_xlabel("sampling timestep t (noisiest left)")
+        ax.set_title(f"duplicated vs {neg} prompts")
+    axes[0].set_ylabel("AUROC of d_t at that step")
+    axes[1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
