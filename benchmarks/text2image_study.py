@@ -666,11 +666,13 @@ def stage_variants_eval(cfg: dict, out: Path) -> None:
         rows = pd.read_csv(out / "variants.csv").to_dict("records")
         per_step = json.loads((out / "variants-per-step.json").read_text())
     judge = None
+    missing: list[str] = []
     for name, run in _models(cfg, out).items():
         if any(r["model"] == name for r in rows):
             continue
         if not (run / "model").exists():
             log.info("variants_eval: %s not trained yet, skipped", name)
+            missing.append(name)
             continue
         model = TextToImageModel.load(run / "model")
         judge = judge or ImageJudge(cfg, out, model)
@@ -719,6 +721,8 @@ def stage_variants_eval(cfg: dict, out: Path) -> None:
         log.info("variants_eval %s: %s", name, row)
         write_table(pd.DataFrame(rows), out / "variants.csv")
         atomic_write_json(out / "variants-per-step.json", per_step)
+    if missing:
+        raise SystemExit(f"variants_eval: {missing} not trained yet; run the variants stage.")
 
 
 def stage_report(cfg: dict, out: Path) -> None:
