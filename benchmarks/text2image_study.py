@@ -881,7 +881,10 @@ def stage_report(cfg: dict, out: Path) -> None:
                 t for t in per_step["timesteps"] if MID_WINDOW[0] <= t / 1000 <= MID_WINDOW[1]
             ],
             "overrides": cfg.get("variants", {}),
-            "rows": pd.read_csv(out / "variants.csv").to_dict("records"),
+            "rows": [
+                {k: (None if isinstance(x, float) and np.isnan(x) else x) for k, x in r.items()}
+                for r in pd.read_csv(out / "variants.csv").to_dict("records")
+            ],
             "auroc_per_step": per_step,
             "training_seconds": {
                 name: json.loads((out / f"t2i-{name}" / "timing.json").read_text())
