@@ -139,9 +139,9 @@ def warn_if_not_learned(history: list[float], batch_size: int, cfg: DetectorConf
     warnings.warn(
         f"the detector did not learn: its final loss {history[-1]:.3f} is not below the "
         f"chance value ln(2K - 1) = {chance:.3f} (K = {batch_size}), the loss when all "
-        f"embeddings are the same. Audits with it cannot find copies. Train longer (epochs {cfg.epochs}), change "
-        f"the learning rate (lr {cfg.lr}) or the architecture (arch {cfg.arch!r}; a 3D "
-        "'resnet' learned where 'conv' collapsed on 32^3 phantoms).",
+        "embeddings are the same. Audits with it cannot find copies. Train longer "
+        f"(epochs {cfg.epochs}), change the learning rate (lr {cfg.lr}) or the architecture "
+        f"(arch {cfg.arch!r}; a 3D 'resnet' learned where 'conv' collapsed on 32^3 phantoms).",
         stacklevel=3,
     )
     return True
