@@ -82,8 +82,11 @@ class Text2ImageTrainConfig(ConfigSection):
 
     def __post_init__(self) -> None:
         check_positive_int(self.seed, "train.seed", minimum=0)
-        if self.drop_high_d != 0.0:
-            check_in_range(self.drop_high_d, "train.drop_high_d", 1.0, 100.0)
+        if self.drop_high_d != 0.0 and not 1.0 <= float(self.drop_high_d) <= 100.0:
+            raise InputError(
+                f"train.drop_high_d must be 0 (off) or a factor in [1, 100] times the running "
+                f"median of d_t, got {self.drop_high_d}."
+            )
         check_positive_int(self.drop_warmup, "train.drop_warmup", minimum=0)
         check_positive_int(self.checkpoint_every, "train.checkpoint_every")
         check_positive_int(self.log_every, "train.log_every")
