@@ -317,3 +317,16 @@ def test_default_encoder_is_bundled_minilm() -> None:
     out = enc.encode(["Heart size XXXX. No pneumonia."])
     assert enc.dim == 384 and out.states.shape == (1, 16, 384)
     assert "xx" in enc.tokens(out.ids[0])
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"train": {"drop_high_d": 0.5}}, "0 \\(off\\) or a factor"),
+        ({"text": {"caption_replacement": 1.5}}, "caption_replacement"),
+        ({"train": {"drop_hi_d": 2}}, "Did you mean 'drop_high_d'"),
+    ],
+)
+def test_training_mitigation_settings_are_validated(section: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        Text2ImageConfig.from_dict(section, "config")
