@@ -854,6 +854,10 @@ def stage_report(cfg: dict, out: Path) -> None:
     labels = None
     if (out / "labels.csv").exists():
         lab = pd.read_csv(out / "labels.csv")
+        scored = out / "variant-original-prompts-scored.csv"
+        if scored.exists():  # d_mid of the original model, fixed after the labels stage
+            mid = pd.read_csv(scored).set_index("text")["d_mid"]
+            lab = lab.assign(d_mid=mid.loc[lab["text"]].to_numpy())
         mem = lab["own_copies"].to_numpy() > 0
         labels = {
             "definition": "training prompt with >= 1 own copy among its generations",
@@ -866,7 +870,8 @@ def stage_report(cfg: dict, out: Path) -> None:
             ).to_dict(),
             "detection": {
                 sc: detection(lab.loc[mem, sc].to_numpy(), lab.loc[~mem, sc].to_numpy())
-                for sc in ("d_first", "d_mean", "entropy_first")
+                for sc in SCORES
+                if sc in lab.columns
             }
             if mem.any() and (~mem).any()
             else None,
