@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Iterable
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from medmem._errors import InputError
+from medmem._io import read_yaml_mapping, resolve_paths
 from medmem._validation import check_keys
 
 
@@ -20,7 +23,7 @@ class ConfigSection:
         out: dict[str, Any] = {}
         for f in fields(self):  # type: ignore[arg-type]
             v = getattr(self, f.name)
-            if isinstance(v, ConfigSection):
+            if hasattr(v, "to_dict"):  # a nested section (or another config class)
                 v = v.to_dict()
             elif isinstance(v, tuple):
                 v = list(v)
@@ -47,6 +50,18 @@ class ConfigSection:
             return cls(**kwargs)
         except TypeError as exc:  # pragma: no cover - defensive
             raise InputError(f"{where}: {exc}") from exc
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, path_keys: Iterable[tuple[str | None, str]] = ()) -> Any:
+        """Read a YAML config; the relative paths under ``path_keys`` ((section, key) pairs)
+        are taken relative to the YAML file's folder. Errors name the file."""
+        path = Path(path)
+        data = read_yaml_mapping(path)
+        resolve_paths(data, path_keys, path.resolve().parent)
+        try:
+            return cls.from_dict(data, "config")
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from exc
 
     def replace(self, **changes: Any) -> Any:
         """A copy with ``changes`` applied (unknown names fail with a did-you-mean)."""

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from medmem._errors import InputError
+from medmem._section import ConfigSection
 from medmem._validation import check_choice, check_in_range, check_keys, check_positive_int
 from medmem.detector._variations import VariationConfig
 
@@ -50,7 +51,7 @@ def conv_downsamplings(image_size: Iterable[int]) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class DetectorConfig:
+class DetectorConfig(ConfigSection):
     """Settings of the self-supervised copy detector (architecture, training, variations).
 
     Fields left as None take the paper's default for ``spatial_dims`` (section 4.3 and the
@@ -219,18 +220,6 @@ class DetectorConfig:
                 if name not in changes and getattr(self, name) == value:
                     changes[name] = None
         return replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict; :meth:`from_dict` gives back an equal config."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, VariationConfig):
-                v = v.to_dict()
-            elif isinstance(v, tuple):
-                v = list(v)
-            out[f.name] = v
-        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DetectorConfig:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from medmem._errors import InputError
-from medmem._io import read_yaml_mapping, resolve_paths
 from medmem._section import ConfigSection
 from medmem._validation import check_choice, check_in_range, check_positive_int
 
@@ -531,13 +530,7 @@ def load_config(path: str | Path) -> GenerativeConfig:
     Example:
         >>> cfg = load_config("configs/generative/ldm-2d-cpu.yaml")  # doctest: +SKIP
     """
-    path = Path(path)
-    data = read_yaml_mapping(path)
-    resolve_paths(data, PATH_KEYS, path.resolve().parent)
-    try:
-        return GenerativeConfig.from_dict(data, "config")
-    except InputError as exc:
-        raise InputError(f"{path}: {exc}") from exc
+    return GenerativeConfig.from_yaml(path, PATH_KEYS)
 
 
 __all__ = [

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medmem._errors import InputError
-from medmem._io import read_yaml_mapping, resolve_paths
 from medmem._section import ConfigSection
 from medmem._validation import check_choice, check_in_range, check_positive_int
 from medmem.generative import DiffusionConfig, SamplingConfig
@@ -136,14 +135,8 @@ def load_t2i_config(path: str | Path) -> Text2ImageConfig:
     Example:
         >>> cfg = load_t2i_config("configs/text2image/ldm-t2i-cpu.yaml")  # doctest: +SKIP
     """
-    path = Path(path)
-    data = read_yaml_mapping(path)
     keys = ((None, "data"), (None, "autoencoder"), ("text", "encoder"))
-    resolve_paths(data, keys, path.resolve().parent)
-    try:
-        return Text2ImageConfig.from_dict(data, "config")
-    except InputError as exc:
-        raise InputError(f"{path}: {exc}") from exc
+    return Text2ImageConfig.from_yaml(path, keys)
 
 
 __all__ = [
