@@ -199,14 +199,14 @@ def stage_fix_t2i(cfg: dict, out: Path) -> None:
 
 def variant_config(cfg: dict, out: Path, name: str) -> Any:
     """``model_config`` with the overrides of ``variants.<name>`` (nested mappings)."""
-    base = model_config(cfg, out).to_dict()
+    base = model_config(cfg, out)
 
     def merge(into: dict, over: dict) -> dict:
         for k, v in over.items():
             into[k] = merge(dict(into.get(k) or {}), v) if isinstance(v, dict) else v
         return into
 
-    return type(model_config(cfg, out)).from_dict(merge(base, cfg["variants"][name]), name)
+    return base.from_dict(merge(base.to_dict(), cfg["variants"][name]), name)
 
 
 def stage_variants(cfg: dict, out: Path, only: list[str] | None = None) -> None:

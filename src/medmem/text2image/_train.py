@@ -223,11 +223,8 @@ def train_t2i(
     dropper = None
     warmup = config.train.drop_warmup
     if config.train.drop_high_d > 0:
-        state = found[0].get("drop_filter", {}) if found is not None else {}
-        dropper = HighDFilter(
-            config.train.drop_high_d, scheduler.num_train_timesteps, history=state.get("d_history")
-        )
-        dropper.seen, dropper.dropped = state.get("seen", []), state.get("dropped", [])
+        state = found[0].get("drop_filter") if found is not None else None
+        dropper = HighDFilter(config.train.drop_high_d, scheduler.num_train_timesteps, state=state)
     n_dropped = n_seen = 0
     bar = progress(None, desc="training text-to-image LDM", total=total - start, quiet=quiet)
     t0 = time.perf_counter()
@@ -311,7 +308,9 @@ class HighDFilter:
 
     A sample is dropped when its d_t exceeds ``factor`` times the running median of d_t in
     its timestep bin (10 bins; the last ``window`` conditioned samples of each). Samples
-    trained with the empty caption have no d_t and are always kept.
+    trained with the empty caption have no d_t and are always kept. ``state`` (from
+    :meth:`state` in a checkpoint) restores the medians and tallies, so a resumed run drops
+    exactly what an uninterrupted one would.
     """
 
     n_bins = 10
@@ -323,16 +322,17 @@ class HighDFilter:
         num_train_timesteps: int,
         *,
         window: int = 256,
-        history: list[list[float]] | None = None,
+        state: dict[str, Any] | None = None,
     ) -> None:
         self.factor = factor
         self.num_train_timesteps = num_train_timesteps
         self.window = window
-        self.history: list[list[float]] = (
-            [list(h) for h in history] if history else [[] for _ in range(self.n_bins)]
-        )
-        self.seen: list[int] = []
-        self.dropped: list[int] = []
+        state = state or {}
+        self.history: list[list[float]] = [
+            list(h) for h in state.get("d_history", [[] for _ in range(self.n_bins)])
+        ]
+        self.seen: list[int] = list(state.get("seen", []))
+        self.dropped: list[int] = list(state.get("dropped", []))
 
     def count(self, rows: torch.Tensor, keep: torch.Tensor, n_rows: int) -> None:
         """Tally, per training row, how often it was drawn and how often dropped."""
@@ -343,6 +343,7 @@ class HighDFilter:
             self.dropped[r] += int(not k)
 
     def state(self) -> dict[str, Any]:
+        """JSON-able state for the checkpoint."""
         return {"d_history": self.history, "seen": self.seen, "dropped": self.dropped}
 
     def keep(
