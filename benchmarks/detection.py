@@ -1,33 +1,38 @@
-"""Copy-detection benchmark on real chest radiographs, with baselines (issue: accuracy).
+"""Copy-detection benchmark on real scans, 2D (NIH radiographs) and 3D (IXI brain MRI).
 
-Ground truth is built, not guessed. Patients of ../shared/data/nih-cxr are split three ways
-(training / validation / novel, seeded). Training patients with several studies keep one
-study out of training: it is the "follow-up" group (same patient, different image; not a
-copy by the paper's definition, reported on its own). Positives are training images passed
-through one realistic change each, every kind reported separately. Negatives are the novel
-patients' images.
+Ground truth is built, not guessed. Patients are split three ways (training / validation /
+novel, seeded). Positives are training images passed through one realistic change each
+(``benchmarks/_changes.py``: other code and often stronger ranges than the detector's own
+training variations), every kind reported separately. Negatives are novel patients' images.
+In 2D, one study of each multi-study training patient is kept out of training: the
+"follow-up" group (same patient, different image; not a copy, reported on its own).
 
-Each method scores a query by its highest correlation with any training image, and its
-tau is calibrated exactly as the audit does (95th percentile of train -> nearest-val).
-Methods: Pearson correlation of raw pixels (Akbar et al.), SSIM (max over training
-images), the same encoder untrained, and medmem's trained detector.
+Detectors trained here (each with medmem's default settings apart from its variations):
 
-Reported per method: AUROC (all positive kinds vs novel images), TPR at 1% FPR,
-sensitivity and specificity at tau (beside the design specificity q/100), with percentile
-bootstrap 95% intervals; and per change kind the share of positives above tau.
+* ``default``: the default training variations (``VariationConfig()``); the audit's
+  positive-control kinds (elastic, sharpen, patch) are held out of it.
+* ``all``: every variation kind: each change is then *trained on*.
+* ``minus-<group>``: the default without one group of kinds (geometry, intensity,
+  resolution, partial): the changes of that group are then *held out*.
 
-Usage: python benchmarks/detection.py [--epochs 60] [--image-size 128] [--per-kind 60]
-Writes docs/results/detection.json and docs/results/detection.md. Reads the data in place.
+Every change kind is so reported twice, trained on and held out, beside pixel Pearson
+correlation and SSIM. Thresholds are the audit's: tau from the validation set with the
+default (conformal) calibration, and the paper's tau beside it. The audit's positive
+controls (``medmem.audit.make_controls``) are scored with the default detector, so their
+measured sensitivity can be set against the held-out-kind sensitivity measured here.
+
+Usage:
+    python benchmarks/detection.py --dims 2        # docs/results/detection.{json,md}
+    python benchmarks/detection.py --dims 3        # docs/results/detection-3d.{json,md}
+Training checkpoints go to runs/detection-benchmark/ (a killed run resumes).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,61 +41,75 @@ import torch
 import torch.nn.functional as F
 
 import medmem
-from medmem._stats import auroc
+from medmem.audit import audit_embeddings, make_controls
 from medmem.data import ArrayDataset
-from medmem.detector import VariationConfig, apply_variation, sample_variation
+from medmem.detector import CONTROL_VARIATION_KINDS, VariationConfig
+from medmem.metrics import auroc
 from medmem.search import nearest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import NIH, load_nih, machine, read_manifest, split_patients  # noqa: E402
+from _changes import CHANGES, GROUP_OF, GROUPS  # noqa: E402
+from _common import DATA_ROOT, NIH, machine, read_manifest, split_patients  # noqa: E402
 
-KINDS = (
-    "exact",
-    "flip",
-    "rotate",
-    "contrast",
-    "brightness",
-    "noise",
-    "blur",
-    "shift",
-    "jpeg",
-    "down-up",
-    "autoencoder",
-)
+IXI = DATA_ROOT / "ixi-t1"
 
 
-# ------------------------------------------------------------------ changes (positives)
-def _variation(kind: str, settings: VariationConfig) -> Callable:
-    def f(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        params = sample_variation(img.ndim - 1, rng, settings, kinds=(kind,))
-        if kind == "flip" and not params["flip"]:
-            params["flip"] = [1]  # a flip that does nothing is an exact copy
-        return apply_variation(img, params)
+# ------------------------------------------------------------------ data
+def load_2d(args: argparse.Namespace) -> dict:
+    manifest = read_manifest(args.data or NIH)
+    if manifest is None:
+        return {}
+    parts = split_patients(manifest, args.seed)
+    tr = parts["train"].sort_values(["patient_id", "follow_up"])
+    multi = tr.groupby("patient_id")["file"].transform("size") > 1
+    held = tr[multi].groupby("patient_id").tail(1)
+    train_df = tr.drop(held.index)
+    size = (args.image_size or 128,) * 2
+    root = args.data or NIH
 
-    return f
+    def load(files: pd.Series) -> medmem.ImageDataset:
+        return medmem.load_dataset(
+            [root / f for f in files], image_size=size, patient_id_pattern=r"^(\d+)_", quiet=True
+        )
 
-
-def _jpeg(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    from PIL import Image
-
-    q = int(rng.integers(30, 80))
-    arr = (img[0].numpy() * 255).round().astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=q)
-    back = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float32) / 255
-    return torch.from_numpy(back)[None]
-
-
-def _down_up(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    factor = float(rng.uniform(2.0, 4.0))
-    size = img.shape[-2:]
-    small = F.interpolate(
-        img[None], scale_factor=1 / factor, mode="bilinear", antialias=True, align_corners=False
-    )
-    return F.interpolate(small, size=size, mode="bilinear", align_corners=False)[0].clamp(0, 1)
+    return {
+        "train": load(train_df["file"]),
+        "val": load(parts["val"]["file"]),
+        "novel": load(parts["novel"]["file"]),
+        "follow": load(held["file"]),
+        "data": "NIH ChestX-ray14 subset (../shared/data/nih-cxr)",
+    }
 
 
-def train_autoencoder(train: medmem.ImageDataset, *, iters: int, seed: int) -> torch.nn.Module:
+def load_3d(args: argparse.Namespace) -> dict:
+    root = args.data or IXI
+    path = root / "manifest.csv"
+    if not path.exists():
+        print(f"skipped: {path} not found (../shared/data is absent)")
+        return {}
+    manifest = pd.read_csv(path, dtype=str)
+    parts = split_patients(manifest, args.seed, fractions=tuple(args.fractions))
+    size = (args.image_size or 64,) * 3
+
+    def load(df: pd.DataFrame) -> medmem.ImageDataset:
+        return medmem.load_dataset([root / p for p in df["path"]], image_size=size, quiet=True)
+
+    return {
+        "train": load(parts["train"]),
+        "val": load(parts["val"]),
+        "novel": load(parts["novel"]),
+        "follow": None,
+        "data": "IXI T1 brain MRI, 2 mm (../shared/data/ixi-t1; IXI dataset, "
+        "brain-development.org, CC BY-SA 3.0)",
+    }
+
+
+def _stack(ds: medmem.ImageDataset) -> torch.Tensor:
+    return torch.stack([ds[i] for i in range(len(ds))])
+
+
+# ------------------------------------------------------------------ positives
+def train_autoencoder(images: torch.Tensor, *, iters: int, seed: int) -> torch.nn.Module:
     """A small KL autoencoder (MONAI AutoencoderKL) fitted to the training images: what a
     latent diffusion model's decoder does to a memorized image is a round trip through it."""
     from monai.networks.nets import AutoencoderKL
@@ -100,17 +119,16 @@ def train_autoencoder(train: medmem.ImageDataset, *, iters: int, seed: int) -> t
         spatial_dims=2,
         in_channels=1,
         out_channels=1,
-        channels=(32, 64, 64),
+        channels=(16, 32, 32),
         latent_channels=3,
         num_res_blocks=1,
-        norm_num_groups=16,
+        norm_num_groups=8,
         attention_levels=(False, False, False),
     )
-    opt = torch.optim.Adam(ae.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(ae.parameters(), lr=2e-3)
     rng = np.random.default_rng(seed)
-    imgs = torch.stack([train[i] for i in range(len(train))])
     for _ in range(iters):
-        batch = imgs[rng.choice(len(imgs), size=16, replace=False)]
+        batch = images[rng.choice(len(images), size=16, replace=False)]
         recon, mu, sigma = ae(batch)
         kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).mean()
         loss = F.l1_loss(recon, batch) + 1e-6 * kl
@@ -120,49 +138,75 @@ def train_autoencoder(train: medmem.ImageDataset, *, iters: int, seed: int) -> t
     return ae.eval()
 
 
-# ------------------------------------------------------------------ scoring methods
-def _stack(ds: medmem.ImageDataset | ArrayDataset) -> torch.Tensor:
-    return torch.stack([ds[i] for i in range(len(ds))])  # (n, 1, H, W)
+def make_positives(
+    x_train: torch.Tensor, patients: list, per_kind: int, seed: int, ae: torch.nn.Module | None
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """``per_kind`` changed copies of training images for every change kind."""
+    changes = dict(CHANGES)
+    if ae is not None:
+
+        def ae_round_trip(x: torch.Tensor, rng: np.random.Generator, p: torch.Tensor):
+            with torch.no_grad():
+                return ae.reconstruct(x[None])[0].clamp(0, 1)
+
+        changes["autoencoder"] = ae_round_trip
+    rng = np.random.default_rng([seed, 11])
+    n = len(x_train)
+    imgs, kinds, sources = [], [], []
+    for kind, change in changes.items():
+        for s in rng.choice(n, size=min(per_kind, n), replace=False):
+            others = [j for j in range(n) if patients[j] is None or patients[j] != patients[s]]
+            partner = x_train[int(rng.choice(others))]
+            imgs.append(change(x_train[int(s)], rng, partner))
+            kinds.append(kind)
+            sources.append(int(s))
+    return torch.stack(imgs), np.array(kinds), np.array(sources)
 
 
-def pixel_embed(x: torch.Tensor) -> np.ndarray:
-    return x.flatten(1).numpy()
-
-
-def model_embed(model: torch.nn.Module, x: torch.Tensor, batch: int = 64) -> np.ndarray:
-    model.eval()
-    with torch.no_grad():
-        return np.concatenate([model(x[i : i + batch]).numpy() for i in range(0, len(x), batch)])
-
-
-def _ssim_max(queries: torch.Tensor, base: torch.Tensor, block: int = 64) -> np.ndarray:
-    """Highest SSIM of each query against any base image (Gaussian window 11, sigma 1.5)."""
+# ------------------------------------------------------------------ scoring
+def _ssim_max(queries: torch.Tensor, base: torch.Tensor, block: int = 32) -> np.ndarray:
+    """Highest SSIM of each query against any base image (Gaussian window, sigma 1.5,
+    separable, 2D or 3D)."""
     c1, c2 = 0.01**2, 0.03**2
-    k = torch.exp(-((torch.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
+    dims = queries.ndim - 2
+    r = 5 if dims == 2 else 3
+    k = torch.exp(-((torch.arange(2 * r + 1) - float(r)) ** 2) / (2 * 1.5**2))
     k = k / k.sum()
-    w = (k[:, None] * k[None, :])[None, None]
+    conv = F.conv2d if dims == 2 else F.conv3d
 
     def blur(x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, w)
+        for axis in range(dims):
+            shape = [1, 1] + [1] * dims
+            shape[2 + axis] = k.numel()
+            x = conv(x, k.reshape(shape))
+        return x
 
     mu_b, sq_b = blur(base), blur(base * base)
     out = np.full(len(queries), -np.inf)
-    for s in range(0, len(queries), block):
-        q = queries[s : s + block]
-        mu_q, sq_q = blur(q), blur(q * q)
-        for j in range(len(base)):
-            b = base[j : j + 1]
-            mu_x, mu_y = mu_q, mu_b[j : j + 1]
-            sxy = blur(q * b) - mu_x * mu_y
-            sxx, syy = sq_q - mu_x**2, sq_b[j : j + 1] - mu_y**2
-            ssim = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / (
-                (mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2)
-            )
-            out[s : s + block] = np.maximum(out[s : s + block], ssim.mean((1, 2, 3)).numpy())
+    with torch.no_grad():
+        for s in range(0, len(queries), block):
+            q = queries[s : s + block]
+            mu_q, sq_q = blur(q), blur(q * q)
+            for j in range(len(base)):
+                b = base[j : j + 1]
+                mu_y = mu_b[j : j + 1]
+                sxy = blur(q * b) - mu_q * mu_y
+                sxx, syy = sq_q - mu_q**2, sq_b[j : j + 1] - mu_y**2
+                ssim = ((2 * mu_q * mu_y + c1) * (2 * sxy + c2)) / (
+                    (mu_q**2 + mu_y**2 + c1) * (sxx + syy + c2)
+                )
+                val = ssim.flatten(1).mean(1).numpy()
+                out[s : s + block] = np.maximum(out[s : s + block], val)
     return out
 
 
-# ------------------------------------------------------------------ metrics
+def _thresholds(e_tr: np.ndarray, e_va: np.ndarray) -> dict[str, float]:
+    """The audit's thresholds for these embeddings: default (conformal) and the paper's."""
+    r = audit_embeddings(e_tr, e_va, e_va[:1], n_bootstrap=0)
+    s = r.summary
+    return {"tau": float(s["tau"]), "tau_paper": float(s["paper"]["tau"])}
+
+
 def _metrics(pos: np.ndarray, neg: np.ndarray, tau: float) -> dict[str, float]:
     thr = np.quantile(neg, 0.99, method="higher")  # at most 1% of negatives above
     return {
@@ -190,185 +234,254 @@ def _bootstrap(pos: np.ndarray, neg: np.ndarray, tau: float, n: int, seed: int) 
     }
 
 
+def score_embeddings(emb, sets: dict[str, torch.Tensor]) -> dict:
+    """Nearest-training correlation of every query set, and the thresholds."""
+    e = {k: emb(v) for k, v in sets.items() if v is not None}
+    th = _thresholds(e["train"], e["val"])
+    out = {k: nearest(v, e["train"])[0][:, 0] for k, v in e.items() if k not in ("train", "val")}
+    return {"scores": out, **th}
+
+
+def summarise(res: dict, kinds: np.ndarray, n_boot: int, seed: int) -> dict:
+    sc, tau = res["scores"], res["tau"]
+    m = _metrics(sc["pos"], sc["novel"], tau)
+    m["ci95"] = _bootstrap(sc["pos"], sc["novel"], tau, n_boot, seed)
+    m["tau"], m["tau_paper"] = tau, res["tau_paper"]
+    m["specificity_at_tau_paper"] = float(np.mean(sc["novel"] < res["tau_paper"]))
+    m["sensitivity_at_tau_paper"] = float(np.mean(sc["pos"] >= res["tau_paper"]))
+    m["per_kind_above_tau"] = {
+        k: float(np.mean(sc["pos"][kinds == k] >= tau)) for k in dict.fromkeys(kinds)
+    }
+    m["per_kind_auroc"] = {k: auroc(sc["pos"][kinds == k], sc["novel"]) for k in dict.fromkeys(kinds)}
+    if "follow" in sc:
+        m["follow_up_above_tau"] = float(np.mean(sc["follow"] >= tau))
+        m["follow_up_auroc_vs_novel"] = auroc(sc["follow"], sc["novel"])
+    return m
+
+
+# ------------------------------------------------------------------ main
+def detector_variants(groups: list[str]) -> dict[str, VariationConfig]:
+    default = VariationConfig()
+    out = {"default": default, "all": VariationConfig.preset("all")}
+    for g in groups:
+        kinds = [k for k in default.kinds if k not in GROUPS[g]]
+        out[f"minus-{g}"] = VariationConfig(kinds=tuple(kinds), kind_prob=default.kind_prob)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=NIH)
-    ap.add_argument("--image-size", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=60)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--per-kind", type=int, default=60)
+    ap.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--image-size", type=int, default=None, help="default 128 (2D), 64 (3D)")
+    ap.add_argument("--fractions", type=float, nargs=2, default=(0.33, 0.22), help="3D split")
+    ap.add_argument("--per-kind", type=int, default=None, help="default 40 (2D), 20 (3D)")
     ap.add_argument(
-        "--train-kinds",
-        default="flip,rotate,contrast,brightness,noise,blur,shift",
-        help="variation kinds the detector trains with",
+        "--groups",
+        default="geometry,intensity,resolution,partial",
+        help="variation groups held out one at a time (comma-separated, '' for none)",
     )
-    ap.add_argument("--ae-iters", type=int, default=300)
+    ap.add_argument("--ae-iters", type=int, default=200)
     ap.add_argument("--n-bootstrap", type=int, default=1000)
+    ap.add_argument("--n-controls", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-ssim", action="store_true")
+    ap.add_argument("--only", default=None, help="train only these detectors (comma-separated)")
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
     ap.add_argument("--checkpoint-dir", type=Path, default=Path("runs/detection-benchmark"))
     args = ap.parse_args()
-    manifest = read_manifest(args.data)
-    if manifest is None:
-        return 0
     t0 = time.perf_counter()
-    size = (args.image_size, args.image_size)
-    parts = split_patients(manifest, args.seed)
-    # one study of each multi-study training patient is held out: the follow-up group
-    tr = parts["train"].sort_values(["patient_id", "follow_up"])
-    multi = tr.groupby("patient_id")["file"].transform("size") > 1
-    held = tr[multi].groupby("patient_id").tail(1)
-    train_df = tr.drop(held.index)
-
-    def load(files: pd.Series) -> medmem.ImageDataset:
-        return load_nih(args.data, files, size)
-
-    train, val = load(train_df["file"]), load(parts["val"]["file"])
-    novel, follow = load(parts["novel"]["file"]), load(held["file"])
+    data = load_2d(args) if args.dims == 2 else load_3d(args)
+    if not data:
+        return 0
+    train, val, novel, follow = data["train"], data["val"], data["novel"], data["follow"]
     print(
-        f"train {len(train)}, val {len(val)}, novel {len(novel)}, follow-ups {len(follow)}",
+        f"train {len(train)}, val {len(val)}, novel {len(novel)}, "
+        f"follow-ups {len(follow) if follow is not None else 0}",
         flush=True,
     )
-
-    # positives
-    t = time.perf_counter()
-    ae = train_autoencoder(train, iters=args.ae_iters, seed=args.seed)
-    t_ae = time.perf_counter() - t
-    settings = VariationConfig(max_noise_std=0.05, max_brightness=0.15)
-    changes: dict[str, Callable] = {"exact": lambda img, rng: img.clone()}
-    for kind in ("flip", "rotate", "contrast", "brightness", "noise", "blur", "shift"):
-        changes[kind] = _variation(kind, settings)
-    changes["jpeg"], changes["down-up"] = _jpeg, _down_up
-
-    def ae_round_trip(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        with torch.no_grad():
-            return ae.reconstruct(img[None])[0].clamp(0, 1)
-
-    changes["autoencoder"] = ae_round_trip
-    rng = np.random.default_rng([args.seed, 11])
-    pos_imgs, pos_kind, pos_src = [], [], []
-    for kind in KINDS:
-        for s in rng.choice(len(train), size=min(args.per_kind, len(train)), replace=False):
-            pos_imgs.append(changes[kind](train[int(s)], rng))
-            pos_kind.append(kind)
-            pos_src.append(int(s))
-    positives = torch.stack(pos_imgs)
-
-    # detector
-    t = time.perf_counter()
-    kinds = tuple(k for k in args.train_kinds.split(",") if k)
-    detector = medmem.Detector.train(
-        train,
-        spatial_dims=2,
-        image_size=size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        checkpoint_dir=args.checkpoint_dir,
-        variations=VariationConfig(kinds=kinds),
-    )
-    t_det = time.perf_counter() - t
-    from medmem.detector._detector import build_encoder
-
-    torch.manual_seed(args.seed)
-    untrained = build_encoder(detector.config)
-
-    x_train, x_val, x_novel, x_follow = _stack(train), _stack(val), _stack(novel), _stack(follow)
-    methods: dict[str, Callable[[torch.Tensor], np.ndarray]] = {
-        "pixel Pearson (Akbar et al.)": pixel_embed,
-        "untrained encoder": lambda x: model_embed(untrained, x),
-        "medmem detector": lambda x: detector.embed(ArrayDataset(x), quiet=True),
+    seconds: dict[str, float] = {}
+    x = {
+        "train": _stack(train),
+        "val": _stack(val),
+        "novel": _stack(novel),
+        "follow": _stack(follow) if follow is not None else None,
     }
-    results, timings = {}, {}
+    ae = None
+    if args.dims == 2 and args.ae_iters > 0:
+        t = time.perf_counter()
+        ae = train_autoencoder(x["train"], iters=args.ae_iters, seed=args.seed)
+        seconds["autoencoder"] = round(time.perf_counter() - t, 1)
+    per_kind = args.per_kind or (40 if args.dims == 2 else 20)
+    x["pos"], kinds, _ = make_positives(
+        x["train"], list(train.patient_ids), per_kind, args.seed, ae
+    )
+    print(f"positives: {len(kinds)} ({len(set(kinds))} kinds)", flush=True)
+
+    groups = [g for g in args.groups.split(",") if g]
+    variants = detector_variants(groups)
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
+    detectors, epochs = {}, {}
+    for name, variations in variants.items():
+        t = time.perf_counter()
+        det = medmem.Detector.train(
+            train,
+            seed=args.seed,
+            variations=variations,
+            checkpoint_dir=args.checkpoint_dir / f"{args.dims}d" / name,
+            quiet=True,
+        )
+        seconds[f"detector {name}"] = round(time.perf_counter() - t, 1)
+        detectors[name] = det
+        epochs[name] = det.epochs_trained
+        print(f"detector {name}: {seconds[f'detector {name}']} s, {det.epochs_trained} epochs")
+
+    def detector_embed(det):
+        return lambda v: det.embed(ArrayDataset(v), quiet=True)
+
+    methods = {
+        "pixel Pearson": lambda v: v.flatten(1).numpy(),
+        **{f"medmem ({n})": detector_embed(d) for n, d in detectors.items()},
+    }
+    raw: dict[str, dict] = {}
     for name, emb in methods.items():
         t = time.perf_counter()
-        e_tr = emb(x_train)
-        rho_val = nearest(e_tr, emb(x_val))[0][:, 0]
-        tau = float(np.percentile(rho_val, 95))
-        scores = {
-            "pos": nearest(emb(positives), e_tr)[0][:, 0],
-            "novel": nearest(emb(x_novel), e_tr)[0][:, 0],
-            "follow": nearest(emb(x_follow), e_tr)[0][:, 0],
+        raw[name] = score_embeddings(emb, x)
+        seconds[name] = round(time.perf_counter() - t, 1)
+    if not args.no_ssim:
+        t = time.perf_counter()
+        ssim_val = np.array([_ssim_max(x["train"][i : i + 1], x["val"])[0] for i in range(len(x["train"]))])
+        # SSIM is not a correlation of embeddings: its thresholds are computed the same way
+        # on its own scores (conformal on validation images, and the paper's percentile)
+        val_scores = _ssim_max(x["val"], x["train"])
+        res = {k: _ssim_max(v, x["train"]) for k, v in x.items() if k not in ("train", "val") and v is not None}
+        raw["SSIM"] = {
+            "scores": res,
+            "tau": float(np.quantile(val_scores, 0.95, method="weibull")),
+            "tau_paper": float(np.percentile(ssim_val, 95)),
         }
-        results[name] = (tau, scores)
-        timings[name] = time.perf_counter() - t
-        print(f"{name}: {timings[name]:.1f} s", flush=True)
-    t = time.perf_counter()
-    rho_val = np.array([_ssim_max(x_train[i : i + 1], x_val)[0] for i in range(len(x_train))])
-    tau = float(np.percentile(rho_val, 95))
-    results["SSIM"] = (
-        tau,
-        {
-            "pos": _ssim_max(positives, x_train),
-            "novel": _ssim_max(x_novel, x_train),
-            "follow": _ssim_max(x_follow, x_train),
-        },
-    )
-    timings["SSIM"] = time.perf_counter() - t
-    print(f"SSIM: {timings['SSIM']:.1f} s", flush=True)
+        seconds["SSIM"] = round(time.perf_counter() - t, 1)
 
-    kinds_arr = np.array(pos_kind)
     report: dict = {
-        "data": "NIH ChestX-ray14 subset (../shared/data/nih-cxr)",
+        "dims": args.dims,
+        "data": data["data"],
         "sizes": {
             "train": len(train),
             "val": len(val),
             "novel": len(novel),
-            "follow_ups": len(follow),
-            "positives_per_kind": args.per_kind,
+            "follow_ups": len(follow) if follow is not None else 0,
+            "positives_per_kind": per_kind,
         },
-        "image_size": list(size),
-        "detector_epochs": args.epochs,
-        "detector_train_kinds": list(kinds),
-        "percentile": 95,
-        "methods": {},
-        "machine": machine(),
-        "seconds": {
-            "autoencoder": round(t_ae, 1),
-            "detector_training": round(t_det, 1),
-            **{k: round(v, 1) for k, v in timings.items()},
-            "total": round(time.perf_counter() - t0, 1),
+        "image_size": list(train.image_size),
+        "detectors": {
+            n: {
+                "variations": list(d.config.variations.kinds),
+                "kind_prob": d.config.variations.kind_prob,
+                "arch": d.config.arch,
+                "input_size": list(d.config.encoder_input_size),
+                "epochs_trained": d.epochs_trained,
+                "max_epochs": d.config.epochs,
+                "stopped_early": d.stopped_early_,
+            }
+            for n, d in detectors.items()
         },
-        "command": " ".join(["python", *sys.argv]),
+        "groups": {g: list(GROUPS[g]) for g in groups},
+        "control_kinds": list(CONTROL_VARIATION_KINDS),
+        "group_of": GROUP_OF,
+        "methods": {name: summarise(r, kinds, args.n_bootstrap, args.seed) for name, r in raw.items()},
     }
-    for name, (tau, sc) in results.items():
-        m = _metrics(sc["pos"], sc["novel"], tau)
-        m["ci95"] = _bootstrap(sc["pos"], sc["novel"], tau, args.n_bootstrap, args.seed)
-        m["tau"] = tau
-        m["per_kind_above_tau"] = {
-            k: float(np.mean(sc["pos"][kinds_arr == k] >= tau)) for k in KINDS
+
+    # held out: each kind scored by the detector that did not train on its group
+    held_pos, held_kind = [], []
+    held = {}
+    for kind in dict.fromkeys(kinds):
+        g = GROUP_OF.get(kind)
+        name = "default" if g == "controls" else (f"minus-{g}" if g in groups else None)
+        if name is None:
+            continue
+        r = raw[f"medmem ({name})"]
+        pos = r["scores"]["pos"][kinds == kind]
+        held[kind] = {
+            "detector": name,
+            "auroc": auroc(pos, r["scores"]["novel"]),
+            "sensitivity_at_tau": float(np.mean(pos >= r["tau"])),
+            "specificity_at_tau": float(np.mean(r["scores"]["novel"] < r["tau"])),
         }
-        m["per_kind_auroc"] = {k: auroc(sc["pos"][kinds_arr == k], sc["novel"]) for k in KINDS}
-        m["follow_up_above_tau"] = float(np.mean(sc["follow"] >= tau))
-        m["follow_up_auroc_vs_novel"] = auroc(sc["follow"], sc["novel"])
-        report["methods"][name] = m
+        held_pos.append(pos >= r["tau"])
+        held_kind.append(kind)
+    report["held_out"] = held
+    if held:
+        report["held_out_all"] = {
+            "kinds": held_kind,
+            "sensitivity_at_tau": float(np.mean(np.concatenate(held_pos))),
+            "auroc_mean": float(np.mean([h["auroc"] for h in held.values()])),
+            "auroc_min": float(np.min([h["auroc"] for h in held.values()])),
+        }
+    # the audit's positive controls with the default detector
+    det = detectors["default"]
+    t = time.perf_counter()
+    e_ctrl, _, info = make_controls(train, det, n_controls=args.n_controls, seed=args.seed)
+    e_tr = det.embed(train, quiet=True)
+    rho = nearest(e_ctrl, e_tr)[0][:, 0]
+    tau = raw["medmem (default)"]["tau"]
+    ctrl_kinds = np.array(info["control_kinds"])
+    report["controls"] = {
+        "kinds": info["kinds"],
+        "n": int(len(rho)),
+        "sensitivity_at_tau": float(np.mean(rho >= tau)),
+        "per_kind": {k: float(np.mean(rho[ctrl_kinds == k] >= tau)) for k in info["kinds"]},
+    }
+    d_pos = raw["medmem (default)"]["scores"]["pos"]
+    ctrl_bench = np.isin(kinds, [k for k, g in GROUP_OF.items() if g == "controls"])
+    report["controls"]["benchmark_held_out_sensitivity_default"] = float(
+        np.mean(d_pos[ctrl_bench] >= tau)
+    )
+    seconds["controls"] = round(time.perf_counter() - t, 1)
+    seconds["total"] = round(time.perf_counter() - t0, 1)
+    report["seconds"] = seconds
+    report["machine"] = machine()
+    report["command"] = " ".join(["python", *sys.argv])
+    stem = "detection" if args.dims == 2 else "detection-3d"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "detection.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "detection.md").write_text(render(report))
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(render(report))
     print(render(report))
     return 0
 
 
+# ------------------------------------------------------------------ report
 def render(r: dict) -> str:
-    """The benchmark as Markdown (docs/results/detection.md)."""
+    """The benchmark as Markdown (docs/results/detection.md, detection-3d.md)."""
     names = list(r["methods"])
+    dim = f"{r['dims']}D"
+    size = "x".join(map(str, r["image_size"]))
+    d = r["detectors"]["default"]
     lines = [
-        "# Copy-detection benchmark on real chest radiographs",
+        f"# Copy-detection benchmark, {dim}, on real scans",
         "",
-        "Generated by `python benchmarks/detection.py` (do not edit by hand). Command: "
-        f"`{r['command']}`.",
+        f"Generated by `{r['command']}` (do not edit by hand); numbers in the JSON beside "
+        "this page.",
         "",
-        f"- Data: {r['data']}; image size {r['image_size'][0]}x{r['image_size'][1]}; patients "
-        f"split 60/20/20 into training / validation / novel. Sizes: {r['sizes']}.",
-        f"- Detector: {r['detector_epochs']} epochs, trained with variations "
-        f"{', '.join(r['detector_train_kinds'])}.",
-        f"- Machine: {r['machine']}. Time: {r['seconds']}.",
+        f"- Data: {r['data']}; images {size}; patients split into training / validation / "
+        f"novel. Sizes: {r['sizes']}.",
+        f"- Default detector: {d['arch']}, works at {'x'.join(map(str, d['input_size']))}, "
+        f"trained {d['epochs_trained']} epochs (at most {d['max_epochs']}; early stopping "
+        f"{'ended it' if d['stopped_early'] else 'did not end it'}), variations "
+        f"{', '.join(d['variations'])} (each applied with probability {d['kind_prob']}).",
+        f"- Held out of the default detector (the audit's control kinds): "
+        f"{', '.join(r['control_kinds'])}. Groups held out one at a time: "
+        + "; ".join(f"{g}: {', '.join(k)}" for g, k in r["groups"].items())
+        + ".",
+        f"- Machine: {r['machine']}. Seconds: {r['seconds']}.",
+        "- tau: the audit's default (conformal on validation->training scores, nominal "
+        "false-copy rate 5%); the paper's tau (95th percentile of training->validation) beside.",
         "",
         "## All change kinds together vs images of novel patients",
         "",
         "| method | AUROC | TPR at 1% FPR | sensitivity at tau | specificity at tau "
-        "(design 0.95) | tau |",
-        "|---|---|---|---|---|---|",
+        "| tau | specificity at paper's tau |",
+        "|---|---|---|---|---|---|---|",
     ]
     for n in names:
         m, ci = r["methods"][n], r["methods"][n]["ci95"]
@@ -379,32 +492,68 @@ def render(r: dict) -> str:
         lines.append(
             f"| {n} | {cell('auroc')} | {cell('tpr_at_1pct_fpr')} | "
             f"{cell('sensitivity_at_tau')} | {cell('specificity_at_tau')} | "
-            f"{m['tau']:.4f} |"
+            f"{m['tau']:.4f} | {m['specificity_at_tau_paper']:.3f} |"
         )
     lines += ["", "Intervals: percentile bootstrap 95% over positives and negatives (tau fixed)."]
-    for title, key, fmt in (
-        ("Share of positives at or above tau, per change kind", "per_kind_above_tau", ".2f"),
-        ("AUROC per change kind (vs novel patients)", "per_kind_auroc", ".3f"),
-    ):
-        lines += ["", f"## {title}", "", "| change | " + " | ".join(names) + " |"]
-        lines.append("|---" * (len(names) + 1) + "|")
-        for k in KINDS:
-            cells = " | ".join(f"{r['methods'][n][key][k]:{fmt}}" for n in names)
-            lines.append(f"| {k} | {cells} |")
+    kinds = list(r["methods"][names[0]]["per_kind_auroc"])
+    held = r.get("held_out", {})
+    base = [n for n in names if not n.startswith("medmem")]
     lines += [
         "",
-        "## Follow-up studies of training patients (same patient, different image)",
+        "## Per change kind: trained on, held out, default, baselines",
         "",
-        "Not copies by the paper's definition; shown so that a user knows how they score.",
+        "Share of positives at or above tau (AUROC vs novel patients in brackets). *Trained "
+        "on*: the detector trained on every kind. *Held out*: the detector trained without "
+        "the kind's group (named). *Default*: the default detector.",
         "",
-        "| method | share at or above tau | AUROC vs novel patients |",
-        "|---|---|---|",
+        "| change | trained on | held out | default | " + " | ".join(base) + " |",
+        "|---" * (4 + len(base)) + "|",
     ]
-    for n in names:
-        m = r["methods"][n]
-        lines.append(
-            f"| {n} | {m['follow_up_above_tau']:.2f} | {m['follow_up_auroc_vs_novel']:.3f} |"
+
+    def pk(name: str, k: str) -> str:
+        m = r["methods"][name]
+        return f"{m['per_kind_above_tau'][k]:.2f} ({m['per_kind_auroc'][k]:.3f})"
+
+    for k in kinds:
+        h = held.get(k)
+        hcell = (
+            f"{h['sensitivity_at_tau']:.2f} ({h['auroc']:.3f}) [{h['detector']}]" if h else "-"
         )
+        cells = " | ".join(pk(b, k) for b in base)
+        lines.append(f"| {k} | {pk('medmem (all)', k)} | {hcell} | {pk('medmem (default)', k)} | {cells} |")
+    if "held_out_all" in r:
+        h = r["held_out_all"]
+        lines += [
+            "",
+            f"Held-out kinds together: sensitivity at tau {h['sensitivity_at_tau']:.3f}; AUROC "
+            f"mean {h['auroc_mean']:.3f}, lowest {h['auroc_min']:.3f}.",
+        ]
+    c = r["controls"]
+    lines += [
+        "",
+        "## The audit's positive controls against held-out copies",
+        "",
+        f"`medmem.audit.make_controls` with the default detector ({c['n']} controls of the "
+        f"held-out kinds {', '.join(c['kinds'])}): measured sensitivity "
+        f"{c['sensitivity_at_tau']:.3f} (per kind {c['per_kind']}). The benchmark's copies of "
+        "the same kinds (other code, other ranges) scored by the same detector: sensitivity "
+        f"{c['benchmark_held_out_sensitivity_default']:.3f}.",
+    ]
+    if "follow_up_above_tau" in r["methods"][names[0]]:
+        lines += [
+            "",
+            "## Follow-up studies of training patients (same patient, different image)",
+            "",
+            "Not copies by the paper's definition; shown so that a user knows how they score.",
+            "",
+            "| method | share at or above tau | AUROC vs novel patients |",
+            "|---|---|---|",
+        ]
+        for n in names:
+            m = r["methods"][n]
+            lines.append(
+                f"| {n} | {m['follow_up_above_tau']:.2f} | {m['follow_up_auroc_vs_novel']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

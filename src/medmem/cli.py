@@ -98,6 +98,14 @@ def _data_options(f: Any) -> Any:
         default=None,
         help="2 or 3 (default: detected from the files).",
     )(f)
+    f = click.option(
+        "--spatial-mode",
+        type=click.Choice(["resample", "crop"]),
+        default="resample",
+        show_default=True,
+        help="How images reach --image-size: 'resample' keeps the whole field of view; "
+        "'crop' centre-crops or pads (voxel size kept, anatomy outside the crop lost).",
+    )(f)
     return f
 
 
@@ -107,11 +115,54 @@ def _detector_options(f: Any) -> Any:
     f = click.option("--embed-dim", type=int, default=None, help="Embedding size.")(f)
     f = click.option("--lr", type=float, default=None, help="Learning rate.")(f)
     f = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")(f)
+    f = click.option(
+        "--arch",
+        type=click.Choice(["resnet", "conv"]),
+        default=None,
+        help="Detector encoder: 'resnet' (default, 2D and 3D) or 'conv' (the paper's 3D one).",
+    )(f)
+    f = click.option(
+        "--variations",
+        default=None,
+        help="Training variations of the detector: 'default' (broad: geometry, intensity, "
+        "resolution, blends), 'paper' (flip, rotate, contrast), 'all', or kinds separated by "
+        "commas, e.g. flip,rotate,zoom.",
+    )(f)
+    f = click.option(
+        "--input-size",
+        default=None,
+        help="Size the detector works at, e.g. 64,64 (default: each side of --image-size "
+        "capped at 64 in 2D, 32 in 3D).",
+    )(f)
+    f = click.option(
+        "--no-early-stopping",
+        is_flag=True,
+        help="Train all --epochs instead of stopping when copy retrieval saturates.",
+    )(f)
     return f
 
 
 def _overrides(**kw: Any) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
+
+
+def _detector_settings(opts: dict[str, Any]) -> dict[str, Any]:
+    """DetectorConfig overrides from the detector options (taken out of ``opts``)."""
+    from medmem.detector import VariationConfig
+
+    arch = opts.pop("arch", None)
+    variations = opts.pop("variations", None)
+    input_size = _size(opts.pop("input_size", None))
+    no_early = opts.pop("no_early_stopping", False)
+    out = _overrides(arch=arch, input_size=input_size)
+    if variations is not None:
+        try:
+            out["variations"] = VariationConfig.preset(variations)
+        except MedmemError as exc:
+            raise click.BadParameter(str(exc), param_hint="--variations") from None
+    if no_early:
+        out["early_stopping"] = False
+    return out
 
 
 def _load(
@@ -137,6 +188,7 @@ def _load(
             patient_id_pattern=opts["patient_id_pattern"],
             skip_unreadable=opts["skip_unreadable"],
             quiet=bool(os.environ.get("MEDMEM_QUIET")),
+            spatial_mode=opts.get("spatial_mode") or "resample",
         )
     except MedmemError as exc:
         if like is not None and "spatial_dims" in str(exc):
@@ -182,6 +234,7 @@ def train_detector(
     from medmem.detector import Detector
 
     _check_out(out, overwrite)
+    settings = _detector_settings(data_opts)
     train = _load(train_src, data_opts)
     log.info(
         "training a %dD detector on %d images from %s", train.spatial_dims, len(train), train_src
@@ -199,6 +252,7 @@ def train_detector(
             lr=lr,
             seed=seed,
         ),
+        **settings,
     )
     det.save(out)
     click.echo(f"detector saved to {out} (fingerprint {det.fingerprint[:12]})")
@@ -295,6 +349,7 @@ def audit_cmd(
     from medmem.detector import Detector
 
     _check_out(out, overwrite)
+    settings = _detector_settings(data_opts)
     detector = Detector.load(detector_dir) if detector_dir else None
     size = tuple(detector.config.image_size) if detector is not None else None
     train = _load(train_src, data_opts, image_size=size)
@@ -314,7 +369,8 @@ def audit_cmd(
         quiet=ctx.obj["quiet"],
         detector_overrides=_overrides(
             epochs=epochs, batch_size=batch_size, embed_dim=embed_dim, lr=lr, seed=seed
-        ),
+        )
+        | settings,
     )
     result.save(out, overwrite=overwrite)
     click.echo(format_verdict(result.summary))
@@ -573,6 +629,18 @@ def quality_cmd(
     help="Also withhold images whose nearest_train_corr is within this margin below tau.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option(
+    "--drop-nonimages",
+    is_flag=True,
+    help="Leave out (and count) files that are not generator images, e.g. an earlier "
+    "audit's gallery.png, instead of refusing.",
+)
+@click.option(
+    "--drop-identifying",
+    is_flag=True,
+    help="Leave out (and count) files whose metadata or bytes identify a training or "
+    "validation patient, instead of refusing.",
+)
 @click.pass_context
 def screen_cmd(
     ctx: click.Context,
@@ -581,12 +649,17 @@ def screen_cmd(
     syn_src: str | None,
     margin: float,
     overwrite: bool,
+    drop_nonimages: bool,
+    drop_identifying: bool,
 ) -> None:
     """Write the release set: the audited synthetic images that are not copies.
 
-    Copies the synthetic files with nearest_train_corr < tau - margin byte for byte into
-    --out, with release_manifest.csv and README.txt. Nothing written names a training
-    image or patient. Refuses synthetic images that differ from the audited ones.
+    Writes the synthetic files with nearest_train_corr < tau - margin into --out,
+    de-identified in their own formats (DICOM: PS3.15 Basic Application Level
+    Confidentiality Profile; PNG/JPEG/TIFF: no text, EXIF or XMP; NIfTI: no description
+    or extensions), with release_manifest.csv and README.txt. Nothing written names a
+    training image or patient. Refuses synthetic images that differ from the audited
+    ones, files that are not generator images and files that identify a patient.
 
     \b
     Example:
@@ -602,6 +675,8 @@ def screen_cmd(
         margin=margin,
         overwrite=overwrite,
         quiet=ctx.obj["quiet"],
+        drop_nonimages=drop_nonimages,
+        drop_identifying=drop_identifying,
     )
     click.echo(str(result))
 

@@ -36,6 +36,7 @@ from medmem import __version__
 from medmem._errors import InputError
 from medmem._io import file_sha256
 from medmem._progress import progress
+from medmem._stats import auroc, wilson_interval
 from medmem._validation import check_positive_int, check_seed
 
 logger = logging.getLogger(__name__)
@@ -616,6 +617,7 @@ __all__ = [
     "MS_SSIM_WEIGHTS",
     "FeatureExtractor",
     "as_extractor",
+    "auroc",
     "extract_features",
     "extractor_name",
     "fid",
@@ -625,4 +627,5 @@ __all__ = [
     "ms_ssim_settings",
     "precision_recall",
     "quality",
+    "wilson_interval",
 ]

@@ -16,6 +16,8 @@ from safetensors import safe_open
 from medmem import InputError, MedmemError, NotFittedError, OutputExistsError
 from medmem.data import ArrayDataset
 from medmem.detector import (
+    DEFAULT_VARIATION_KINDS,
+    PAPER_VARIATION_KINDS,
     ContrastiveEncoder,
     Detector,
     DetectorConfig,
@@ -104,7 +106,9 @@ def test_encoder_shapes(kwargs, in_shape, out_shape):
 
 def test_encoder_defaults_follow_the_paper():
     assert ContrastiveEncoder(2).arch == "resnet" and ContrastiveEncoder(2).embed_dim == 128
-    enc3 = ContrastiveEncoder(3, image_size=(16, 16, 16))
+    # 3D: a ResNet by default (the paper's conv encoder collapsed on real MRI), conv on request
+    assert ContrastiveEncoder(3, image_size=(16, 16, 16)).arch == "resnet"
+    enc3 = ContrastiveEncoder(3, arch="conv", image_size=(16, 16, 16))
     assert enc3.arch == "conv" and enc3.embed_dim == 32
     # the conv encoder's bottleneck: 8 channels at 4^3 -> flatten -> dense
     linear = [m for m in enc3.modules() if isinstance(m, torch.nn.Linear)]
@@ -113,7 +117,7 @@ def test_encoder_defaults_follow_the_paper():
 
 def test_encoder_errors():
     with pytest.raises(InputError, match=r"4 \* 2\*\*k"):
-        ContrastiveEncoder(3, image_size=(48, 64, 64))
+        ContrastiveEncoder(3, arch="conv", image_size=(48, 64, 64))
     with pytest.raises(InputError, match="needs image_size"):
         ContrastiveEncoder(3, arch="conv")
     net = ContrastiveEncoder(3, image_size=(16, 16, 16))
@@ -169,10 +173,16 @@ def test_nt_xent_gradients_and_errors():
 def test_config_defaults_per_dimension():
     c2, c3 = DetectorConfig.default(2), DetectorConfig.default(3)
     assert (c2.arch, c2.embed_dim, c2.batch_size) == ("resnet", 128, 64)
-    assert (c3.arch, c3.embed_dim, c3.batch_size) == ("conv", 32, 10)
-    assert c2.temperature == 0.07 and c2.lr == 1e-3 and c2.epochs == 200
-    assert c2.variations.kinds == ("flip", "rotate", "contrast")
+    assert (c3.arch, c3.embed_dim, c3.batch_size) == ("resnet", 32, 16)
+    assert c2.temperature == 0.07 and c2.lr == 1e-3 and c2.epochs == 200 and c2.early_stopping
+    assert c2.variations.kinds == DEFAULT_VARIATION_KINDS
+    assert VariationConfig.paper().kinds == ("flip", "rotate", "contrast")
     assert c2.variations.max_rotation == 5.0
+    # the network works at 64^2 / 32^3 at most; larger images are averaged down first
+    assert c2.replace(image_size=(128, 96)).encoder_input_size == (64, 64)
+    assert c2.replace(image_size=(48, 48)).encoder_input_size == (48, 48)
+    assert c3.replace(image_size=(64, 64, 16)).encoder_input_size == (32, 32, 16)
+    assert c2.replace(image_size=(128, 128), input_size=(96, 96)).encoder_input_size == (96, 96)
     assert DetectorConfig(spatial_dims=3) == c3
     # dimension-dependent defaults follow a change of spatial_dims; explicit values stay
     assert c2.replace(spatial_dims=3) == c3
@@ -195,7 +205,7 @@ def test_config_round_trips_through_json():
         ({"spatial_dims": 4}, r"spatial_dims must be one of \[2, 3\]"),
         ({"arch": "resnt"}, "Did you mean 'resnet'"),
         ({"image_size": (64, 64, 64)}, "must have 2 sides"),
-        ({"spatial_dims": 3, "image_size": (60, 64, 64)}, r"4 \* 2\*\*k"),
+        ({"spatial_dims": 3, "arch": "conv", "image_size": (24, 32, 32)}, r"4 \* 2\*\*k"),
         ({"temperature": 0.0}, r"temperature must be in \(0.0"),
         ({"batch_size": 1}, "batch_size must be an integer >= 2"),
         ({"epochs": 0}, "epochs must be an integer >= 1"),
@@ -346,7 +356,7 @@ def test_save_load_round_trip(detector, train_set, tmp_path, monkeypatch):
         "model.safetensors",
     ]
     meta = json.loads((tmp_path / "det" / "config.json").read_text())
-    assert meta["schema_version"] == 1 and meta["n_train"] == 8
+    assert meta["schema_version"] == 2 and meta["n_train"] == 8
     assert meta["train_fingerprint"] == train_set.fingerprint()
     assert meta["loss_history"] == detector.loss_history_
     assert "medmem_version" in meta and meta["config"]["embed_dim"] == 16
@@ -451,12 +461,20 @@ def test_cache_is_keyed_by_detector(train_set, tmp_path):
 # ---------------------------------------------------------------- 3D and behaviour
 def test_3d_training_and_embedding():
     vols = ArrayDataset(smooth_images(4, 16, seed=2, spatial_dims=3))
-    det = Detector.train(
-        vols, epochs=1, batch_size=2, conv_channels=8, conv_max_channels=16, quiet=True
-    )
-    assert det.config.arch == "conv"
+    det = Detector.train(vols, epochs=1, batch_size=2, resnet_channels=(8, 8, 16, 16), quiet=True)
+    assert det.config.arch == "resnet"
     emb = det.embed(vols, quiet=True)
     assert emb.shape == (4, 32) and np.isfinite(emb).all()
+    conv = Detector.train(
+        vols,
+        epochs=1,
+        batch_size=2,
+        arch="conv",
+        conv_channels=8,
+        conv_max_channels=16,
+        quiet=True,
+    )
+    assert conv.embed(vols, quiet=True).shape == (4, 32)
 
 
 def test_trained_detector_matches_varied_copies_to_their_originals():
@@ -466,7 +484,9 @@ def test_trained_detector_matches_varied_copies_to_their_originals():
     n = 16
     images = smooth_images(n, 32, seed=0)
     train = ArrayDataset(images)
-    varied = np.stack([vary(images[i][None], 1000 + i)[0] for i in range(n)])
+    varied = np.stack(
+        [vary(images[i][None], 1000 + i, kinds=PAPER_VARIATION_KINDS)[0] for i in range(n)]
+    )
     copies = ArrayDataset(varied)
 
     def hits(emb_copies: np.ndarray, emb_train: np.ndarray) -> float:
@@ -477,7 +497,7 @@ def test_trained_detector_matches_varied_copies_to_their_originals():
         corr = standardise(emb_copies) @ standardise(emb_train).T  # Pearson, (copy, train)
         return float((corr.argmax(axis=1) == np.arange(n)).mean())
 
-    settings = dict(epochs=30, batch_size=16, lr=1e-3, seed=0)
+    settings = dict(epochs=30, batch_size=16, lr=1e-3, seed=0, variations=VariationConfig.paper())
     det = Detector.train(train, quiet=True, **settings)
     trained = hits(det.embed(copies, quiet=True), det.embed(train, quiet=True))
     untrained = Detector.train(train, quiet=True, **{**settings, "epochs": 1, "lr": 1e-9})

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from medmem.data._base import ArrayDataset, BaseImageDataset
 from medmem.data._dataset import ImageDataset, load_dataset
-from medmem.data._preprocess import DEFAULT_IMAGE_SIZE, Preprocess
+from medmem.data._preprocess import DEFAULT_IMAGE_SIZE, SPATIAL_MODES, Preprocess
 from medmem.data._readers import SUPPORTED_SUFFIXES, ImageInfo, probe_image, read_image
 from medmem.data.phantoms import PHANTOM_FORMATS, make_phantom, write_phantoms
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
     "PHANTOM_FORMATS",
+    "SPATIAL_MODES",
     "SUPPORTED_SUFFIXES",
     "ArrayDataset",
     "BaseImageDataset",

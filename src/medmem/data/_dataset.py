@@ -147,6 +147,7 @@ def load_dataset(
     patient_id_pattern: str | re.Pattern | None = None,
     skip_unreadable: bool = False,
     quiet: bool = False,
+    spatial_mode: str = "resample",
 ) -> ImageDataset:
     """Find, probe and index 2D or 3D images; pixels are read later, one item at a time.
 
@@ -158,13 +159,15 @@ def load_dataset(
             folder become one 3D item. A dataset is returned as is (after checks).
         spatial_dims: 2 or 3; default: from the images. A mismatch is an error.
         image_size: output shape, (H, W) or (D, H, W); default 128x128 (2D), 64^3 (3D).
-            2D images are resized, 3D volumes centre-cropped or zero-padded.
+            Every image is resampled to it, whole field of view kept (``spatial_mode``).
         patient_id_pattern: regex giving the patient id from the file name (then its path):
             group ``patient`` if named, else group 1, else the whole match. Manifest
             ``patient_id`` values take precedence; DICOM PatientID is the fallback.
         skip_unreadable: drop files that cannot be probed, decoded or normalised (each file
             is then read once now) and list them in ``dataset.skipped``; default: raise.
         quiet: no progress bars.
+        spatial_mode: "resample" (default: resize every axis, whole field of view) or
+            "crop" (centre crop or zero pad, voxel size kept; the paper's 3D sub-volumes).
 
     Returns:
         An :class:`ImageDataset`.
@@ -179,6 +182,7 @@ def load_dataset(
     """
     if spatial_dims is not None and spatial_dims not in (2, 3):
         raise InputError(f"spatial_dims must be 2, 3 or None, got {spatial_dims!r}.")
+    Preprocess(spatial_dims or 2, spatial_mode=spatial_mode)  # checks spatial_mode up front
     if isinstance(src, BaseImageDataset):
         return _check_given_dataset(src, spatial_dims, image_size)  # type: ignore[return-value]
 
@@ -220,7 +224,9 @@ def load_dataset(
             f"spatial_dims={spatial_dims} was given but the images in {collected.searched} are "
             f"{found_dims}D, e.g. {_describe(items[0])}."
         )
-    preprocess = Preprocess(found_dims, check_image_size(image_size, found_dims))
+    preprocess = Preprocess(
+        found_dims, check_image_size(image_size, found_dims), spatial_mode=spatial_mode
+    )
 
     if skip_unreadable:
         items = _drop_unusable(items, skipped, quiet=quiet)

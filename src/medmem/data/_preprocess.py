@@ -10,9 +10,14 @@ import torch
 
 from medmem._errors import InputError
 
-#: Default ``image_size`` per ``spatial_dims``: 128x128 radiographs, 64^3 patches (the paper's
-#: PCCTA sub-volumes). Pass ``image_size=(32, 256, 256)`` for the paper's MRNet volumes.
+#: Default ``image_size`` per ``spatial_dims``: 128x128 radiographs, 64^3 volumes (the whole
+#: volume resampled to it). Pass ``image_size=(32, 256, 256)`` for the paper's MRNet volumes.
 DEFAULT_IMAGE_SIZE: dict[int, tuple[int, ...]] = {2: (128, 128), 3: (64, 64, 64)}
+
+#: How a raw image reaches ``image_size``: "resample" keeps the whole field of view (every
+#: axis resized, anti-aliased); "crop" keeps the voxel size (centre crop or zero pad, the
+#: paper's sub-volumes), which discards anatomy outside the crop.
+SPATIAL_MODES: tuple[str, ...] = ("resample", "crop")
 
 # Bump when the arithmetic below changes: it is part of every dataset fingerprint.
 _VERSION = 1
@@ -61,14 +66,17 @@ class Preprocess:
     """Raw image -> float32 tensor ``(1, *image_size)`` with values in [0, 1].
 
     Steps: reject NaN/inf and constant images; min-max scale the whole image to [0, 1];
-    then 2D: resize to ``image_size`` (MONAI ``Resize``, bilinear with Gaussian anti-aliasing
-    when shrinking; aspect ratio not kept; skipped when the size already matches), 3D: centre
-    crop or zero-pad to ``image_size`` (MONAI ``ResizeWithPadOrCrop``; voxel size is kept,
-    as in the paper's crops). Padding is 0, the image minimum.
+    then, with ``spatial_mode="resample"`` (default, 2D and 3D), resize every axis to
+    ``image_size`` (MONAI ``Resize``, bi/trilinear with Gaussian anti-aliasing when
+    shrinking; aspect ratio not kept; skipped when the size already matches): the whole field
+    of view is kept. With ``spatial_mode="crop"``, centre crop or zero-pad to ``image_size``
+    (MONAI ``ResizeWithPadOrCrop``; voxel size kept, as in the paper's 3D crops; anatomy
+    outside the crop is lost). Padding is 0, the image minimum.
 
     Args:
         spatial_dims: 2 for (H, W) images, 3 for (D, H, W) volumes.
         image_size: output shape; an int means a square/cube. Default 128x128 (2D), 64^3 (3D).
+        spatial_mode: "resample" (default) or "crop", see above.
 
     Example:
         >>> pre = Preprocess(2, image_size=64)
@@ -76,16 +84,44 @@ class Preprocess:
         torch.Size([1, 64, 64])
     """
 
-    def __init__(self, spatial_dims: int, image_size: int | Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        spatial_dims: int,
+        image_size: int | Sequence[int] | None = None,
+        spatial_mode: str = "resample",
+    ) -> None:
         if spatial_dims not in (2, 3):
             raise InputError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+        if spatial_mode not in SPATIAL_MODES:
+            raise InputError(
+                f"spatial_mode must be one of {', '.join(SPATIAL_MODES)} (--spatial-mode), got "
+                f"{spatial_mode!r}: 'resample' keeps the whole field of view, 'crop' the voxel "
+                "size."
+            )
         self.spatial_dims = int(spatial_dims)
         self.image_size = check_image_size(image_size, self.spatial_dims)
+        self.spatial_mode = spatial_mode
         self._transform: Any = None
+
+    def describe(self) -> str:
+        """One sentence on what is done to reach ``image_size`` (for summaries and reports)."""
+        size = "x".join(map(str, self.image_size))
+        if self.spatial_mode == "resample":
+            return (
+                f"every image min-max scaled to [0, 1] and resampled to {size} (anti-aliased; "
+                "whole field of view kept, aspect ratio not kept)"
+            )
+        return (
+            f"every image min-max scaled to [0, 1] and centre-cropped or zero-padded to {size} "
+            "(voxel size kept; anatomy outside the crop discarded)"
+        )
 
     def key(self) -> str:
         """A string that changes whenever these steps would produce different tensors."""
-        spatial = "resize-bilinear-aa" if self.spatial_dims == 2 else "center-crop-or-pad0"
+        if self.spatial_mode == "crop":
+            spatial = "center-crop-or-pad0"
+        else:
+            spatial = "resize-bilinear-aa" if self.spatial_dims == 2 else "resize-trilinear-aa"
         return (
             f"medmem.preprocess/v{_VERSION};dims={self.spatial_dims};"
             f"size={self.image_size};intensity=minmax01;spatial={spatial};dtype=float32"
@@ -95,9 +131,12 @@ class Preprocess:
         if self._transform is None:
             from monai.transforms import Resize, ResizeWithPadOrCrop
 
-            if self.spatial_dims == 2:
+            if self.spatial_mode == "resample":
                 self._transform = Resize(
-                    self.image_size, mode="bilinear", anti_aliasing=True, dtype=torch.float32
+                    self.image_size,
+                    mode="bilinear" if self.spatial_dims == 2 else "trilinear",
+                    anti_aliasing=True,
+                    dtype=torch.float32,
                 )
             else:
                 self._transform = ResizeWithPadOrCrop(self.image_size, mode="constant")
@@ -135,7 +174,10 @@ class Preprocess:
         return hash(self.key())
 
     def __repr__(self) -> str:
-        return f"Preprocess(spatial_dims={self.spatial_dims}, image_size={self.image_size})"
+        return (
+            f"Preprocess(spatial_dims={self.spatial_dims}, image_size={self.image_size}, "
+            f"spatial_mode={self.spatial_mode!r})"
+        )
 
 
-__all__ = ["DEFAULT_IMAGE_SIZE", "Preprocess"]
+__all__ = ["DEFAULT_IMAGE_SIZE", "SPATIAL_MODES", "Preprocess"]

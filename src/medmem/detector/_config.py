@@ -19,13 +19,20 @@ NORMS = ("batch", "group", "instance")
 
 # Settings that change how fast training runs but not its result; they are left out of the
 # detector fingerprint and of the resume check.
-RUNTIME_FIELDS = frozenset({"num_workers"})
+RUNTIME_FIELDS = frozenset({"num_workers", "cache_bytes"})
 
-# Paper defaults that depend on the dimension (section 4.3 and the authors' training code).
+# Defaults that depend on the dimension. 2D follows the paper (section 4.3); in 3D the
+# paper's strided-conv encoder ("conv") collapsed to the chance loss on real MRI and
+# phantoms within a CPU budget, so a 3D ResNet is the default and "conv" an option.
 _DIM_DEFAULTS: dict[int, dict[str, Any]] = {
     2: {"arch": "resnet", "embed_dim": 128, "batch_size": 64},
-    3: {"arch": "conv", "embed_dim": 32, "batch_size": 10},
+    3: {"arch": "resnet", "embed_dim": 32, "batch_size": 16},
 }
+
+#: The encoder works at most at this size per axis (``input_size`` None): larger images are
+#: area-averaged down first. Copies are whole-image matches, which 64^2 / 32^3 resolve
+#: (docs/results/detection.md); the training cost falls about fourfold (2D) to eightfold (3D).
+MAX_INPUT_SIDE: dict[int, int] = {2: 64, 3: 32}
 
 
 def conv_downsamplings(image_size: Iterable[int]) -> tuple[int, ...]:
@@ -54,17 +61,21 @@ def conv_downsamplings(image_size: Iterable[int]) -> tuple[int, ...]:
 class DetectorConfig(ConfigSection):
     """Settings of the self-supervised copy detector (architecture, training, variations).
 
-    Fields left as None take the paper's default for ``spatial_dims`` (section 4.3 and the
-    authors' code): 2D -> arch "resnet", embed_dim 128, batch_size 64; 3D -> arch "conv",
-    embed_dim 32, batch_size 10. ``image_size`` None means "the training set's".
+    Fields left as None take the default for ``spatial_dims``: 2D -> arch "resnet",
+    embed_dim 128, batch_size 64 (the paper's); 3D -> arch "resnet", embed_dim 32,
+    batch_size 16 (the paper's 3D "conv" encoder, batch 10, is ``arch="conv"``).
+    ``image_size`` None means "the training set's".
 
     Args:
         spatial_dims: 2 or 3.
         image_size: input size (without channel axis) the encoder is built for.
+        input_size: the size the network works at; images are area-averaged down to it
+            inside the encoder. None: each side of image_size capped at
+            :data:`MAX_INPUT_SIDE` (64 in 2D, 32 in 3D); set it to image_size for no resampling.
         in_channels: image channels (medmem datasets have 1).
         arch: "resnet" (MONAI ResNet, last layer a dense layer to embed_dim; the paper's 2D
-            model) or "conv" (strided convolutions down to 4^d x latent_channels, flatten,
-            dense layers to embed_dim; the paper's 3D model).
+            model, the default in 2D and 3D) or "conv" (strided convolutions down to
+            4^d x latent_channels, flatten, dense layers to embed_dim; the paper's 3D model).
         embed_dim: length of the embedding vector.
         norm: normalisation layers: "group" (8 groups), "batch" or "instance". Group norm
             is the default: it has no running statistics, so embeddings in eval mode match
@@ -81,7 +92,21 @@ class DetectorConfig(ConfigSection):
         hidden_dim: width of the dense layer of the "conv" head (authors' code: 128).
         dropout: dropout before the last dense layer of the "conv" head (authors' code: 0.5).
         temperature: NT-Xent temperature (authors' code: 0.07).
-        epochs: training epochs (authors' code: 200).
+        epochs: at most this many epochs (authors' code: 200, always all of them); with
+            ``early_stopping`` training usually ends sooner.
+        early_stopping: stop when copy retrieval on a fixed probe set stops improving:
+            every ``eval_every`` epochs, ``probe_size`` training images and a fixed variation
+            of each are embedded; the score is the margin between the 5th percentile of
+            each variation's correlation with its source and the 95th percentile of each
+            source's correlation with its nearest other probe image (how well varied copies
+            stand above the closest novel-looking image, the audit's operating point).
+            Training stops once the score has not improved by ``min_delta`` for ``patience``
+            evaluations, after ``min_epochs``.
+        probe_size: images in the probe set (at most the training set).
+        eval_every: epochs between probe evaluations; 0 = about every 10 optimizer steps.
+        patience: evaluations without improvement before stopping.
+        min_delta: improvement of the probe margin that counts.
+        min_epochs: never stop before this epoch; None = enough epochs for 100 steps.
         batch_size: images per batch, K; each brings its variation (2K in all).
         lr: peak learning rate. The authors' code used 1e-4 for 200 epochs of 10k images
             (>30k steps); 1e-3 reaches the same or better copy matching within the few
@@ -94,10 +119,14 @@ class DetectorConfig(ConfigSection):
         vary_both: vary both views of a pair (SimCLR); False varies only the second view
             (the paper's pairs (y_i, y_i')).
         num_workers: DataLoader worker processes (does not change the result).
+        cache_bytes: the preprocessed training images are held in memory when they fit in
+            this many bytes (read from disk once instead of every epoch); does not change the
+            result.
     """
 
     spatial_dims: int = 2
     image_size: tuple[int, ...] | None = None
+    input_size: tuple[int, ...] | None = None
     in_channels: int = 1
     arch: str | None = None
     embed_dim: int | None = None
@@ -111,6 +140,12 @@ class DetectorConfig(ConfigSection):
     dropout: float = 0.5
     temperature: float = 0.07
     epochs: int = 200
+    early_stopping: bool = True
+    probe_size: int = 128
+    eval_every: int = 0
+    patience: int = 4
+    min_delta: float = 0.005
+    min_epochs: int | None = None
     batch_size: int | None = None
     lr: float = 1e-3
     min_lr_ratio: float = 0.5
@@ -120,6 +155,7 @@ class DetectorConfig(ConfigSection):
     variations: VariationConfig = field(default_factory=VariationConfig)
     vary_both: bool = False
     num_workers: int = 0
+    cache_bytes: int = 2**31
 
     @classmethod
     def default(cls, spatial_dims: int, **overrides: Any) -> DetectorConfig:
@@ -127,7 +163,7 @@ class DetectorConfig(ConfigSection):
 
         Example:
             >>> DetectorConfig.default(3).arch
-            'conv'
+            'resnet'
         """
         return cls(spatial_dims=spatial_dims, **overrides)
 
@@ -148,12 +184,22 @@ class DetectorConfig(ConfigSection):
                     f"spatial_dims={self.spatial_dims}, got {size}."
                 )
             set_(self, "image_size", size)
-            if self.arch == "conv":
-                conv_downsamplings(size)
-            elif min(size) < 16:
+        if self.input_size is not None:
+            size_in = _int_tuple(self.input_size, "DetectorConfig.input_size")
+            if len(size_in) != self.spatial_dims:
                 raise InputError(
-                    f"arch='resnet' needs images of at least 16 pixels a side, got image_size="
-                    f"{size}; use arch='conv' or larger images."
+                    f"DetectorConfig.input_size must have {self.spatial_dims} sides for "
+                    f"spatial_dims={self.spatial_dims}, got {size_in}."
+                )
+            set_(self, "input_size", size_in)
+        net = self.encoder_input_size
+        if net is not None:
+            if self.arch == "conv":
+                conv_downsamplings(net)
+            elif min(net) < 16:
+                raise InputError(
+                    f"arch='resnet' needs images of at least 16 pixels a side, got {net}; "
+                    "use arch='conv', larger images or a larger input_size."
                 )
         check_positive_int(self.in_channels, "DetectorConfig.in_channels")
         check_positive_int(self.embed_dim, "DetectorConfig.embed_dim", minimum=2)
@@ -189,6 +235,17 @@ class DetectorConfig(ConfigSection):
             high_open=True,
         )
         check_positive_int(self.epochs, "DetectorConfig.epochs")
+        if not isinstance(self.early_stopping, bool):
+            raise InputError(
+                f"DetectorConfig.early_stopping must be True or False, got {self.early_stopping!r}."
+            )
+        check_positive_int(self.probe_size, "DetectorConfig.probe_size", minimum=4)
+        check_positive_int(self.eval_every, "DetectorConfig.eval_every", minimum=0)
+        check_positive_int(self.patience, "DetectorConfig.patience")
+        check_in_range(self.min_delta, "DetectorConfig.min_delta", 0.0, 1.0)
+        if self.min_epochs is not None:
+            check_positive_int(self.min_epochs, "DetectorConfig.min_epochs")
+        check_positive_int(self.cache_bytes, "DetectorConfig.cache_bytes", minimum=0)
         check_positive_int(self.batch_size, "DetectorConfig.batch_size", minimum=2)
         check_in_range(self.lr, "DetectorConfig.lr", 0.0, 1.0, low_open=True)
         check_in_range(self.min_lr_ratio, "DetectorConfig.min_lr_ratio", 0.0, 1.0)
@@ -210,6 +267,16 @@ class DetectorConfig(ConfigSection):
             )
         check_positive_int(self.num_workers, "DetectorConfig.num_workers", minimum=0)
 
+    @property
+    def encoder_input_size(self) -> tuple[int, ...] | None:
+        """The size the network works at: ``input_size``, or image_size capped per axis."""
+        if self.input_size is not None:
+            return self.input_size
+        if self.image_size is None:
+            return None
+        cap = MAX_INPUT_SIDE[self.spatial_dims]
+        return tuple(min(s, cap) for s in self.image_size)
+
     def replace(self, **changes: Any) -> DetectorConfig:
         """A copy with ``changes`` applied (unknown names fail with a did-you-mean)."""
         check_keys(changes, [f.name for f in fields(self)], "DetectorConfig")
@@ -226,7 +293,7 @@ class DetectorConfig(ConfigSection):
         """Build from a dict (e.g. parsed JSON/YAML); unknown keys fail with a did-you-mean."""
         check_keys(data, [f.name for f in fields(cls)], "DetectorConfig")
         kwargs = dict(data)
-        for name in ("image_size", "resnet_layers", "resnet_channels"):
+        for name in ("image_size", "input_size", "resnet_layers", "resnet_channels"):
             if isinstance(kwargs.get(name), list):
                 kwargs[name] = tuple(kwargs[name])
         if isinstance(kwargs.get("variations"), dict):
@@ -251,4 +318,4 @@ def _int_tuple(value: Any, name: str) -> tuple[int, ...]:
     return tuple(int(v) for v in items)
 
 
-__all__ = ["ARCHS", "NORMS", "DetectorConfig", "conv_downsamplings"]
+__all__ = ["ARCHS", "MAX_INPUT_SIDE", "NORMS", "DetectorConfig", "conv_downsamplings"]

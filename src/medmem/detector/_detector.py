@@ -33,11 +33,11 @@ from medmem.detector._cache import EmbeddingCache
 from medmem.detector._config import RUNTIME_FIELDS, DetectorConfig
 from medmem.detector._encoder import ContrastiveEncoder
 from medmem.detector._loss import nt_xent
-from medmem.detector._variations import apply_variation, sample_variation
+from medmem.detector._variations import apply_variation, needs_partner, sample_variation
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: input_size, early stopping, broader variations
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -50,6 +50,7 @@ def build_encoder(config: DetectorConfig) -> ContrastiveEncoder:
         config.embed_dim,
         arch=config.arch,
         image_size=config.image_size,
+        input_size=config.encoder_input_size,
         norm=config.norm,
         resnet_layers=config.resnet_layers,
         resnet_channels=config.resnet_channels,
@@ -66,26 +67,146 @@ def _derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> 1)
 
 
+def _draw_view(
+    y: torch.Tensor, i: int, source: Any, rng: np.random.Generator, cfg: DetectorConfig
+) -> torch.Tensor:
+    """One variation of item ``i``; blends and patches take another item as the partner."""
+    params = sample_variation(cfg.spatial_dims, rng, cfg.variations)
+    partner = None
+    if needs_partner(params):
+        n = len(source)
+        j = int(rng.integers(n - 1))
+        j += j >= i
+        partner = torch.as_tensor(source[j], dtype=torch.float32)
+    return apply_variation(y, params, partner=partner)
+
+
 class _ContrastivePairs(Dataset):
     """Item i -> (y_i, y_i'), the variation drawn from (seed, epoch, i): reproducible, and
     independent of batch order and DataLoader workers, so a resumed run is identical."""
 
-    def __init__(self, dataset: Dataset, config: DetectorConfig, epoch: int) -> None:
+    def __init__(self, dataset: Any, config: DetectorConfig, epoch: int) -> None:
         self.dataset = dataset
         self.config = config
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.dataset)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         y = torch.as_tensor(self.dataset[i], dtype=torch.float32)
         rng = np.random.default_rng([cfg.seed, self.epoch, int(i)])
-        y_var = apply_variation(y, sample_variation(cfg.spatial_dims, rng, cfg.variations))
+        y_var = _draw_view(y, int(i), self.dataset, rng, cfg)
         if cfg.vary_both:
-            y = apply_variation(y, sample_variation(cfg.spatial_dims, rng, cfg.variations))
+            y = _draw_view(y, int(i), self.dataset, rng, cfg)
         return y, y_var
+
+
+class _InMemory:
+    """The preprocessed images of a dataset held as one tensor (read from disk once)."""
+
+    def __init__(self, dataset: Any, quiet: bool) -> None:
+        items = progress(
+            range(len(dataset)), desc="reading training images", quiet=quiet, unit="image"
+        )
+        self.images = torch.stack([torch.as_tensor(dataset[i], dtype=torch.float32) for i in items])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+def _standardize_rows(z: torch.Tensor) -> torch.Tensor:
+    z = z.double() - z.double().mean(dim=1, keepdim=True)
+    return z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class _Probe:
+    """The early-stopping signal: copy retrieval on a fixed set of training images.
+
+    ``size`` training images and one fixed variation of each (seeded, with the training
+    variations) are embedded in eval mode. ``pos`` = each variation's correlation with its
+    source; ``novel`` = each source's correlation with its nearest OTHER probe image (how a
+    novel image of this data scores). ``margin`` = 5th percentile of pos - 95th percentile of
+    novel: positive when 95% of varied copies stand above 95% of novel-looking images.
+    """
+
+    def __init__(self, source: Any, cfg: DetectorConfig) -> None:
+        n = len(source)
+        rng = np.random.default_rng([cfg.seed, 0x9B0BE])
+        idx = np.sort(rng.choice(n, size=min(cfg.probe_size, n), replace=False))
+        self.originals = torch.stack([torch.as_tensor(source[int(i)]) for i in idx]).float()
+        self.views = torch.stack(
+            [_draw_view(self.originals[k], int(i), source, rng, cfg) for k, i in enumerate(idx)]
+        )
+
+    def evaluate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            e = [
+                _standardize_rows(
+                    torch.cat([model(x[s : s + 64].to(device)).cpu() for s in range(0, len(x), 64)])
+                )
+                for x in (self.originals, self.views)
+            ]
+        model.train(was_training)
+        e_x, e_v = e
+        c = e_v @ e_x.T  # (P, P): variation j vs source k
+        pos = torch.diagonal(c)
+        g = e_x @ e_x.T
+        g.fill_diagonal_(-math.inf)
+        novel = g.max(dim=1).values
+        pos_q05 = float(torch.quantile(pos, 0.05))
+        novel_q95 = float(torch.quantile(novel, 0.95))
+        return {
+            "margin": pos_q05 - novel_q95,
+            "retrieval": float((c.argmax(dim=1) == torch.arange(len(c))).double().mean()),
+            "pos_q05": pos_q05,
+            "novel_q95": novel_q95,
+        }
+
+
+class _EarlyStopping:
+    """Stop once the probe margin has not improved by ``min_delta`` for ``patience`` checks."""
+
+    def __init__(self, cfg: DetectorConfig, steps_per_epoch: int) -> None:
+        self.enabled = cfg.early_stopping
+        self.eval_every = cfg.eval_every or max(1, round(10 / steps_per_epoch))
+        self.min_epochs = (
+            cfg.min_epochs if cfg.min_epochs is not None else math.ceil(100 / steps_per_epoch)
+        )
+        self.patience = cfg.patience
+        self.min_delta = cfg.min_delta
+        self.history: list[dict[str, float]] = []
+        self.best = -math.inf
+        self.wait = 0
+
+    def due(self, epoch: int, last_epoch: int) -> bool:
+        """Evaluate after ``epoch`` (1-based count of finished epochs)?"""
+        return self.enabled and (epoch % self.eval_every == 0 or epoch == last_epoch)
+
+    def update(self, epoch: int, scores: dict[str, float]) -> bool:
+        """Record a check; True when training should stop."""
+        self.history.append({"epoch": epoch, **scores})
+        if scores["margin"] > self.best + self.min_delta:
+            self.best, self.wait = scores["margin"], 0
+        else:
+            self.wait += 1
+        return epoch >= self.min_epochs and self.wait >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        best = None if math.isinf(self.best) else self.best
+        return {"history": self.history, "best": best, "wait": self.wait}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.history = [dict(h) for h in state.get("history", [])]
+        best = state.get("best")
+        self.best = -math.inf if best is None else float(best)
+        self.wait = int(state.get("wait", 0))
 
 
 def _lr_factor(total_steps: int, warmup_fraction: float, min_lr_ratio: float):
@@ -159,7 +280,9 @@ class Detector:
         model_: the trained :class:`ContrastiveEncoder` (eval mode).
         train_fingerprint_: fingerprint of the training set.
         n_train_: number of training images.
-        loss_history_: mean NT-Xent loss of each epoch.
+        loss_history_: mean NT-Xent loss of each epoch (its length: epochs trained).
+        probe_history_: the early-stopping checks (epoch, margin, retrieval, ...).
+        stopped_early_: True when the probe margin saturated before ``config.epochs``.
 
     Example:
         >>> import numpy as np
@@ -176,6 +299,8 @@ class Detector:
         self.train_fingerprint_: str | None = None
         self.n_train_: int | None = None
         self.loss_history_: list[float] = []
+        self.probe_history_: list[dict[str, float]] = []
+        self.stopped_early_: bool = False
         self._device = torch.device("cpu")
         self._fingerprint: str | None = None
 
@@ -250,6 +375,10 @@ class Detector:
         steps_per_epoch = n // batch_size  # the last incomplete batch is dropped
         total_steps = cfg.epochs * steps_per_epoch
         device = self._device
+        source: Any = dataset
+        image_bytes = 4 * cfg.in_channels * math.prod(cfg.image_size or (0,))
+        if cfg.num_workers == 0 and n * image_bytes <= cfg.cache_bytes:
+            source = _InMemory(dataset, quiet)  # read and preprocess each image once
 
         rng_devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices):  # leave the caller's RNG alone
@@ -261,8 +390,11 @@ class Detector:
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, _lr_factor(total_steps, cfg.warmup_fraction, cfg.min_lr_ratio)
             )
+            stopper = _EarlyStopping(cfg, steps_per_epoch)
+            probe = _Probe(source, cfg) if cfg.early_stopping else None
             history: list[float] = []
             start_epoch = 0
+            stopped = False
             ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
             if ckpt_dir is not None:
                 found = _checkpoint.read_checkpoint(ckpt_dir)
@@ -274,6 +406,8 @@ class Detector:
                     )
                     start_epoch = int(meta["epoch"])
                     history = [float(v) for v in meta["loss_history"]]
+                    stopper.restore(meta.get("early_stopping", {}))
+                    stopped = bool(meta.get("stopped_early", False))
                     logger.info(
                         "resuming detector training from %s at epoch %d", ckpt_dir, start_epoch
                     )
@@ -283,11 +417,12 @@ class Detector:
                 None, desc="training detector", total=total_steps, quiet=quiet, unit="step"
             )
             bar.update(start_epoch * steps_per_epoch)
-            for epoch in range(start_epoch, cfg.epochs):
+            epoch = start_epoch
+            while epoch < cfg.epochs and not stopped:
                 epoch_seed = _derive_seed(cfg.seed, epoch)
                 torch.manual_seed(epoch_seed)  # dropout
                 loader = DataLoader(
-                    _ContrastivePairs(dataset, cfg, epoch),
+                    _ContrastivePairs(source, cfg, epoch),
                     batch_size=batch_size,
                     shuffle=True,
                     drop_last=True,
@@ -320,7 +455,24 @@ class Detector:
                         refresh=False,
                     )
                 history.append(running / steps_per_epoch)
-                logger.debug("detector epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, history[-1])
+                epoch += 1
+                logger.debug("detector epoch %d/%d: loss %.4f", epoch, cfg.epochs, history[-1])
+                if probe is not None and stopper.due(epoch, cfg.epochs):
+                    scores = probe.evaluate(model, device)
+                    stopped = stopper.update(epoch, scores) and epoch < cfg.epochs
+                    bar.set_postfix(
+                        epoch=f"{epoch}/{cfg.epochs}",
+                        loss=f"{history[-1]:.4f}",
+                        margin=f"{scores['margin']:.3f}",
+                        refresh=False,
+                    )
+                    if stopped:
+                        logger.info(
+                            "detector: probe margin saturated at %.3f; stopped at epoch %d of %d",
+                            stopper.best,
+                            epoch,
+                            cfg.epochs,
+                        )
                 if ckpt_dir is not None:
                     _checkpoint.save_checkpoint(
                         ckpt_dir,
@@ -328,11 +480,13 @@ class Detector:
                         optimizer=optimizer,
                         scheduler=scheduler,
                         info={
-                            "epoch": epoch + 1,
+                            "epoch": epoch,
                             "config": cfg.to_dict(),
                             "train_fingerprint": fingerprint,
                             "n_train": n,
                             "loss_history": history,
+                            "early_stopping": stopper.state(),
+                            "stopped_early": stopped,
                             "medmem_version": medmem.__version__,
                         },
                     )
@@ -344,6 +498,8 @@ class Detector:
         self.train_fingerprint_ = fingerprint
         self.n_train_ = n
         self.loss_history_ = history
+        self.probe_history_ = stopper.history
+        self.stopped_early_ = stopped
         self._fingerprint = None
 
     # ------------------------------------------------------------------ embedding
@@ -462,6 +618,8 @@ class Detector:
                 "train_fingerprint": self.train_fingerprint_,
                 "n_train": self.n_train_,
                 "loss_history": self.loss_history_,
+                "probe_history": self.probe_history_,
+                "stopped_early": self.stopped_early_,
                 "medmem_version": medmem.__version__,
             },
         )
@@ -492,7 +650,8 @@ class Detector:
         if version != SCHEMA_VERSION:
             raise InputError(
                 f"{cfg_path}: schema_version {version!r} is not supported (this medmem reads "
-                f"{SCHEMA_VERSION}). Save the detector again with this version."
+                f"{SCHEMA_VERSION}; version 1 detectors predate input_size and early stopping). "
+                "Train the detector again with this version (medmem train-detector)."
             )
         if "config" not in meta:
             raise InputError(f"{cfg_path}: has no 'config' entry. Save the detector again.")
@@ -519,6 +678,8 @@ class Detector:
         det.train_fingerprint_ = meta.get("train_fingerprint")
         det.n_train_ = meta.get("n_train")
         det.loss_history_ = [float(v) for v in meta.get("loss_history", [])]
+        det.probe_history_ = [dict(h) for h in meta.get("probe_history", [])]
+        det.stopped_early_ = bool(meta.get("stopped_early", False))
         saved_fp = meta.get("fingerprint")
         if saved_fp is not None and saved_fp != det.fingerprint:
             raise InputError(
@@ -543,6 +704,11 @@ class Detector:
                 h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
+
+    @property
+    def epochs_trained(self) -> int:
+        """Epochs actually trained (early stopping may end before ``config.epochs``)."""
+        return len(self.loss_history_)
 
     @property
     def is_fitted(self) -> bool:

@@ -38,9 +38,12 @@ class ContrastiveEncoder(nn.Module):
         spatial_dims: 2 or 3.
         in_channels: input channels.
         embed_dim: embedding length (default 128 in 2D, 32 in 3D, as in the paper).
-        arch: "resnet" or "conv" (default "resnet" in 2D, "conv" in 3D).
+        arch: "resnet" (default) or "conv" (the paper's 3D encoder).
         image_size: input size; required for "conv" (fixes the number of downsamplings and
             the dense layer), checked on input when given.
+        input_size: the size the network works at: inputs of ``image_size`` are first
+            resampled to it (area averaging when shrinking, an anti-aliased downsampling), so
+            a 128x128 image costs what a 64x64 one does. None: ``image_size`` (no resampling).
         norm: "batch", "group" or "instance".
         resnet_layers, resnet_channels: blocks and channels of the four ResNet stages.
         conv_channels, conv_max_channels: stem channels of "conv", doubled per downsampling
@@ -49,7 +52,7 @@ class ContrastiveEncoder(nn.Module):
         hidden_dim, dropout: the dense head of "conv" (authors' code: 128, 0.5).
 
     Example:
-        >>> enc = ContrastiveEncoder(3, image_size=(32, 32, 32))
+        >>> enc = ContrastiveEncoder(3, arch="conv", image_size=(32, 32, 32))
         >>> enc(torch.rand(2, 1, 32, 32, 32)).shape
         torch.Size([2, 32])
     """
@@ -62,6 +65,7 @@ class ContrastiveEncoder(nn.Module):
         *,
         arch: str | None = None,
         image_size: Sequence[int] | None = None,
+        input_size: Sequence[int] | None = None,
         norm: str = "group",
         resnet_layers: Sequence[int] = (1, 1, 1, 1),
         resnet_channels: Sequence[int] = (32, 64, 128, 256),
@@ -73,7 +77,7 @@ class ContrastiveEncoder(nn.Module):
     ) -> None:
         super().__init__()
         check_choice(spatial_dims, "spatial_dims", (2, 3))
-        arch = arch if arch is not None else ("resnet" if spatial_dims == 2 else "conv")
+        arch = arch if arch is not None else "resnet"
         embed_dim = embed_dim if embed_dim is not None else (128 if spatial_dims == 2 else 32)
         check_choice(arch, "arch", ARCHS)
         check_choice(norm, "norm", NORMS)
@@ -88,6 +92,15 @@ class ContrastiveEncoder(nn.Module):
                 f"image_size must have {spatial_dims} sides for spatial_dims={spatial_dims}, "
                 f"got {self.image_size}."
             )
+        self.input_size = tuple(int(s) for s in input_size) if input_size is not None else None
+        if self.input_size is not None and len(self.input_size) != spatial_dims:
+            raise InputError(
+                f"input_size must have {spatial_dims} sides for spatial_dims={spatial_dims}, "
+                f"got {self.input_size}."
+            )
+        if self.input_size == self.image_size:
+            self.input_size = None  # nothing to resample
+        net_size = self.input_size or self.image_size
         if arch == "resnet":
             from monai.networks.nets import ResNet  # imported here: ~0.5 s, only when needed
 
@@ -103,7 +116,7 @@ class ContrastiveEncoder(nn.Module):
                 norm=_norm(norm),
             )
         else:
-            if self.image_size is None:
+            if net_size is None:
                 raise InputError(
                     "arch='conv' needs image_size (its dense layer depends on it); pass e.g. "
                     "image_size=(64, 64, 64)."
@@ -112,7 +125,7 @@ class ContrastiveEncoder(nn.Module):
                 spatial_dims,
                 in_channels,
                 embed_dim,
-                self.image_size,
+                net_size,
                 norm=norm,
                 channels=conv_channels,
                 max_channels=conv_max_channels,
@@ -134,7 +147,21 @@ class ContrastiveEncoder(nn.Module):
                 f"ContrastiveEncoder expects input (B, {self.in_channels}, "
                 f"{', '.join(map(str, size))}), got {tuple(x.shape)}."
             )
+        if self.input_size is not None:
+            x = resample(x, self.input_size)
         return self.net(x)
+
+
+def resample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(B, C, *spatial) -> (B, C, *size): area averaging where every side shrinks (an exact
+    box filter for integer factors, so no aliasing), bi/trilinear otherwise."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[2:]) == size:
+        return x
+    if all(s <= n for s, n in zip(size, x.shape[2:], strict=True)):
+        return torch.nn.functional.interpolate(x, size=size, mode="area")
+    mode = "bilinear" if x.ndim == 4 else "trilinear"
+    return torch.nn.functional.interpolate(x, size=size, mode=mode, align_corners=False)
 
 
 def _build_conv_encoder(
@@ -185,4 +212,4 @@ def _build_conv_encoder(
     return nn.Sequential(*layers)
 
 
-__all__ = ["ContrastiveEncoder"]
+__all__ = ["ContrastiveEncoder", "resample"]
