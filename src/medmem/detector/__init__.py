@@ -7,8 +7,10 @@ Public API:
 * :class:`DetectorConfig` -- all settings, paper defaults per ``spatial_dims``.
 * :class:`ContrastiveEncoder` -- the network (MONAI ResNet or strided-conv encoder).
 * :func:`nt_xent` -- the loss.
-* :func:`vary`, :func:`sample_variation`, :func:`apply_variation`,
-  :class:`VariationConfig`, :data:`VARIATION_KINDS` -- the variations a copy may show.
+* :func:`vary`, :func:`sample_variation`, :func:`apply_variation`, :func:`needs_partner`,
+  :class:`VariationConfig`, :data:`VARIATION_KINDS` (:data:`DEFAULT_VARIATION_KINDS`,
+  :data:`PAPER_VARIATION_KINDS`, :data:`CONTROL_VARIATION_KINDS`) -- the variations a
+  copy may show.
 """
 
 from __future__ import annotations
@@ -18,23 +20,31 @@ from medmem.detector._detector import Detector
 from medmem.detector._encoder import ContrastiveEncoder
 from medmem.detector._loss import nt_xent
 from medmem.detector._variations import (
+    CONTROL_VARIATION_KINDS,
     DEFAULT_VARIATION_KINDS,
+    PAPER_VARIATION_KINDS,
     VARIATION_KINDS,
+    VARIATION_PRESETS,
     VariationConfig,
     apply_variation,
+    needs_partner,
     sample_variation,
     vary,
 )
 
 __all__ = [
+    "CONTROL_VARIATION_KINDS",
     "DEFAULT_VARIATION_KINDS",
+    "PAPER_VARIATION_KINDS",
     "VARIATION_KINDS",
+    "VARIATION_PRESETS",
     "ContrastiveEncoder",
     "Detector",
     "DetectorConfig",
     "VariationConfig",
     "apply_variation",
     "conv_downsamplings",
+    "needs_partner",
     "nt_xent",
     "sample_variation",
     "vary",
