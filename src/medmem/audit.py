@@ -1,17 +1,35 @@
-"""The audit: calibrate tau on held-out patients, then count memorized and copied images.
+"""The audit: calibrate thresholds on held-out patients, then count memorized and copied images.
 
-Definitions (DESIGN.md, from the paper's section 4.2.2 and Algorithm 1):
+Definitions (DESIGN.md, from the paper's section 4.2.2 and Algorithm 1, made size-robust):
 
 - ``nearest_val_corr[i]``: max over validation images of corr(train i, val).
 - ``nearest_synthetic_corr[i]``: max over synthetic images of corr(train i, synthetic).
-- ``tau = percentile(nearest_val_corr, q)``, q = 95 by default (linear interpolation, as
-  ``numpy.percentile``).
-- training image i is *memorized* when ``nearest_synthetic_corr[i] >= tau``; ``n_mem``.
+- ``nearest_train_corr[s]``: max over training images of corr(synthetic s, train).
 - synthetic image s is a *copy* when ``nearest_train_corr[s] >= tau``; ``n_copies``.
+- training image i is *memorized* when ``nearest_synthetic_corr[i] >= tau_mem``; ``n_mem``.
 - ``pct_mem = 100 * n_mem / n_train``; ``pct_copies = 100 * n_copies / n_synthetic``.
 
+Calibration (``calibration``; alpha = (100 - percentile) / 100, 0.05 by default):
+
+- ``"conformal"`` (default): tau is the split-conformal quantile of the validation images'
+  nearest-training correlations, scores of the same form as those thresholded: the
+  order statistic of fractional rank (n_val + 1)(1 - alpha), interpolated linearly (numpy
+  quantile method ``"weibull"``). A novel image exchangeable with the validation images is
+  called a copy with probability alpha on average over validation sets (within
+  alpha +- 1/(n_val + 1)), whatever the set sizes. tau_mem is the smallest threshold at
+  which the expected share of training images falsely called memorized, estimated from
+  the training-validation correlations for a synthetic set of the audited size, is at
+  most alpha (unbiased when n_synthetic <= n_val, conservative otherwise).
+- ``"conservative"``: tau at the order statistic of rank ceil((n_val + 1)(1 - alpha)): the
+  false copy rate is at most alpha (and above alpha - 1/(n_val + 1)); tau_mem as above.
+- ``"paper"``: the paper's ``tau = tau_mem = percentile(nearest_val_corr, q)`` (linear
+  interpolation, as ``numpy.percentile``). It compares maxima over n_val images with maxima
+  over n_train (copies) or n_synthetic (memorized) images, so its false rate on novel
+  images grows as the validation set shrinks. Always computed and reported under
+  ``summary["paper"]`` and the ``*_paper`` columns.
+
 ``audit_embeddings`` is the pure algorithm on arrays; ``audit`` is the pipeline that embeds
-datasets with a detector first.
+datasets with a detector first. docs/calibration.md derives the guarantees.
 """
 
 from __future__ import annotations
@@ -31,10 +49,15 @@ from medmem import __version__
 from medmem._errors import InputError
 from medmem._io import atomic_dir, atomic_save, atomic_write_json
 from medmem._plots import GalleryPair, plot_gallery, plot_histogram
-from medmem._validation import check_embeddings, check_in_range, check_positive_int
+from medmem._validation import (
+    check_choice,
+    check_embeddings,
+    check_in_range,
+    check_positive_int,
+)
 from medmem.search import DEFAULT_BLOCK_SIZE, nearest, standardize
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TRAINING_COLUMNS = [
     "train_id",
     "patient_id",
@@ -43,60 +66,328 @@ TRAINING_COLUMNS = [
     "nearest_synthetic_id",
     "nearest_synthetic_corr",
     "memorized",
+    "memorized_paper",
 ]
-SYNTHETIC_COLUMNS = ["synthetic_id", "nearest_train_id", "nearest_train_corr", "copy"]
+SYNTHETIC_COLUMNS = [
+    "synthetic_id",
+    "nearest_train_id",
+    "nearest_train_corr",
+    "copy",
+    "copy_paper",
+]
+
+# How tau (copies) and tau_mem (memorized) are calibrated; the first is the default.
+CALIBRATIONS = ("conformal", "conservative", "paper")
+CALIBRATION_ASSUMPTION = "novel images exchangeable with the validation images, continuous scores"
+# slack when a fractional rank (n + 1) q / 100 is compared with an integer
+_RANK_TOL = 1e-9
+# first top-K of validation neighbours per training row when calibrating tau_mem
+_MEM_TOP_K = 64
+# the bootstrap evaluates tau_mem on at most this many candidate thresholds
+_MEM_GRID = 512
 
 
 # tau at or above this means the detector cannot tell images apart
 COLLAPSED_TAU = 0.999
 
 
-def min_calibration_size(percentile: float) -> int:
-    """Fewest values for which the q-th percentile is set by data, not by the sample maximum.
-
-    With n values, percentiles above 100 * (n - 1) / n interpolate towards the largest value
-    alone; q = 95 needs n >= 20.
-    """
-    return max(2, math.ceil(100.0 / (100.0 - percentile)))
+def check_calibration(calibration: Any) -> str:
+    """Return ``calibration`` if it is one of ``CALIBRATIONS``; else raise naming them."""
+    return check_choice(calibration, "calibration", CALIBRATIONS)
 
 
-def calibrate(nearest_val_corr: np.ndarray, percentile: float = 95.0) -> float:
-    """tau = the ``percentile``-th percentile of training-to-nearest-validation correlations.
+def _alpha(percentile: float) -> float:
+    """The nominal false rate alpha = (100 - percentile) / 100."""
+    return (100.0 - percentile) / 100.0
+
+
+def _ranks(n: int, percentile: float) -> tuple[float, int, int]:
+    """(r, floor r, ceil r) for the conformal rank r = (n + 1) * percentile / 100."""
+    r = (n + 1) * percentile / 100.0
+    return r, math.floor(r + _RANK_TOL), math.ceil(r - _RANK_TOL)
+
+
+def min_calibration_size(percentile: float, calibration: str = "conformal") -> int:
+    """Fewest validation images that calibrate tau at ``percentile``.
+
+    ``"conformal"`` and ``"conservative"``: the rank (n + 1) q / 100 must not exceed n, so
+    n >= q / (100 - q): 19 for q = 95. ``"paper"``: with n values, percentiles above
+    100 (n - 1) / n interpolate towards the largest value alone; q = 95 needs n >= 20.
 
     Example:
-        >>> calibrate(np.arange(21) / 20, 95)
+        >>> min_calibration_size(95), min_calibration_size(95, "paper")
+        (19, 20)
+    """
+    calibration = check_calibration(calibration)
+    if calibration == "paper":
+        return max(2, math.ceil(100.0 / (100.0 - percentile)))
+    return max(1, math.ceil(percentile / (100.0 - percentile) - _RANK_TOL))
+
+
+def _max_percentile(n: int) -> float:
+    """The largest percentile (one decimal, rounded down) that n validation images allow."""
+    return math.floor(1000.0 * n / (n + 1)) / 10.0
+
+
+def _conformal_threshold(sorted_scores: np.ndarray, percentile: float, calibration: str) -> Any:
+    """tau from scores sorted ascending along the last axis (rank checked by the caller)."""
+    n = sorted_scores.shape[-1]
+    r, j_lo, j_hi = _ranks(n, percentile)
+    hi = sorted_scores[..., j_hi - 1]
+    if calibration == "conservative" or j_lo == j_hi:
+        return hi
+    lo = sorted_scores[..., max(j_lo, 1) - 1]
+    return lo + (r - j_lo) * (hi - lo)
+
+
+def calibrate(
+    scores: np.ndarray, percentile: float = 95.0, calibration: str = "conformal"
+) -> float:
+    """The copy threshold tau from calibration scores.
+
+    Args:
+        scores: for ``"conformal"`` and ``"conservative"``, the validation images'
+            nearest-training correlations (the same form as the synthetic images' scores
+            they are compared with); for ``"paper"``, the training images'
+            nearest-validation correlations.
+        percentile: q; alpha = (100 - q) / 100 is the nominal false copy rate.
+        calibration: ``"conformal"``: the order statistic of fractional rank
+            r = (n + 1)(1 - alpha), interpolated linearly between s_(floor r) and
+            s_(ceil r) (numpy quantile method ``"weibull"``): a new exchangeable score
+            reaches it with probability alpha on average (within alpha +- 1/(n + 1)).
+            ``"conservative"``: s_(ceil r): probability at most alpha.
+            ``"paper"``: ``numpy.percentile(scores, q)`` (linear), the paper's tau.
+
+    Raises ``InputError`` when r > n (conformal and conservative need at least
+    ``min_calibration_size(q)`` scores: 19 for q = 95).
+
+    Example:
+        >>> calibrate(np.arange(21) / 20, 95, "paper")
+        0.95
+        >>> round(calibrate(np.arange(1, 20) / 20, 95), 6)  # r = 19 = n: the largest score
         0.95
     """
-    percentile = check_in_range(percentile, "percentile", 0.0, 100.0, high_open=True)
-    values = np.asarray(nearest_val_corr, dtype=np.float64)
+    calibration = check_calibration(calibration)
+    percentile = check_in_range(
+        percentile,
+        "percentile",
+        0.0,
+        100.0,
+        low_open=calibration != "paper",
+        high_open=True,
+    )
+    values = np.asarray(scores, dtype=np.float64)
     if values.ndim != 1 or values.size == 0:
-        raise InputError("nearest_val_corr must be a non-empty 1-d array.")
+        raise InputError("calibration scores must be a non-empty 1-d array.")
     if not np.isfinite(values).all():
-        raise InputError("nearest_val_corr contains NaN or infinity.")
-    return float(np.percentile(values, percentile))
+        raise InputError("calibration scores contain NaN or infinity.")
+    if calibration == "paper":
+        return float(np.percentile(values, percentile))
+    n = values.size
+    need = min_calibration_size(percentile, calibration)
+    if n < need:
+        r = _ranks(n, percentile)[0]
+        raise InputError(
+            f"{n} validation images are too few for tau at the {percentile:g}th percentile "
+            f"with {calibration} calibration: the rank (n + 1) x {percentile:g} / 100 = "
+            f"{r:.2f} exceeds n. Give at least {need} validation images (patients not in "
+            f"training), or lower --percentile to at most {_max_percentile(n):g}."
+        )
+    return float(_conformal_threshold(np.sort(values), percentile, calibration))
 
 
-def _check_sizes(n_train: int, n_val: int, percentile: float) -> None:
-    need = min_calibration_size(percentile)
-    if n_train < need:
+def _subset_false_rate(n: int, m: int) -> np.ndarray:
+    """f[k] = 1 - C(n - k, m) / C(n, m), k = 0..n (log-space).
+
+    The share of the m-subsets of n validation images that hold at least one of k given
+    images: the chance that a training image with k validation correlations >= t is
+    called memorized at t when the synthetic set is m validation-like images.
+    """
+    lg = np.array([math.lgamma(x + 1.0) for x in range(n + 1)])  # lg[x] = log x!
+    free = n - np.arange(n + 1)
+    out = np.ones(n + 1)
+    ok = free >= m
+    log_ratio = lg[free[ok]] - lg[free[ok] - m] - lg[n] + lg[n - m]
+    out[ok] = -np.expm1(np.minimum(log_ratio, 0.0))
+    out[0] = 0.0  # exactly: no validation image at or above t
+    return out
+
+
+def _pooled_rate(pbar: np.ndarray, m: int) -> np.ndarray:
+    """1 - (1 - pbar)^m, accurately for small pbar."""
+    with np.errstate(divide="ignore"):
+        return -np.expm1(m * np.log1p(-np.clip(pbar, 0.0, 1.0)))
+
+
+def _mem_increments(n: int, m: int, n_rows: int, k: int) -> np.ndarray:
+    """Per-row increments of the rate statistic as the j-th largest value (j < k) is passed.
+
+    m <= n: the statistic is the mean over rows of f[k_i]; m > n: the pooled pair
+    exceedance pbar (mapped to 1 - (1 - pbar)^m afterwards).
+    """
+    if m <= n:
+        return np.diff(_subset_false_rate(n, m)[: k + 1]) / n_rows
+    return np.full(k, 1.0 / (n_rows * n))
+
+
+def _mem_rates(top: np.ndarray, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate thresholds (ascending, unique) and the estimated false memorized rate at each.
+
+    ``top``: (n_train, K) top-K train-validation correlations per row, descending. The
+    rates are exact for thresholds above every row's K-th value (or when K = n).
+    """
+    n_rows, k = top.shape
+    flat = top.astype(np.float64).ravel()
+    order = np.argsort(flat, kind="stable")
+    values = flat[order]
+    inc = np.tile(_mem_increments(n, m, n_rows, k), n_rows)[order]
+    above = np.cumsum(inc[::-1])[::-1]  # sum of increments of values >= values[j]
+    first = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+    stat = above[first]
+    rate = stat if m <= n else _pooled_rate(stat, m)
+    return values[first], rate
+
+
+def _smallest_at_most(thresholds: np.ndarray, rate: np.ndarray, level: float) -> int | None:
+    """Index of the smallest threshold whose rate is <= level (rates non-increasing)."""
+    ok = rate <= level + 1e-12
+    return int(np.argmax(ok)) if ok.any() else None
+
+
+def _mem_infeasible(
+    n_train: int, n: int, m: int, alpha: float, rate: float, ties: str = ""
+) -> InputError:
+    return InputError(
+        f"tau_mem cannot be calibrated: even at the largest training-validation correlation "
+        f"the expected share of training images falsely called memorized is {rate:.3g}, above "
+        f"alpha = {alpha:g} ({n_train} training, {n} validation, {m} synthetic images: too "
+        f"few validation images, or training-validation pairs, for this rate){ties}. Add "
+        "validation images (patients not in training), audit the synthetic images in "
+        "smaller sets, lower --percentile, or use --calibration paper."
+    )
+
+
+def _min_mem_rate(n_train: int, n: int, m: int) -> float:
+    """The estimated false memorized rate at the largest of n_train x n distinct pairs."""
+    if m <= n:
+        return (m / n) / n_train
+    return float(_pooled_rate(np.array(1.0 / (n_train * n)), m))
+
+
+@dataclass
+class _MemCalibration:
+    tau_mem: float
+    rate: float  # estimated false memorized rate at tau_mem
+    top_k: int
+    top: np.ndarray  # (n_train, top_k) train->validation correlations, descending
+    thresholds: np.ndarray  # candidate thresholds, ascending
+    rates: np.ndarray  # estimated rate at each candidate
+    low: float  # lowest threshold with exact rates (the bootstrap grid's floor)
+
+
+def _calibrate_memorized(
+    e_tr: np.ndarray,
+    e_va: np.ndarray,
+    m: int,
+    percentile: float,
+    block_size: int,
+    floor_rate: float | None = None,
+) -> _MemCalibration:
+    """tau_mem: the smallest observed train-validation correlation t with rate(t) <= alpha.
+
+    rate(t) estimates the share of training images called memorized at t when the m
+    synthetic images are novel (exchangeable with the validation images). With
+    C[i, v] = corr(train i, val v) and k_i(t) = #{v: C[i, v] >= t}:
+    m <= n: mean_i [1 - C(n - k_i(t), m) / C(n, m)], the average over all m-subsets of the
+    validation set (unbiased for each t); m > n: 1 - (1 - pbar(t))^m with pbar(t) the
+    pooled pair exceedance (conservative when training images differ, by Jensen).
+
+    Only the top-K validation correlations of each training row are kept (K from 64,
+    doubled while the chosen threshold, or ``floor_rate``'s, reaches into some row's K-th
+    value): exact, without the n_train x n_val matrix.
+    """
+    alpha = _alpha(percentile)
+    n_train, n = len(e_tr), len(e_va)
+    k = min(n, _MEM_TOP_K)
+    while True:
+        top, _ = nearest(e_tr, e_va, k=k, block_size=block_size, standardized=True)
+        thresholds, rates = _mem_rates(top, n, m)
+        i = _smallest_at_most(thresholds, rates, alpha)
+        if i is None:
+            n_top = int((top == top.max()).sum())
+            ties = (
+                f"; the largest correlation, {float(top.max()):.6f}, is shared by {n_top} "
+                "pairs (tied scores: duplicated images, or collapsed embeddings)"
+                if n_top > 1
+                else ""
+            )
+            raise _mem_infeasible(n_train, n, m, alpha, float(rates[-1]), ties)
+        low = float(thresholds[i])
+        if floor_rate is not None:
+            j = _smallest_at_most(thresholds, rates, max(floor_rate, alpha))
+            low = min(low, float(thresholds[j if j is not None else i]))
+        if k >= n or low > float(top[:, -1].max()):
+            break
+        k = min(2 * k, n)
+    return _MemCalibration(float(thresholds[i]), float(rates[i]), k, top, thresholds, rates, low)
+
+
+def _check_sizes(
+    n_train: int,
+    n_val: int,
+    percentile: float,
+    calibration: str = "conformal",
+    n_synthetic: int | None = None,
+) -> None:
+    calibration = check_calibration(calibration)
+    need = min_calibration_size(percentile, calibration)
+    if calibration == "paper" and n_train < need:
         raise InputError(
             f"{n_train} training images are too few to calibrate the {percentile:g}th "
             f"percentile: tau would be set by the largest value alone. Give at least {need} "
             f"training images, or lower --percentile (e.g. {100 - 100 / max(n_train, 2):.0f})."
         )
     if n_val < need:
+        if calibration == "paper":
+            raise InputError(
+                f"{n_val} validation images are too few to calibrate tau at the "
+                f"{percentile:g}th percentile (need at least {need}). Add held-out "
+                "patients' images to the validation set."
+            )
         raise InputError(
             f"{n_val} validation images are too few to calibrate tau at the {percentile:g}th "
-            f"percentile (need at least {need}). Add held-out patients' images to the "
-            "validation set."
+            f"percentile with {calibration} calibration: need at least {need} (the rank "
+            f"(n_val + 1) x {percentile:g} / 100 must not exceed n_val). Add held-out "
+            f"patients' images to the validation set, or lower --percentile to at most "
+            f"{_max_percentile(n_val):g}."
         )
+    alpha = _alpha(percentile)
+    if calibration != "paper" and n_synthetic is not None and n_synthetic > 0:
+        floor = _min_mem_rate(n_train, n_val, n_synthetic)
+        if floor > alpha + 1e-12:
+            raise _mem_infeasible(n_train, n_val, n_synthetic, alpha, floor)
     if n_val < n_train / 10:
-        warnings.warn(
-            f"The validation set ({n_val}) is much smaller than the training set ({n_train}): "
-            "nearest-validation correlations run low, so tau is low and more synthetic "
-            "images are called copies. Use a validation set of comparable size if you can.",
-            stacklevel=3,
-        )
+        if calibration == "paper":
+            warnings.warn(
+                f"The validation set ({n_val}) is much smaller than the training set "
+                f"({n_train}): with --calibration paper, tau comes from maxima over {n_val} "
+                f"validation images but is compared with maxima over {n_train} training "
+                f"images, so novel images are called copies far more often than "
+                f"{100 * alpha:g}%. Use the default conformal calibration, or a validation "
+                "set of comparable size.",
+                stacklevel=3,
+            )
+        else:
+            sd = math.sqrt(alpha * (1 - alpha) / (n_val + 2))
+            warnings.warn(
+                f"The validation set ({n_val}) is much smaller than the training set "
+                f"({n_train}). With {calibration} calibration this does not raise the rate "
+                f"at which novel images are called copies (about {100 * alpha:g}% on "
+                f"average), but tau rests on {n_val} values: the rate for this validation "
+                f"set varies by about +-{100 * sd:.1f} points. More validation images give "
+                "a steadier tau.",
+                stacklevel=3,
+            )
 
 
 def _standardize_named(x: Any, name: str, ids: Sequence[str]) -> np.ndarray:
@@ -123,6 +414,35 @@ def _ids(ids: Sequence[str] | None, n: int, prefix: str) -> list[str]:
     return ids
 
 
+def _row_counts(rng: np.random.Generator, b: int, n: int) -> np.ndarray:
+    """(b, n) how often each of n rows is drawn in b resamples of size n (with replacement)."""
+    draws = rng.integers(0, n, size=(b, n)) + (np.arange(b) * n)[:, None]
+    return np.bincount(draws.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+def _mem_grid_contributions(
+    mem: _MemCalibration, n: int, m: int, tau_mem: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap grid (ascending thresholds, at most ~_MEM_GRID) and the (rows, grid) matrix
+    of per-row contributions to the rate statistic (f[k_i] for m <= n, k_i / n for m > n)."""
+    cand = mem.thresholds[mem.thresholds >= mem.low]
+    n_rows = mem.top.shape[0]
+    size = int(min(_MEM_GRID, max(32, 20_000_000 // max(n_rows, 1))))
+    if cand.size > size:
+        pick = np.unique(np.round(np.linspace(0, cand.size - 1, size)).astype(np.int64))
+        cand = np.union1d(cand[pick], [tau_mem])
+    top = mem.top.astype(np.float64)
+    counts = np.empty((n_rows, cand.size), dtype=np.int64)
+    step = max(1, 16_000_000 // max(top.shape[1] * cand.size, 1))
+    for s in range(0, n_rows, step):
+        counts[s : s + step] = (top[s : s + step, :, None] >= cand[None, None, :]).sum(1)
+    if m <= n:
+        contrib = _subset_false_rate(n, m)[counts]
+    else:
+        contrib = counts / n
+    return cand, contrib
+
+
 def _bootstrap(
     rho_val: np.ndarray,
     rho_syn: np.ndarray,
@@ -132,35 +452,70 @@ def _bootstrap(
     n_bootstrap: int,
     confidence: float,
     seed: int,
+    calibration: str = "paper",
+    mem: _MemCalibration | None = None,
 ) -> dict[str, Any]:
     """Percentile bootstrap over training, validation and synthetic images.
 
-    Each replicate resamples training images with replacement and recomputes tau from their
-    nearest-validation correlations; at that tau it counts memorized training images,
-    copied synthetic images (resampled too), and the chance rate: the share of (resampled)
-    validation images whose nearest training image correlates >= tau. The intervals so
-    carry both the threshold's and the counts' sampling uncertainty.
+    The thresholds are recomputed in every replicate, so the intervals carry both the
+    thresholds' and the counts' sampling uncertainty.
+
+    ``"conformal"`` / ``"conservative"``: tau from resampled validation scores
+    (``rho_chance``), n_copies from resampled synthetic images at that tau; tau_mem from
+    resampled training rows (their rate contributions, precomputed on a grid of at most
+    ~512 candidate thresholds, ``mem``), n_mem from the same rows; the chance rate from an
+    independent resample of validation images at the replicate's tau.
+    ``"paper"``: each replicate resamples training images and recomputes tau = tau_mem from
+    their nearest-validation correlations (``rho_val``), as before.
     """
     rng = np.random.default_rng(seed)
     n_train, n_syn, n_val = rho_val.size, rho_copy.size, rho_chance.size
     taus = np.empty(n_bootstrap)
+    taus_mem = np.empty(n_bootstrap)
     n_mem = np.empty(n_bootstrap)
     n_copies = np.empty(n_bootstrap)
     chance_rate = np.empty(n_bootstrap)
     chunk = max(1, min(n_bootstrap, 20_000_000 // max(n_train, n_syn, n_val)))
+    if calibration != "paper":
+        if mem is None:
+            raise ValueError("the conformal bootstrap needs the tau_mem calibration")
+        alpha = _alpha(percentile)
+        grid, contrib = _mem_grid_contributions(mem, n_val, n_syn, mem.tau_mem)
+        _, j_lo, j_hi = _ranks(n_val, percentile)
+        kth = sorted({max(j_lo, 1) - 1, j_hi - 1})
     for start in range(0, n_bootstrap, chunk):
         b = min(chunk, n_bootstrap - start)
         sl = slice(start, start + b)
-        it = rng.integers(0, n_train, size=(b, n_train))
-        t = np.percentile(rho_val[it], percentile, axis=1)
+        if calibration == "paper":
+            it = rng.integers(0, n_train, size=(b, n_train))
+            t = np.percentile(rho_val[it], percentile, axis=1)
+            taus[sl] = taus_mem[sl] = t
+            n_mem[sl] = (rho_syn[it] >= t[:, None]).sum(1)
+            js = rng.integers(0, n_syn, size=(b, n_syn))
+            n_copies[sl] = (rho_copy[js] >= t[:, None]).sum(1)
+            vs = rng.integers(0, n_val, size=(b, n_val))
+            chance_rate[sl] = (rho_chance[vs] >= t[:, None]).mean(1)
+            continue
+        # memorized: resampled training rows, tau_mem on the grid, n_mem from the same rows
+        w = _row_counts(rng, b, n_train)
+        stat = w @ contrib / n_train  # (b, grid)
+        rate = stat if n_syn <= n_val else _pooled_rate(stat, n_syn)
+        ok = rate <= alpha + 1e-12
+        gi = np.where(ok.any(1), ok.argmax(1), grid.size - 1)
+        tm = grid[gi]
+        taus_mem[sl] = tm
+        n_mem[sl] = (w * (rho_syn[None, :] >= tm[:, None])).sum(1)
+        # copies: tau from resampled validation scores, n_copies from resampled synthetic
+        vs = rng.integers(0, n_val, size=(b, n_val))
+        part = np.partition(rho_chance[vs], kth, axis=1)
+        t = _conformal_threshold(part, percentile, calibration)
         taus[sl] = t
-        n_mem[sl] = (rho_syn[it] >= t[:, None]).sum(1)
         js = rng.integers(0, n_syn, size=(b, n_syn))
         n_copies[sl] = (rho_copy[js] >= t[:, None]).sum(1)
-        vs = rng.integers(0, n_val, size=(b, n_val))
-        chance_rate[sl] = (rho_chance[vs] >= t[:, None]).mean(1)
-    alpha = (1.0 - confidence) / 2.0
-    qs = [100 * alpha, 100 * (1 - alpha)]
+        vs2 = rng.integers(0, n_val, size=(b, n_val))
+        chance_rate[sl] = (rho_chance[vs2] >= t[:, None]).mean(1)
+    tail = (1.0 - confidence) / 2.0
+    qs = [100 * tail, 100 * (1 - tail)]
 
     def interval(x: np.ndarray) -> list[float]:
         lo, hi = np.percentile(x, qs)
@@ -168,12 +523,25 @@ def _bootstrap(
 
     ci_mem, ci_copies = interval(n_mem), interval(n_copies)
     expected = chance_rate * n_syn
+    if calibration == "paper":
+        method = (
+            "percentile bootstrap over training images (tau = tau_mem, n_mem), synthetic "
+            "images (n_copies) and validation images (chance rate), tau recomputed in every "
+            "replicate"
+        )
+    else:
+        method = (
+            f"percentile bootstrap, thresholds recomputed in every replicate: validation "
+            f"images (tau, {calibration}), synthetic images (n_copies), training images "
+            f"(tau_mem on a grid of {grid.size} candidate thresholds, n_mem) and an "
+            "independent resample of validation images (chance rate)"
+        )
     return {
         "confidence": confidence,
         "n_bootstrap": n_bootstrap,
-        "method": "percentile bootstrap over training images (tau, n_mem), synthetic images "
-        "(n_copies) and validation images (chance rate), tau recomputed in every replicate",
+        "method": method,
         "tau": interval(taus),
+        "tau_mem": interval(taus_mem),
         "n_mem": ci_mem,
         "n_copies": ci_copies,
         "pct_mem": [100 * v / n_train for v in ci_mem],
@@ -304,6 +672,108 @@ class AuditResult:
         return out
 
 
+def _chance(rho_chance: np.ndarray, tau: float, n_copies: int, n_syn: int, alpha: float) -> dict:
+    rate = float(np.mean(rho_chance >= tau))
+    return {
+        "false_copy_rate": rate,
+        "expected_copies": rate * n_syn,
+        "excess_copies": n_copies - rate * n_syn,
+        "method": "validation images (patients not in training) scored against the training "
+        "set as if they were synthetic: the share at or above tau is the rate at which novel "
+        "images are called copies; expected_copies = that rate x n_synthetic",
+        "design_false_copy_rate": alpha,
+    }
+
+
+def _calibration_info(
+    calibration: str,
+    percentile: float,
+    n_val: int,
+    n_train: int,
+    mem: _MemCalibration | None,
+    m: int,
+) -> dict[str, Any]:
+    """What ``summary["calibration_info"]`` says: method, guarantee, assumption, n, bounds."""
+    alpha = _alpha(percentile)
+    if calibration == "paper":
+        return {
+            "name": "paper",
+            "method": f"tau = tau_mem = the {percentile:g}th percentile (numpy linear) of the "
+            "training images' nearest-validation correlations (Dar et al.)",
+            "guarantee": "none that holds across set sizes: tau comes from maxima over n_val "
+            "validation images but is compared with maxima over n_train training images "
+            "(copies) and n_synthetic synthetic images (memorized), so novel images cross it "
+            f"more often than {100 * alpha:g}% when the validation set is the smaller",
+            "assumption": CALIBRATION_ASSUMPTION,
+            "n": n_train,
+        }
+    r, j_lo, j_hi = _ranks(n_val, percentile)
+    lo = max(0.0, alpha - 1 / (n_val + 1))
+    if calibration == "conformal":
+        method = (
+            "tau: split-conformal quantile of the n validation images' nearest-training "
+            "correlations (scores of the same form as the synthetic images' nearest-training "
+            "correlations they are compared with): the order statistic of fractional rank "
+            f"r = (n + 1)(1 - alpha) = {r:.6g}, interpolated linearly between s_(floor r) and "
+            "s_(ceil r) (numpy quantile method 'weibull')"
+        )
+        guarantee = (
+            "a novel image is called a copy with probability within [alpha - 1/(n + 1), "
+            "alpha + 1/(n + 1)] (averaged over validation sets): alpha where the score "
+            "distribution is locally linear around tau, at most alpha where its density "
+            "decreases there (the upper tail)"
+        )
+        bounds = [lo, alpha + 1 / (n_val + 1)]
+    else:
+        method = (
+            "tau: conservative split-conformal quantile of the n validation images' "
+            "nearest-training correlations: the order statistic of rank ceil((n + 1)(1 - alpha))"
+            f" = {j_hi}"
+        )
+        guarantee = (
+            f"a novel image is called a copy with probability exactly (n + 1 - {j_hi}) / "
+            f"(n + 1) = {(n_val + 1 - j_hi) / (n_val + 1):.4g} <= alpha (averaged over "
+            "validation sets), above alpha - 1/(n + 1)"
+        )
+        bounds = [lo, alpha]
+    info: dict[str, Any] = {
+        "name": calibration,
+        "method": method,
+        "guarantee": guarantee,
+        "assumption": CALIBRATION_ASSUMPTION,
+        "n": n_val,
+        "rank": r,
+        "false_copy_rate_bounds": bounds,
+    }
+    if mem is not None:
+        unbiased = m <= n_val
+        info["tau_mem_method"] = (
+            "smallest observed training-validation correlation t at which the estimated share "
+            "of training images falsely called memorized is <= alpha, for m synthetic images "
+            "none of which is a copy: with C[i, v] = corr(train i, val v) and k_i(t) = "
+            "#{v: C[i, v] >= t}, "
+            + (
+                "mean_i [1 - C(n - k_i(t), m) / C(n, m)], the average over all m-subsets of "
+                "the validation set (m <= n)"
+                if unbiased
+                else "1 - (1 - pbar(t))^m with pbar(t) the share of all training-validation "
+                "pairs with C >= t (m > n)"
+            )
+        )
+        info["tau_mem_guarantee"] = (
+            "unbiased estimate of the false memorized rate at every t (m <= n), so the "
+            "expected share of training images falsely called memorized is about alpha"
+            if unbiased
+            else "conservative: 1 - (1 - p)^m is concave, so pooling over training images "
+            "overestimates the false memorized rate when they differ (Jensen); at most "
+            "about alpha"
+        )
+        info["tau_mem_estimated_false_rate"] = mem.rate
+        info["m"] = m
+        info["top_k"] = mem.top_k
+    return info
+
+
 def audit_embeddings(
     train: np.ndarray,
     val: np.ndarray,
@@ -314,6 +784,7 @@ def audit_embeddings(
     synthetic_ids: Sequence[str] | None = None,
     train_patient_ids: Sequence[str | None] | None = None,
     percentile: float = 95.0,
+    calibration: str = "conformal",
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
@@ -322,13 +793,18 @@ def audit_embeddings(
     control_sources: Sequence[int] | None = None,
     controls_info: dict[str, Any] | None = None,
 ) -> AuditResult:
-    """Algorithm 1 on embeddings: tau from train->validation, verdicts for both directions.
+    """Algorithm 1 on embeddings: calibrate tau and tau_mem, verdicts for both directions.
 
     Args:
         train, val, synthetic: (n, d) embeddings from one detector.
         train_ids, val_ids, synthetic_ids: names for the rows (default ``train00000``...).
         train_patient_ids: patient id per training image, copied to training.csv.
-        percentile: q of tau = percentile(nearest_val_corr, q).
+        percentile: q; alpha = (100 - q) / 100 is the nominal false rate (0.05).
+        calibration: ``"conformal"`` (default; novel images are called copies with
+            probability about alpha whatever the set sizes), ``"conservative"`` (at most
+            alpha) or ``"paper"`` (the paper's tau = percentile(nearest_val_corr, q), also
+            used for memorized). The paper's threshold and counts are always reported in
+            ``summary["paper"]`` and the ``*_paper`` columns.
         n_bootstrap: bootstrap replicates for the intervals (0 to skip).
         confidence: coverage of the intervals.
         seed: seed of the bootstrap.
@@ -347,6 +823,7 @@ def audit_embeddings(
         (3, 3)
     """
     t0 = time.perf_counter()
+    calibration = check_calibration(calibration)
     percentile = check_in_range(percentile, "percentile", 0.0, 100.0, low_open=True, high_open=True)
     confidence = check_in_range(confidence, "confidence", 0.0, 1.0, low_open=True, high_open=True)
     n_bootstrap = check_positive_int(n_bootstrap, "n_bootstrap", minimum=0)
@@ -361,39 +838,60 @@ def audit_embeddings(
             f"embedding sizes differ (train {e_tr.shape[1]}, val {e_va.shape[1]}, synthetic "
             f"{e_sy.shape[1]}): embed all three sets with the same detector."
         )
-    _check_sizes(len(e_tr), len(e_va), percentile)
+    _check_sizes(len(e_tr), len(e_va), percentile, calibration, n_synthetic=len(e_sy))
     if train_patient_ids is None:
         train_patient_ids = [None] * len(e_tr)
 
     rho_val, idx_val = nearest(e_tr, e_va, k=1, block_size=block_size, standardized=True)
     rho_syn, idx_syn = nearest(e_tr, e_sy, k=1, block_size=block_size, standardized=True)
     rho_copy, idx_copy = nearest(e_sy, e_tr, k=1, block_size=block_size, standardized=True)
-    # the chance rate: validation images are novel, scored against training as if synthetic
+    # the chance rate: validation images are novel, scored against training as if synthetic;
+    # the same scores calibrate tau (conformal)
     rho_chance, _ = nearest(e_va, e_tr, k=1, block_size=block_size, standardized=True)
-    rho_val, rho_syn, rho_copy = rho_val[:, 0], rho_syn[:, 0], rho_copy[:, 0]
-    rho_chance = rho_chance[:, 0]
-    tau = calibrate(rho_val, percentile)
+    # float64 throughout, so that flags agree with the values written to the CSV files
+    rho_val, rho_syn = rho_val[:, 0].astype(np.float64), rho_syn[:, 0].astype(np.float64)
+    rho_copy, rho_chance = rho_copy[:, 0].astype(np.float64), rho_chance[:, 0].astype(np.float64)
+    alpha = _alpha(percentile)
+    n_train, n_val, n_syn = len(e_tr), len(e_va), len(e_sy)
+    tau_paper = calibrate(rho_val, percentile, "paper")
+    mem: _MemCalibration | None = None
+    tau = tau_paper if calibration == "paper" else calibrate(rho_chance, percentile, calibration)
     if tau >= COLLAPSED_TAU:
         warnings.warn(
-            f"tau = {tau:.4f}: the training images correlate almost perfectly with their "
-            "nearest validation images, so the detector's embeddings have collapsed (all "
-            "images look alike to it) and no synthetic image can be called a copy. Retrain "
-            "the detector (more epochs, another lr or arch; its final loss should be well "
-            "below ln(2K - 1)).",
+            f"tau = {tau:.4f}: novel (validation) images correlate almost perfectly with "
+            "training images, so the detector's embeddings have collapsed (all images look "
+            "alike to it) and no synthetic image can be called a copy. Retrain the detector "
+            "(more epochs, another lr or arch; its final loss should be well below "
+            "ln(2K - 1)).",
             stacklevel=2,
         )
-    memorized = rho_syn >= tau
+    if calibration == "paper":
+        tau_mem = tau_paper
+    else:
+        mem = _calibrate_memorized(
+            e_tr,
+            e_va,
+            n_syn,
+            percentile,
+            block_size,
+            floor_rate=min(1.0, 4 * alpha) if n_bootstrap > 0 else None,
+        )
+        tau_mem = mem.tau_mem
+    memorized = rho_syn >= tau_mem
     copy = rho_copy >= tau
+    memorized_paper = rho_syn >= tau_paper
+    copy_paper = rho_copy >= tau_paper
 
     training = pd.DataFrame(
         {
             "train_id": tr_ids,
             "patient_id": list(train_patient_ids),
             "nearest_val_id": [va_ids[j] for j in idx_val[:, 0]],
-            "nearest_val_corr": rho_val.astype(np.float64),
+            "nearest_val_corr": rho_val,
             "nearest_synthetic_id": [sy_ids[j] for j in idx_syn[:, 0]],
-            "nearest_synthetic_corr": rho_syn.astype(np.float64),
+            "nearest_synthetic_corr": rho_syn,
             "memorized": memorized,
+            "memorized_paper": memorized_paper,
         },
         columns=TRAINING_COLUMNS,
     )
@@ -401,20 +899,24 @@ def audit_embeddings(
         {
             "synthetic_id": sy_ids,
             "nearest_train_id": [tr_ids[j] for j in idx_copy[:, 0]],
-            "nearest_train_corr": rho_copy.astype(np.float64),
+            "nearest_train_corr": rho_copy,
             "copy": copy,
+            "copy_paper": copy_paper,
         },
         columns=SYNTHETIC_COLUMNS,
     )
-    n_train, n_syn = len(e_tr), len(e_sy)
     n_mem, n_copies = int(memorized.sum()), int(copy.sum())
+    n_mem_p, n_copies_p = int(memorized_paper.sum()), int(copy_paper.sum())
     summary: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "medmem_version": __version__,
+        "calibration": calibration,
+        "alpha": alpha,
         "tau": tau,
+        "tau_mem": tau_mem,
         "percentile": percentile,
         "n_train": n_train,
-        "n_val": len(e_va),
+        "n_val": n_val,
         "n_synthetic": n_syn,
         "n_mem": n_mem,
         "n_copies": n_copies,
@@ -423,16 +925,20 @@ def audit_embeddings(
         "pct_copies": 100.0 * n_copies / n_syn,
         "pct_copies_denominator": "n_synthetic",
         "embedding_dim": int(e_tr.shape[1]),
+        "calibration_info": _calibration_info(calibration, percentile, n_val, n_train, mem, n_syn),
     }
-    chance_rate = float(np.mean(rho_chance >= tau))
-    summary["chance"] = {
-        "false_copy_rate": chance_rate,
-        "expected_copies": chance_rate * n_syn,
-        "excess_copies": n_copies - chance_rate * n_syn,
-        "method": "validation images (patients not in training) scored against the training "
-        "set as if they were synthetic: the share at or above tau is the rate at which novel "
-        "images are called copies; expected_copies = that rate x n_synthetic",
-        "design_false_copy_rate": (100.0 - percentile) / 100.0,
+    summary["chance"] = _chance(rho_chance, tau, n_copies, n_syn, alpha)
+    summary["paper"] = {
+        "tau": tau_paper,
+        "tau_mem": tau_paper,
+        "percentile": percentile,
+        "method": f"the paper's threshold: the {percentile:g}th percentile (numpy linear) of "
+        "the training images' nearest-validation correlations, for copies and memorized",
+        "n_mem": n_mem_p,
+        "n_copies": n_copies_p,
+        "pct_mem": 100.0 * n_mem_p / n_train,
+        "pct_copies": 100.0 * n_copies_p / n_syn,
+        "chance": _chance(rho_chance, tau_paper, n_copies_p, n_syn, alpha),
     }
     patients = _patient_summary(training)
     if patients is not None:
@@ -456,14 +962,16 @@ def audit_embeddings(
         )
     if n_bootstrap > 0:
         summary["intervals"] = _bootstrap(
-            rho_val.astype(np.float64),
-            rho_syn.astype(np.float64),
-            rho_copy.astype(np.float64),
-            rho_chance.astype(np.float64),
+            rho_val,
+            rho_syn,
+            rho_copy,
+            rho_chance,
             percentile,
             n_bootstrap,
             confidence,
             seed,
+            calibration,
+            mem,
         )
         summary["chance"]["expected_copies_ci"] = summary["intervals"]["expected_chance_copies"]
         summary["chance"]["excess_copies_ci"] = summary["intervals"]["excess_copies"]
@@ -532,6 +1040,7 @@ def audit(
     *,
     detector: Any = None,
     percentile: float = 95.0,
+    calibration: str = "conformal",
     allow_patient_overlap: bool = False,
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
@@ -552,7 +1061,9 @@ def audit(
     Args:
         train, val, synthetic: medmem datasets (``medmem.load_dataset``) of one kind.
         detector: a trained ``medmem.Detector``; None trains one on ``train``.
-        percentile: q of tau = percentile(nearest_val_corr, q).
+        percentile: q; alpha = (100 - q) / 100 is the nominal false rate.
+        calibration: ``"conformal"`` (default), ``"conservative"`` or ``"paper"``; see
+            :func:`audit_embeddings` and docs/calibration.md.
         allow_patient_overlap: do not refuse training/validation sets sharing patients.
         n_bootstrap, confidence, seed: bootstrap intervals.
         cache_dir: where embeddings are cached (by detector and file content).
@@ -574,11 +1085,12 @@ def audit(
     from medmem.detector import DEFAULT_VARIATION_KINDS, Detector, vary
 
     t0 = time.perf_counter()
+    calibration = check_calibration(calibration)
     n_controls = check_positive_int(n_controls, "n_controls", minimum=0)
     _check_datasets(train, val, synthetic)
     n_overlap = check_patient_overlap(train, val, allow=allow_patient_overlap)
     percentile = check_in_range(percentile, "percentile", 0.0, 100.0, low_open=True, high_open=True)
-    _check_sizes(len(train), len(val), percentile)
+    _check_sizes(len(train), len(val), percentile, calibration, n_synthetic=len(synthetic))
     timings: dict[str, float] = {}
     if detector is None:
         t = time.perf_counter()
@@ -617,6 +1129,7 @@ def audit(
         synthetic_ids=synthetic.ids,
         train_patient_ids=train.patient_ids,
         percentile=percentile,
+        calibration=calibration,
         n_bootstrap=n_bootstrap,
         confidence=confidence,
         seed=seed,
@@ -658,6 +1171,31 @@ def audit(
     return result
 
 
+def calibration_sentence(s: dict[str, Any]) -> str:
+    """One sentence on what the calibration guarantees, e.g. for conformal: "a novel image is
+    called a copy with probability about 0.05 (conformal, 150 validation images; assumes
+    novel images exchangeable with validation images)"."""
+    name = s.get("calibration", "paper")
+    alpha = s.get("alpha", (100.0 - float(s.get("percentile", 95.0))) / 100.0)
+    n_val = s.get("n_val", "?")
+    where = "assumes novel images exchangeable with validation images"
+    if name == "conformal":
+        return (
+            f"a novel image is called a copy with probability about {alpha:g} (conformal, "
+            f"{n_val} validation images; {where})"
+        )
+    if name == "conservative":
+        return (
+            f"a novel image is called a copy with probability at most {alpha:g} "
+            f"(conservative, {n_val} validation images; {where})"
+        )
+    return (
+        f"the paper's calibration: the rate at which novel images are called copies depends "
+        f"on the set sizes and exceeds the nominal {alpha:g} when the validation set "
+        f"({n_val} images) is smaller than the training set; no guarantee"
+    )
+
+
 def format_verdict(s: dict[str, Any]) -> str:
     """The audit's verdict as a few plain lines."""
     ci = s.get("intervals", {})
@@ -668,9 +1206,22 @@ def format_verdict(s: dict[str, Any]) -> str:
         lo, hi = ci[key]
         return f" (95% CI {fmt.format(lo)}-{fmt.format(hi)})"
 
-    lines = [
-        f"tau = {s['tau']:.4f} ({s['percentile']:g}th percentile of train->nearest-val "
-        f"correlations){rng('tau', '{:.4f}')}",
+    name = s.get("calibration", "paper")
+    paper_def = f"{s['percentile']:g}th percentile of train->nearest-val correlations, the paper's"
+    lines = [f"calibration: {name}: {calibration_sentence(s)}"]
+    if name == "paper":
+        lines.append(
+            f"tau = tau_mem = {s['tau']:.4f} ({paper_def}){rng('tau', '{:.4f}')}: copies "
+            "and memorized images both at or above it"
+        )
+    else:
+        lines += [
+            f"tau     = {s['tau']:.4f} (copies: synthetic images whose nearest training "
+            f"image correlates >= tau){rng('tau', '{:.4f}')}",
+            f"tau_mem = {s.get('tau_mem', s['tau']):.4f} (memorized: training images whose "
+            f"nearest synthetic image correlates >= tau_mem){rng('tau_mem', '{:.4f}')}",
+        ]
+    lines += [
         f"N_mem    = {s['n_mem']} of {s['n_train']} training images "
         f"({s['pct_mem']:.1f}% of n_train){rng('n_mem')}",
         f"N_copies = {s['n_copies']} of {s['n_synthetic']} synthetic images "
@@ -682,6 +1233,19 @@ def format_verdict(s: dict[str, Any]) -> str:
             f"  expected by chance if none were copies: {c['expected_copies']:.1f}"
             f"{rng('expected_chance_copies', '{:.1f}')}; excess {c['excess_copies']:+.1f}"
             f"{rng('excess_copies', '{:+.1f}')}"
+        )
+    paper = s.get("paper")
+    if name != "paper" and isinstance(paper, dict):
+        chance = paper.get("chance") or {}
+        expected = (
+            f"; expected by chance {chance['expected_copies']:.1f}"
+            if "expected_copies" in chance
+            else ""
+        )
+        lines.append(
+            f"paper's tau = {paper['tau']:.4f} ({paper_def}), for comparison: "
+            f"N_mem = {paper['n_mem']} ({paper['pct_mem']:.1f}% of n_train), N_copies = "
+            f"{paper['n_copies']} ({paper['pct_copies']:.1f}% of n_synthetic){expected}"
         )
     if "patients" in s:
         p = s["patients"]
@@ -703,9 +1267,12 @@ __all__ = [
     "SCHEMA_VERSION",
     "SYNTHETIC_COLUMNS",
     "TRAINING_COLUMNS",
+    "CALIBRATIONS",
     "AuditResult",
     "audit",
     "audit_embeddings",
+    "calibration_sentence",
+    "check_calibration",
     "check_patient_overlap",
     "format_verdict",
     "calibrate",

@@ -283,6 +283,18 @@ def train_detector(
     help="tau = this percentile of train->nearest-validation correlations.",
 )
 @click.option(
+    "--calibration",
+    type=click.Choice(["conformal", "conservative", "paper"]),
+    default="conformal",
+    show_default=True,
+    help="How tau (copies) and tau_mem (memorized) are set, with alpha = (100 - "
+    "--percentile)/100. conformal: novel images exchangeable with the validation images are "
+    "called copies with probability about alpha (within 1/(n_val + 1)) whatever the set "
+    "sizes; conservative: at most alpha; paper: the paper's tau (percentile of "
+    "train->nearest-val correlations), no such guarantee (novel images cross it more often "
+    "when --val is smaller than --train). The paper's tau and counts are always reported.",
+)
+@click.option(
     "--allow-patient-overlap",
     is_flag=True,
     help="Allow patients in both --train and --val (normally an error).",
@@ -321,6 +333,7 @@ def audit_cmd(
     out: Path,
     detector_dir: Path | None,
     percentile: float,
+    calibration: str,
     allow_patient_overlap: bool,
     n_bootstrap: int,
     cache_dir: Path | None,
@@ -361,6 +374,7 @@ def audit_cmd(
         syn,
         detector=detector,
         percentile=percentile,
+        calibration=calibration,
         allow_patient_overlap=allow_patient_overlap,
         n_bootstrap=n_bootstrap,
         seed=seed,

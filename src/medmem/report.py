@@ -2,10 +2,10 @@
 
 The page opens offline in any browser: figures are embedded as base64 PNG, the CSS is
 inline, there is no JavaScript, and a Content-Security-Policy forbids loading anything.
-Every string that comes from the data (ids, file names, paths, extractor names) is
-HTML-escaped. Every verdict number sits in an element with an ``id`` (``n_mem``,
-``n_copies``, ``tau``...) and its full-precision value in ``data-value``, so tools and tests
-can read the page back.
+Every string that comes from the data (ids, file names, paths, extractor names,
+calibration texts) is HTML-escaped. Every verdict number sits in an element with an ``id``
+(``n_mem``, ``n_copies``, ``tau``, ``tau_mem``...) and its full-precision value in
+``data-value``, so tools and tests can read the page back.
 
 The report shows training images and their ids: it is as confidential as the training data.
 Share the release folder of ``medmem screen`` instead.
@@ -27,6 +27,7 @@ import numpy as np
 from medmem import __version__
 from medmem._io import atomic_write_text
 from medmem._plots import central_slices, plot_histogram
+from medmem.audit import calibration_sentence
 
 # Element ids of the verdict numbers (and the summary keys they show). Documented for tools
 # and tests that read the page back.
@@ -38,10 +39,17 @@ VERDICT_IDS = {
     "n_synthetic": "summary['n_synthetic']",
     "pct_copies": "summary['pct_copies']",
     "n_val": "summary['n_val']",
-    "tau": "summary['tau']",
+    "tau": "summary['tau'] (copies)",
+    "tau_mem": "summary['tau_mem'] (memorized)",
     "percentile": "summary['percentile']",
-    "<key>_ci_low, <key>_ci_high": "summary['intervals'][key], key in tau, n_mem, n_copies, "
-    "pct_mem, pct_copies",
+    "alpha": "summary['alpha']",
+    "calibration": "summary['calibration']; data-value = its name",
+    "calibration_sentence": "what the calibration guarantees, in one sentence",
+    "paper_tau": "summary['paper']['tau']",
+    "paper_n_mem, paper_n_copies, paper_pct_mem, paper_pct_copies": "summary['paper'][key]",
+    "paper_expected_chance_copies": "summary['paper']['chance']['expected_copies']",
+    "<key>_ci_low, <key>_ci_high": "summary['intervals'][key], key in tau, tau_mem, n_mem, "
+    "n_copies, pct_mem, pct_copies",
     "ci_confidence": "summary['intervals']['confidence']",
     "expected_chance_copies": "summary['chance']['expected_copies']",
     "expected_chance_copies_ci_low/high": "summary['chance']['expected_copies_ci']",
@@ -231,14 +239,8 @@ def _verdict(s: dict[str, Any]) -> str:
             f"{_num('pct_mem', s['pct_mem'], '.1f')}% of "
             f"{_e(s.get('pct_mem_denominator', 'n_train'))}" + _count_ci("n_mem", "pct_mem", ci),
         ),
-        (
-            "tau (copy threshold)",
-            _num("tau", s["tau"], ".4f"),
-            f"the {_num('percentile', s['percentile'], 'g')}th percentile of training-to-"
-            f"nearest-validation correlations ({_num('n_val', s.get('n_val', 'n/a'))} validation "
-            f"images){_ci('tau', ci.get('tau'), '.4f', conf)}",
-        ),
     ]
+    stats += _threshold_cards(s, ci, conf)
     patients = s.get("patients")
     if isinstance(patients, dict) and "n_patients_mem" in patients:
         stats.append(
@@ -270,6 +272,27 @@ def _verdict(s: dict[str, Any]) -> str:
                 ),
             )
         )
+    paper = s.get("paper")
+    if s.get("calibration", "paper") != "paper" and isinstance(paper, dict) and "tau" in paper:
+        p_chance = paper.get("chance") or {}
+        stats.append(
+            (
+                "The paper's threshold, for comparison",
+                _num("paper_tau", paper["tau"], ".4f"),
+                f"the {_e(_fmt(s['percentile'], 'g'))}th percentile of training-to-nearest-"
+                f"validation correlations (Dar et al.): N_copies "
+                f"{_num('paper_n_copies', paper.get('n_copies'))} "
+                f"({_num('paper_pct_copies', paper.get('pct_copies'), '.1f')}% of n_synthetic), "
+                f"N_mem {_num('paper_n_mem', paper.get('n_mem'))} "
+                f"({_num('paper_pct_mem', paper.get('pct_mem'), '.1f')}% of n_train)"
+                + (
+                    f"; copies expected by chance at it "
+                    f"{_num('paper_expected_chance_copies', p_chance['expected_copies'], '.1f')}"
+                    if "expected_copies" in p_chance
+                    else ""
+                ),
+            )
+        )
     controls = s.get("controls")
     if isinstance(controls, dict) and "sensitivity" in controls:
         stats.append(
@@ -293,28 +316,103 @@ def _verdict(s: dict[str, Any]) -> str:
             f'<p class="sub">Intervals: {_num("ci_confidence", conf, "g")} coverage, '
             f"{_e(ci.get('n_bootstrap', ''))} bootstrap replicates; {_e(ci.get('method', ''))}.</p>"
         )
+    name = s.get("calibration", "paper")
+    calib = (
+        f'<p id="calibration-line">Calibration: <span id="calibration" data-value="{_e(name)}">'
+        f"<b>{_e(name)}</b></span> (alpha = {_num('alpha', _alpha_of(s), 'g')}): "
+        f'<span id="calibration_sentence">{_e(calibration_sentence(s))}</span>.</p>'
+    )
     return (
         f'<section class="card verdict {key}" id="verdict-card">'
         f'<p class="headline" id="verdict" data-verdict="{key}">{_e(sentence)}</p>'
-        f'<div class="grid">{cards}</div>{boot}</section>'
+        f'{calib}<div class="grid">{cards}</div>{boot}</section>'
     )
+
+
+def _alpha_of(s: dict[str, Any]) -> float:
+    return float(s.get("alpha", (100.0 - float(s["percentile"])) / 100.0))
+
+
+def _threshold_cards(
+    s: dict[str, Any], ci: dict[str, Any], conf: float | None
+) -> list[tuple[str, str, str]]:
+    """The cards of tau (copies) and tau_mem (memorized), worded by calibration."""
+    name = s.get("calibration", "paper")
+    n_val = _num("n_val", s.get("n_val", "n/a"))
+    q = _num("percentile", s["percentile"], "g")
+    if name == "paper":
+        return [
+            (
+                "tau = tau_mem (copies and memorized)",
+                _num("tau", s["tau"], ".4f"),
+                f"the paper's threshold: the {q}th percentile of training-to-nearest-validation "
+                f"correlations ({n_val} validation images), for copies and memorized images"
+                f"{_ci('tau', ci.get('tau'), '.4f', conf)}"
+                + f"<span hidden>{_num('tau_mem', s.get('tau_mem', s['tau']), '.4f')}</span>",
+            )
+        ]
+    info = s.get("calibration_info") or {}
+    bounds = info.get("false_copy_rate_bounds")
+    rate = (
+        f" (between {_e(_fmt(bounds[0], '.3f'))} and {_e(_fmt(bounds[1], '.3f'))})"
+        if isinstance(bounds, Sequence) and len(bounds) == 2
+        else ""
+    )
+    m = info.get("m", s.get("n_synthetic"))
+    how = (
+        "unbiased estimate, n_synthetic <= n_val"
+        if isinstance(m, int) and m <= int(s.get("n_val", 0) or 0)
+        else "conservative estimate, n_synthetic > n_val"
+    )
+    return [
+        (
+            "tau (copy threshold)",
+            _num("tau", s["tau"], ".4f"),
+            f"{_e(name)} quantile of the {n_val} validation images' nearest-training "
+            f"correlations at the {q}th percentile: a synthetic image is a copy when its "
+            f"nearest training image correlates at or above it; novel images cross it at a "
+            f"rate of about {_e(_fmt(_alpha_of(s), 'g'))}{rate}"
+            f"{_ci('tau', ci.get('tau'), '.4f', conf)}",
+        ),
+        (
+            "tau_mem (memorized threshold)",
+            _num("tau_mem", s.get("tau_mem", s["tau"]), ".4f"),
+            f"a training image is memorized when its nearest synthetic image correlates at or "
+            f"above it; set so that about {_e(_fmt(_alpha_of(s), 'g'))} of training images "
+            f"would be called memorized if no synthetic image were a copy ({_e(how)})"
+            f"{_ci('tau_mem', ci.get('tau_mem'), '.4f', conf)}",
+        ),
+    ]
 
 
 def _explanation(s: dict[str, Any]) -> str:
     q = _fmt(s["percentile"], "g")
-    rate = _fmt(100 - float(s["percentile"]), "g")
+    rate = _fmt(100 * _alpha_of(s), "g")
+    name = s.get("calibration", "paper")
+    if name == "paper":
+        calib = f"""<b>tau</b> (used for copies and memorized images alike) is the {_e(q)}th
+percentile of the correlations between each training image and its nearest validation image
+(patients the generator never saw), the paper's threshold. It compares maxima over the
+validation images with maxima over the training (or synthetic) images, so when the validation
+set is the smaller, more than {_e(rate)}% of truly novel images exceed it; the chance row
+above estimates how many. The default conformal calibration does not have this problem."""
+    else:
+        calib = f"""<b>tau</b> is calibrated on the validation images (patients the generator
+never saw), scored against the training set exactly as synthetic images are: each one's
+correlation with its nearest training image. It is the {_e(name)} quantile of those scores
+at the {_e(q)}th percentile, so {_e(calibration_sentence(s))}. A few flagged images are
+expected even from a model that copies nothing; the chance row above estimates how many.
+<b>tau_mem</b> is set so that about {_e(rate)}% of training images would be called memorized
+if the synthetic images were novel (docs/calibration.md). The paper's threshold and its
+counts are shown beside, for comparison."""
     return f"""
 <section class="card" id="meaning"><h2>What these numbers mean, and what they do not</h2>
 <p>A copy detector (a network trained so that an image and its flipped, slightly rotated or
 contrast-changed version lie close together) turns every image into an embedding; two images
-are compared by the Pearson correlation of their embeddings. <b>tau</b> is the {_e(q)}th
-percentile of the correlations between each training image and its nearest validation image
-(patients the generator never saw), so by design about {_e(rate)}% of truly novel images
-exceed tau: a few flagged images are expected even from a model that copies nothing; the
-chance row above estimates how many.</p>
+are compared by the Pearson correlation of their embeddings. {calib}</p>
 <p><b>N_copies</b> counts <i>synthetic</i> images whose nearest training image correlates at
 or above tau (share of n_synthetic). <b>N_mem</b> counts <i>training</i> images with at least
-one synthetic image at or above tau (share of n_train). One training image can be copied many
+one synthetic image at or above tau_mem (share of n_train). One training image can be copied many
 times, so N_copies is usually larger than N_mem.</p>
 <p>A copy here means a near-copy <i>up to flips, small rotations and contrast changes, as seen
 by this detector</i>; it is not pixel identity, and the detector can miss copies altered in
@@ -345,9 +443,10 @@ def _histogram(result: Any) -> str:
         '<section class="card" id="histogram"><h2>Correlation histogram</h2>'
         + _img(b64, "histogram of nearest-validation and nearest-synthetic correlations", "figure")
         + '<p class="sub">For each training image: the correlation with its nearest validation '
-        "image (novel patients; tau is set on these) and with its nearest synthetic image. "
-        "Mass of the synthetic histogram at the right of tau is memorization (the paper's "
-        "Fig. 2).</p></section>"
+        "image (novel patients) and with its nearest synthetic image; the dashed line is tau. "
+        "Mass of the synthetic histogram at the right of the threshold is memorization (the "
+        f"paper's Fig. 2); training images are called memorized at tau_mem = "
+        f"{_e(_fmt(float(s.get('tau_mem', s['tau'])), '.4f'))}.</p></section>"
     )
 
 
@@ -472,9 +571,15 @@ def _settings(s: dict[str, Any]) -> str:
     controls = s.get("controls")
     if isinstance(controls, dict) and controls:
         parts.append("<h3>Positive controls</h3>" + _kv(controls))
+    info = s.get("calibration_info")
+    if isinstance(info, dict) and info:
+        parts.append("<h3>Calibration</h3>" + _kv(info))
     chance = s.get("chance")
     if isinstance(chance, dict) and chance:
         parts.append("<h3>Chance</h3>" + _kv(chance))
+    paper = s.get("paper")
+    if isinstance(paper, dict) and paper:
+        parts.append("<h3>The paper's threshold</h3>" + _kv(paper))
     skipped = s.get("skipped_files") or []
     if skipped:
         items = "".join(
@@ -535,8 +640,11 @@ def write_report(
 
     Summary keys read: ``n_mem``, ``n_train``, ``pct_mem``, ``n_copies``, ``n_synthetic``,
     ``pct_copies`` (and their ``*_denominator``), ``n_val``, ``tau``, ``percentile``,
-    ``intervals`` (``confidence``, ``n_bootstrap``, ``method``, ``tau``, ``n_mem``,
-    ``n_copies``, ``pct_mem``, ``pct_copies``); when present: ``chance``
+    ``intervals`` (``confidence``, ``n_bootstrap``, ``method``, ``tau``, ``tau_mem``,
+    ``n_mem``, ``n_copies``, ``pct_mem``, ``pct_copies``); when present: ``calibration``
+    (default ``"paper"`` for summaries written before schema 2), ``alpha``, ``tau_mem``,
+    ``calibration_info``, ``paper`` (``tau``, ``n_mem``, ``n_copies``, ``pct_mem``,
+    ``pct_copies``, ``chance``), ``chance``
     (``expected_copies``, ``expected_copies_ci``, ``excess_copies``, ``excess_copies_ci``,
     ``false_copy_rate``, ``design_false_copy_rate``), ``patients`` (``n_train_patients``,
     ``n_patients_mem``, ``pct_patients_mem``), ``controls`` (``n``, ``caught``,

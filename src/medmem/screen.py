@@ -490,7 +490,12 @@ def screen(
         atomic_write_text(tmp / MANIFEST_NAME, buf.getvalue())
         atomic_write_text(
             tmp / README_NAME,
-            _readme(result, len(result.renamed), summary.get("percentile", 95.0)),
+            _readme(
+                result,
+                len(result.renamed),
+                summary.get("percentile", 95.0),
+                summary.get("calibration", "paper"),
+            ),
         )
         _remove_empty_dirs(tmp)
     return result
@@ -530,8 +535,16 @@ def _remove_empty_dirs(root: Path) -> None:
             p.rmdir()
 
 
-def _readme(r: ScreenResult, n_renamed: int, percentile: float) -> str:
+def _readme(r: ScreenResult, n_renamed: int, percentile: float, calibration: str = "paper") -> str:
     rate = f"{100 - float(percentile):g}"
+    design = {
+        "conformal": f"By design about {rate}% of novel images exceed tau",
+        "conservative": f"By design at most about {rate}% of novel images exceed tau",
+    }.get(
+        calibration,
+        f"With the paper's calibration more than {rate}% of novel images can exceed tau "
+        "(the more so, the smaller the validation set)",
+    )
     return f"""Release set screened by medmem {__version__}
 
 These {r.n_released} synthetic images (of {r.n_synthetic} audited) are the ones whose
@@ -550,8 +563,8 @@ nearest_train_corr, tau, margin, whether it was renamed, the medmem version and 
 fingerprint (SHA-256 of the audit's summary.json), which ties this release to its audit.
 
 What this does and does not mean: a copy is a near-copy of a training image up to flips,
-small rotations and contrast changes, as seen by the detector. By design about
-{rate}% of novel images exceed tau, so some withheld images are not copies;
+small rotations and contrast changes, as seen by the detector. {design}
+({calibration} calibration), so some withheld images are not copies;
 images below tau may still resemble a training image in ways the detector does not
 measure. Screening lowers the risk of sharing patient images; it is not a proof of privacy.
 """

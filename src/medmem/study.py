@@ -471,6 +471,7 @@ def _run_cell(
         syn,
         detector=detector,
         percentile=study.percentile,
+        calibration="paper",  # the study reproduces the paper: its tau, for both directions
         n_bootstrap=200,
         n_controls=0,
         cache_dir=out / "embedding-cache",

@@ -1,4 +1,8 @@
-"""Algorithm 1 pinned on hand-computed cases, bootstrap intervals, saving, input errors."""
+"""Algorithm 1 pinned on hand-computed cases, bootstrap intervals, saving, input errors.
+
+The hand-computed cases pin the paper's definitions (``calibration="paper"``: one tau from
+training->nearest-validation correlations); tests/unit/test_calibration.py covers the
+default conformal calibration."""
 
 from __future__ import annotations
 
@@ -38,18 +42,32 @@ def test_angle_embeddings_have_the_intended_correlation() -> None:
     np.testing.assert_allclose(c[0, 1:], [0.5, 0.0], atol=1e-12)
 
 
-def test_percentile_is_numpy_linear() -> None:
-    assert calibrate(np.arange(21) / 20, 95) == pytest.approx(0.95)
-    assert calibrate(np.arange(10.0), 90) == pytest.approx(8.1)
-    assert calibrate(np.array([0.3, 0.1, 0.2]), 50) == pytest.approx(0.2)
+def test_paper_percentile_is_numpy_linear() -> None:
+    assert calibrate(np.arange(21) / 20, 95, "paper") == pytest.approx(0.95)
+    assert calibrate(np.arange(10.0), 90, "paper") == pytest.approx(8.1)
+    assert calibrate(np.array([0.3, 0.1, 0.2]), 50, "paper") == pytest.approx(0.2)
     with pytest.raises(InputError, match="percentile must be in"):
-        calibrate(np.arange(3.0), 100)
+        calibrate(np.arange(3.0), 100, "paper")
+
+
+def test_conformal_is_the_weibull_quantile() -> None:
+    # n = 21, q = 95: rank r = 22 * 0.95 = 20.9, between s_(20) = 0.95 and s_(21) = 1.0
+    assert calibrate(np.arange(21) / 20, 95) == pytest.approx(0.95 + 0.9 * 0.05)
+    assert calibrate(np.arange(21) / 20, 95, "conservative") == pytest.approx(1.0)
+    # n = 9, q = 90: r = 9 exactly, no interpolation
+    assert calibrate(np.arange(9.0), 90) == 8.0
+    with pytest.raises(InputError, match="calibration must be one of"):
+        calibrate(np.arange(30.0), 95, "percentile")
 
 
 def test_min_calibration_size() -> None:
-    assert min_calibration_size(95) == 20
-    assert min_calibration_size(50) == 2
-    assert min_calibration_size(99) == 100
+    assert min_calibration_size(95) == 19  # conformal: (n + 1) 0.95 <= n
+    assert min_calibration_size(95, "conservative") == 19
+    assert min_calibration_size(90) == 9
+    assert min_calibration_size(99) == 99
+    assert min_calibration_size(95, "paper") == 20
+    assert min_calibration_size(50, "paper") == 2
+    assert min_calibration_size(99, "paper") == 100
 
 
 def _grid_case() -> tuple[np.ndarray, np.ndarray]:
@@ -67,9 +85,10 @@ def test_n_mem_counts_training_images_n_copies_counts_synthetic_images() -> None
     # synthetic: 3 copies of training image 0, one 2-degree variant of image 5, one novel
     # image halfway between 10 and 11 (9 deg from both: below tau).
     synthetic = np.concatenate([train[[0, 0, 0]], at(5 * 18.0 + 2), at(10 * 18.0 + 9)])
-    r = audit_embeddings(train, val, synthetic, n_bootstrap=0)
+    r = audit_embeddings(train, val, synthetic, calibration="paper", n_bootstrap=0)
     s = r.summary
     assert s["tau"] == pytest.approx(tau, abs=1e-6)
+    assert s["tau_mem"] == s["tau"] == s["paper"]["tau"]
     assert s["n_copies"] == 4  # three copies of one image count three times
     assert s["n_mem"] == 2  # but they memorize one training image
     assert s["pct_mem"] == pytest.approx(100 * 2 / 20)
@@ -99,7 +118,7 @@ def test_value_exactly_at_tau_is_memorized_and_a_copy() -> None:
     # The synthetic set holds validation image 10 itself (correlation exactly tau with
     # training image 10) and an image 8.5 degrees from training images 3 and 4.
     synthetic = np.concatenate([val[[10]], at(3 * 17.0 + 8.5)])
-    r = audit_embeddings(train, val, synthetic, percentile=50, n_bootstrap=0)
+    r = audit_embeddings(train, val, synthetic, percentile=50, calibration="paper", n_bootstrap=0)
     tau = r.summary["tau"]
     assert tau == r.training.loc[10, "nearest_val_corr"]
     assert r.training.loc[10, "nearest_synthetic_corr"] == tau  # bit for bit
@@ -109,7 +128,9 @@ def test_value_exactly_at_tau_is_memorized_and_a_copy() -> None:
     assert r.synthetic.loc[1, "nearest_train_corr"] < tau
     assert not bool(r.synthetic.loc[1, "copy"])
     # a tau just above that value and it is not memorized: the test is >=, no tolerance
-    r2 = audit_embeddings(train, val, synthetic, percentile=50.01, n_bootstrap=0)
+    r2 = audit_embeddings(
+        train, val, synthetic, percentile=50.01, calibration="paper", n_bootstrap=0
+    )
     assert r2.summary["tau"] > tau
     assert not bool(r2.training.loc[10, "memorized"])
 
@@ -122,8 +143,15 @@ def test_tau_follows_the_percentile() -> None:
     r50 = audit_embeddings(train, val, train[:1], percentile=50, n_bootstrap=0)
     r95 = audit_embeddings(train, val, train[:1], percentile=95, n_bootstrap=0)
     rho = r95.training["nearest_val_corr"].to_numpy()
-    assert r50.summary["tau"] == pytest.approx(np.percentile(rho, 50))
-    assert r95.summary["tau"] == pytest.approx(np.percentile(rho, 95))
+    # the paper's tau, always reported
+    assert r50.summary["paper"]["tau"] == pytest.approx(np.percentile(rho, 50))
+    assert r95.summary["paper"]["tau"] == pytest.approx(np.percentile(rho, 95))
+    # the default: the weibull quantile of the validation images' nearest-training scores
+    chance = np.cos(np.deg2rad(offsets))  # each validation image is nearest its own train
+    for r, q in ((r50, 50), (r95, 95)):
+        assert r.summary["tau"] == pytest.approx(
+            np.quantile(chance, q / 100, method="weibull"), abs=1e-6
+        )
     assert r95.summary["tau"] > r50.summary["tau"]
 
 
@@ -137,7 +165,7 @@ def test_bootstrap_intervals_contain_estimates_and_are_seeded() -> None:
     r2 = audit_embeddings(train, val, synthetic, n_bootstrap=300, seed=1)
     s = r1.summary
     assert s["intervals"] == r2.summary["intervals"]
-    for key in ("tau", "n_mem", "n_copies", "pct_mem", "pct_copies"):
+    for key in ("tau", "tau_mem", "n_mem", "n_copies", "pct_mem", "pct_copies"):
         lo, hi = s["intervals"][key]
         assert lo <= s[key] <= hi, key
     assert s["intervals"]["n_copies"][1] > s["intervals"]["n_copies"][0]
@@ -169,8 +197,11 @@ def test_save_writes_all_outputs_and_refuses_existing_folder(tmp_path) -> None:
     ]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_copies"] == r.summary["n_copies"]
+    assert summary["schema_version"] == 2 and summary["calibration"] == "conformal"
     assert pd.read_csv(out / "training.csv").columns.tolist() == TRAINING_COLUMNS
-    assert pd.read_csv(out / "synthetic.csv")["copy"].dtype == bool
+    syn_csv = pd.read_csv(out / "synthetic.csv")
+    assert syn_csv.columns.tolist() == SYNTHETIC_COLUMNS
+    assert syn_csv["copy"].dtype == bool and syn_csv["copy_paper"].dtype == bool
     with pytest.raises(OutputExistsError, match="exists.*--overwrite"):
         r.save(out)
     r.save(out, overwrite=True)
@@ -194,14 +225,16 @@ def test_save_failure_leaves_no_half_folder(tmp_path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("n_train", "n_val", "percentile", "match"),
+    ("n_train", "n_val", "percentile", "calibration", "match"),
     [
-        (10, 40, 95, "10 training images are too few"),
-        (40, 5, 95, "5 validation images are too few"),
-        (150, 40, 99, "40 validation images are too few"),
+        (10, 40, 95, "paper", "10 training images are too few"),
+        (40, 5, 95, "paper", "5 validation images are too few"),
+        (150, 40, 99, "paper", "40 validation images are too few"),
+        (40, 18, 95, "conformal", "18 validation images are too few.*at least 19"),
+        (150, 40, 99, "conservative", "40 validation images are too few.*at least 99"),
     ],
 )
-def test_too_small_to_calibrate(n_train, n_val, percentile, match) -> None:
+def test_too_small_to_calibrate(n_train, n_val, percentile, calibration, match) -> None:
     rng = np.random.default_rng(0)
     with pytest.raises(InputError, match=match):
         audit_embeddings(
@@ -209,6 +242,7 @@ def test_too_small_to_calibrate(n_train, n_val, percentile, match) -> None:
             rng.normal(size=(n_val, 8)),
             rng.normal(size=(3, 8)),
             percentile=percentile,
+            calibration=calibration,
         )
 
 
@@ -260,7 +294,9 @@ def test_patient_level_results() -> None:
     train, val = _grid_case()
     patients = [f"P{i // 2}" for i in range(20)]  # two images per patient
     synthetic = np.concatenate([train[[0, 0, 7]], at(5 * 18.0 + 9)])
-    r = audit_embeddings(train, val, synthetic, train_patient_ids=patients, n_bootstrap=0)
+    r = audit_embeddings(
+        train, val, synthetic, train_patient_ids=patients, calibration="paper", n_bootstrap=0
+    )
     p = r.summary["patients"]
     assert p == {
         "n_train_patients": 10,
@@ -272,7 +308,7 @@ def test_patient_level_results() -> None:
     assert r.training["patient_memorized"].tolist() == expected
     assert r.training["memorized"].sum() == 2
     # without patient ids there is no patient-level result
-    r2 = audit_embeddings(train, val, synthetic, n_bootstrap=0)
+    r2 = audit_embeddings(train, val, synthetic, calibration="paper", n_bootstrap=0)
     assert "patients" not in r2.summary and "patient_memorized" not in r2.training
 
 
@@ -281,7 +317,13 @@ def test_controls_are_scored_but_never_counted() -> None:
     synthetic = at(5 * 18.0 + 9, 11 * 18.0 + 9)  # two novel images
     controls = np.concatenate([train[[2, 4]], at(6 * 18.0 + 2), at(9 * 18.0 + 8.5)])
     r = audit_embeddings(
-        train, val, synthetic, controls=controls, control_sources=[2, 4, 6, 9], n_bootstrap=0
+        train,
+        val,
+        synthetic,
+        controls=controls,
+        control_sources=[2, 4, 6, 9],
+        calibration="paper",
+        n_bootstrap=0,
     )
     c = r.summary["controls"]
     assert (c["n"], c["caught"]) == (4, 3)  # the 8.5-degree one is below tau = cos(8 deg)
@@ -299,8 +341,14 @@ def test_collapsed_embeddings_warn_that_no_copy_can_be_found() -> None:
     # every embedding is the same vector up to a tiny jitter: what a collapsed detector gives
     train, val, syn = (common + 1e-4 * rng.normal(size=(n, 16)) for n in (30, 30, 10))
     with pytest.warns(UserWarning, match="embeddings have collapsed"):
-        r = audit_embeddings(train, val, syn, n_bootstrap=0)
+        r = audit_embeddings(train, val, syn, calibration="paper", n_bootstrap=0)
     assert r.summary["tau"] >= 0.999
+    # conformal: the same warning; tau_mem cannot be calibrated on tied scores, and says so
+    with (
+        pytest.warns(UserWarning, match="embeddings have collapsed"),
+        pytest.raises(InputError, match="tau_mem cannot be calibrated.*tied scores"),
+    ):
+        audit_embeddings(train, val, syn, n_bootstrap=0)
     healthy = rng.normal(size=(30, 16))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
