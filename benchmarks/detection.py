@@ -252,7 +252,9 @@ def summarise(res: dict, kinds: np.ndarray, n_boot: int, seed: int) -> dict:
     m["per_kind_above_tau"] = {
         k: float(np.mean(sc["pos"][kinds == k] >= tau)) for k in dict.fromkeys(kinds)
     }
-    m["per_kind_auroc"] = {k: auroc(sc["pos"][kinds == k], sc["novel"]) for k in dict.fromkeys(kinds)}
+    m["per_kind_auroc"] = {
+        k: auroc(sc["pos"][kinds == k], sc["novel"]) for k in dict.fromkeys(kinds)
+    }
     if "follow" in sc:
         m["follow_up_above_tau"] = float(np.mean(sc["follow"] >= tau))
         m["follow_up_auroc_vs_novel"] = auroc(sc["follow"], sc["novel"])
@@ -351,11 +353,17 @@ def main() -> int:
         seconds[name] = round(time.perf_counter() - t, 1)
     if not args.no_ssim:
         t = time.perf_counter()
-        ssim_val = np.array([_ssim_max(x["train"][i : i + 1], x["val"])[0] for i in range(len(x["train"]))])
+        ssim_val = np.array(
+            [_ssim_max(x["train"][i : i + 1], x["val"])[0] for i in range(len(x["train"]))]
+        )
         # SSIM is not a correlation of embeddings: its thresholds are computed the same way
         # on its own scores (conformal on validation images, and the paper's percentile)
         val_scores = _ssim_max(x["val"], x["train"])
-        res = {k: _ssim_max(v, x["train"]) for k, v in x.items() if k not in ("train", "val") and v is not None}
+        res = {
+            k: _ssim_max(v, x["train"])
+            for k, v in x.items()
+            if k not in ("train", "val") and v is not None
+        }
         raw["SSIM"] = {
             "scores": res,
             "tau": float(np.quantile(val_scores, 0.95, method="weibull")),
@@ -389,7 +397,9 @@ def main() -> int:
         "groups": {g: list(GROUPS[g]) for g in groups},
         "control_kinds": list(CONTROL_VARIATION_KINDS),
         "group_of": GROUP_OF,
-        "methods": {name: summarise(r, kinds, args.n_bootstrap, args.seed) for name, r in raw.items()},
+        "methods": {
+            name: summarise(r, kinds, args.n_bootstrap, args.seed) for name, r in raw.items()
+        },
     }
 
     # held out: each kind scored by the detector that did not train on its group
@@ -511,16 +521,18 @@ def render(r: dict) -> str:
     ]
 
     def pk(name: str, k: str) -> str:
+        if name not in r["methods"]:
+            return "-"
         m = r["methods"][name]
         return f"{m['per_kind_above_tau'][k]:.2f} ({m['per_kind_auroc'][k]:.3f})"
 
     for k in kinds:
         h = held.get(k)
-        hcell = (
-            f"{h['sensitivity_at_tau']:.2f} ({h['auroc']:.3f}) [{h['detector']}]" if h else "-"
-        )
+        hcell = f"{h['sensitivity_at_tau']:.2f} ({h['auroc']:.3f}) [{h['detector']}]" if h else "-"
         cells = " | ".join(pk(b, k) for b in base)
-        lines.append(f"| {k} | {pk('medmem (all)', k)} | {hcell} | {pk('medmem (default)', k)} | {cells} |")
+        lines.append(
+            f"| {k} | {pk('medmem (all)', k)} | {hcell} | {pk('medmem (default)', k)} | {cells} |"
+        )
     if "held_out_all" in r:
         h = r["held_out_all"]
         lines += [

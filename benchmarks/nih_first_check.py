@@ -27,7 +27,7 @@ import pandas as pd
 import medmem
 from medmem._stats import auroc, wilson_interval
 from medmem.data import ArrayDataset
-from medmem.detector import vary
+from medmem.detector import PAPER_VARIATION_KINDS, vary
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import NIH, load_nih, machine, read_manifest, split_patients  # noqa: E402
@@ -64,7 +64,7 @@ def main() -> int:
         ids.append(f"novel/{novel.ids[j]}")
         truth.append(("novel", ""))
     for s in src:
-        images.append(vary(train[int(s)], rng)[0].numpy())
+        images.append(vary(train[int(s)], rng, kinds=PAPER_VARIATION_KINDS)[0].numpy())
         ids.append(f"copy/{train.ids[s]}")
         truth.append(("varied copy", train.ids[s]))
     synthetic = ArrayDataset(np.stack(images), ids=ids)

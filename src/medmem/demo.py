@@ -25,7 +25,7 @@ from medmem._stats import wilson_interval
 from medmem.audit import AuditResult, audit, format_verdict
 from medmem.data import load_dataset, make_phantom, write_phantoms
 from medmem.data.phantoms import phantom_seed
-from medmem.detector import Detector, vary
+from medmem.detector import PAPER_VARIATION_KINDS, Detector, vary
 from medmem.metrics import format_quality, quality
 from medmem.screen import screen
 
@@ -126,7 +126,7 @@ def build_demo_data(
         if j < cfg.n_exact_copies:
             items.append((img[0].numpy(), "exact copy", train.ids[src]))
         else:
-            varied = vary(img, rng)  # flip, rotation within +-5 degrees, gamma contrast
+            varied = vary(img, rng, kinds=PAPER_VARIATION_KINDS)  # flip, rotation, gamma
             items.append((varied[0].numpy(), "varied copy", train.ids[src]))
     order = rng.permutation(len(items))
     suffix = ".png" if d == 2 else ".npy"

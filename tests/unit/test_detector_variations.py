@@ -13,6 +13,7 @@ from medmem import InputError
 from medmem.detector import (
     CONTROL_VARIATION_KINDS,
     DEFAULT_VARIATION_KINDS,
+    MANY_KINDS_PROB,
     PAPER_VARIATION_KINDS,
     VARIATION_KINDS,
     VariationConfig,
@@ -97,7 +98,7 @@ def test_paper_default_and_control_kinds():
         k for k in VARIATION_KINDS if k not in CONTROL_VARIATION_KINDS
     )
     default = VariationConfig()
-    assert default.kinds == DEFAULT_VARIATION_KINDS and default.kind_prob == 0.5
+    assert default.kinds == DEFAULT_VARIATION_KINDS and default.kind_prob == MANY_KINDS_PROB
     paper = VariationConfig.paper()
     assert paper.kinds == PAPER_VARIATION_KINDS and paper.kind_prob == 1.0
     assert sorted(sample_variation(2, 0, paper)) == ["contrast", "flip", "rotate"]
@@ -448,11 +449,11 @@ def test_presets():
     assert VariationConfig.preset("default") == VariationConfig()
     assert VariationConfig.preset("paper") == VariationConfig.paper()
     all_ = VariationConfig.preset("all")
-    assert all_.kinds == VARIATION_KINDS and all_.kind_prob == 0.5
+    assert all_.kinds == VARIATION_KINDS and all_.kind_prob == MANY_KINDS_PROB
     few = VariationConfig.preset("rotate, zoom,jpeg")
     assert few.kinds == ("rotate", "zoom", "jpeg") and few.kind_prob == 1.0
     many = VariationConfig.preset("rotate,zoom,jpeg,noise")
-    assert many.kind_prob == 0.5
+    assert many.kind_prob == MANY_KINDS_PROB
     with pytest.raises(InputError, match="Did you mean 'rotate'"):
         VariationConfig.preset("flip,rotat")
     with pytest.raises(InputError, match="Did you mean 'paper'"):
@@ -483,7 +484,7 @@ def test_config_round_trips_and_old_dicts_load():
         assert {"flip", "rotate", "shift_fraction", "contrast"} <= set(params)
         assert params["pad"] == "border"
     # Without kinds a partial dict means the new defaults.
-    assert VariationConfig.from_dict({"max_rotation": 10.0}).kind_prob == 0.5
+    assert VariationConfig.from_dict({"max_rotation": 10.0}).kind_prob == MANY_KINDS_PROB
 
 
 @pytest.mark.parametrize(

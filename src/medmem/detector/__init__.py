@@ -22,6 +22,7 @@ from medmem.detector._loss import nt_xent
 from medmem.detector._variations import (
     CONTROL_VARIATION_KINDS,
     DEFAULT_VARIATION_KINDS,
+    MANY_KINDS_PROB,
     PAPER_VARIATION_KINDS,
     VARIATION_KINDS,
     VARIATION_PRESETS,
@@ -35,6 +36,7 @@ from medmem.detector._variations import (
 __all__ = [
     "CONTROL_VARIATION_KINDS",
     "DEFAULT_VARIATION_KINDS",
+    "MANY_KINDS_PROB",
     "PAPER_VARIATION_KINDS",
     "VARIATION_KINDS",
     "VARIATION_PRESETS",

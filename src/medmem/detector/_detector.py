@@ -31,7 +31,7 @@ from medmem._validation import check_positive_int
 from medmem.detector import _checkpoint
 from medmem.detector._cache import EmbeddingCache
 from medmem.detector._config import RUNTIME_FIELDS, DetectorConfig
-from medmem.detector._encoder import ContrastiveEncoder
+from medmem.detector._encoder import ContrastiveEncoder, resample
 from medmem.detector._loss import nt_xent
 from medmem.detector._variations import apply_variation, needs_partner, sample_variation
 
@@ -103,20 +103,31 @@ class _ContrastivePairs(Dataset):
         return y, y_var
 
 
-class _InMemory:
-    """The preprocessed images of a dataset held as one tensor (read from disk once)."""
+class _AtInputSize:
+    """A dataset's images resampled to the encoder's input size, where training views are
+    made: a variation of a 64^2 (32^3) image costs a quarter (an eighth) of one at 128^2
+    (64^3), and the encoder would average the larger image down to that size anyway. Held in
+    memory as one tensor when they fit in ``cache_bytes`` (read from disk once), else read
+    and resampled item by item."""
 
-    def __init__(self, dataset: Any, quiet: bool) -> None:
-        items = progress(
-            range(len(dataset)), desc="reading training images", quiet=quiet, unit="image"
-        )
-        self.images = torch.stack([torch.as_tensor(dataset[i], dtype=torch.float32) for i in items])
+    def __init__(self, dataset: Any, size: tuple[int, ...], cache_bytes: int, quiet: bool):
+        self.dataset = dataset
+        self.size = tuple(size)
+        self.images: torch.Tensor | None = None
+        n = len(dataset)
+        if n * 4 * math.prod(self.size) <= cache_bytes:
+            items = progress(range(n), desc="reading training images", quiet=quiet, unit="image")
+            self.images = torch.stack([self._read(i) for i in items])
+
+    def _read(self, i: int) -> torch.Tensor:
+        x = torch.as_tensor(self.dataset[i], dtype=torch.float32)
+        return resample(x[None], self.size)[0] if tuple(x.shape[1:]) != self.size else x
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.dataset)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.images[i]
+        return self.images[i] if self.images is not None else self._read(i)
 
 
 def _standardize_rows(z: torch.Tensor) -> torch.Tensor:
@@ -128,10 +139,12 @@ class _Probe:
     """The early-stopping signal: copy retrieval on a fixed set of training images.
 
     ``size`` training images and one fixed variation of each (seeded, with the training
-    variations) are embedded in eval mode. ``pos`` = each variation's correlation with its
-    source; ``novel`` = each source's correlation with its nearest OTHER probe image (how a
-    novel image of this data scores). ``margin`` = 5th percentile of pos - 95th percentile of
-    novel: positive when 95% of varied copies stand above 95% of novel-looking images.
+    variations) are embedded in eval mode. ``retrieval`` (the stopping score) = the share of
+    variations whose most correlated probe image is their source. Also recorded: ``pos`` =
+    each variation's correlation with its source; ``novel`` = each source's correlation with
+    its nearest OTHER probe image (how a novel image of this data scores); ``margin`` = 5th
+    percentile of pos - 95th percentile of novel. The margin is not the stopping score: an
+    untrained encoder maps every image alike, so it starts high before it means anything.
     """
 
     def __init__(self, source: Any, cfg: DetectorConfig) -> None:
@@ -149,7 +162,9 @@ class _Probe:
         with torch.no_grad():
             e = [
                 _standardize_rows(
-                    torch.cat([model(x[s : s + 64].to(device)).cpu() for s in range(0, len(x), 64)])
+                    torch.cat(
+                        [model.net(x[s : s + 64].to(device)).cpu() for s in range(0, len(x), 64)]
+                    )
                 )
                 for x in (self.originals, self.views)
             ]
@@ -170,14 +185,19 @@ class _Probe:
         }
 
 
+#: Early stopping compares the mean retrieval of this many latest checks.
+SMOOTHING = 3
+
+
 class _EarlyStopping:
-    """Stop once the probe margin has not improved by ``min_delta`` for ``patience`` checks."""
+    """Stop once probe retrieval (mean of the last three checks) has not improved by
+    ``min_delta`` for ``patience`` checks."""
 
     def __init__(self, cfg: DetectorConfig, steps_per_epoch: int) -> None:
         self.enabled = cfg.early_stopping
         self.eval_every = cfg.eval_every or max(1, round(10 / steps_per_epoch))
         self.min_epochs = (
-            cfg.min_epochs if cfg.min_epochs is not None else math.ceil(100 / steps_per_epoch)
+            cfg.min_epochs if cfg.min_epochs is not None else math.ceil(150 / steps_per_epoch)
         )
         self.patience = cfg.patience
         self.min_delta = cfg.min_delta
@@ -192,8 +212,12 @@ class _EarlyStopping:
     def update(self, epoch: int, scores: dict[str, float]) -> bool:
         """Record a check; True when training should stop."""
         self.history.append({"epoch": epoch, **scores})
-        if scores["margin"] > self.best + self.min_delta:
-            self.best, self.wait = scores["margin"], 0
+        # the mean of the last three checks: one check of 128 probes moves by a few hits
+        recent = [h["retrieval"] for h in self.history[-SMOOTHING:]]
+        smoothed = sum(recent) / len(recent)
+        self.history[-1]["retrieval_smoothed"] = smoothed
+        if smoothed > self.best + self.min_delta:
+            self.best, self.wait = smoothed, 0
         else:
             self.wait += 1
         return epoch >= self.min_epochs and self.wait >= self.patience
@@ -375,10 +399,8 @@ class Detector:
         steps_per_epoch = n // batch_size  # the last incomplete batch is dropped
         total_steps = cfg.epochs * steps_per_epoch
         device = self._device
-        source: Any = dataset
-        image_bytes = 4 * cfg.in_channels * math.prod(cfg.image_size or (0,))
-        if cfg.num_workers == 0 and n * image_bytes <= cfg.cache_bytes:
-            source = _InMemory(dataset, quiet)  # read and preprocess each image once
+        cache = cfg.cache_bytes if cfg.num_workers == 0 else 0  # workers each read their own
+        source = _AtInputSize(dataset, cfg.encoder_input_size, cache, quiet)
 
         rng_devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices):  # leave the caller's RNG alone
@@ -435,7 +457,7 @@ class Detector:
                 for step, (y, y_var) in enumerate(loader):
                     y = y.to(device, non_blocking=True)  # (K, C, *image_size)
                     y_var = y_var.to(device, non_blocking=True)
-                    z = model(torch.cat([y, y_var]))  # (2K, embed_dim)
+                    z = model.net(torch.cat([y, y_var]))  # (2K, embed_dim), at input size
                     loss = nt_xent(z[: len(y)], z[len(y) :], cfg.temperature)
                     if not torch.isfinite(loss):
                         raise MedmemError(
@@ -463,12 +485,12 @@ class Detector:
                     bar.set_postfix(
                         epoch=f"{epoch}/{cfg.epochs}",
                         loss=f"{history[-1]:.4f}",
-                        margin=f"{scores['margin']:.3f}",
+                        retrieval=f"{scores['retrieval']:.3f}",
                         refresh=False,
                     )
                     if stopped:
                         logger.info(
-                            "detector: probe margin saturated at %.3f; stopped at epoch %d of %d",
+                            "detector: probe retrieval saturated at %.3f; stopped at epoch %d/%d",
                             stopper.best,
                             epoch,
                             cfg.epochs,

@@ -15,7 +15,7 @@ can differ in more ways than that, so the library has one kind per realistic cha
 
 :data:`VARIATION_KINDS` lists them in the order they are applied. By default the detector
 trains on every kind except :data:`CONTROL_VARIATION_KINDS` (elastic, sharpen, patch), each
-applied with probability ``kind_prob`` = 0.5: the audit's positive controls then measure
+applied with probability ``kind_prob`` = 0.3: the audit's positive controls then measure
 changes the detector never trained on. 2D (C, H, W) and 3D (C, D, H, W) images go through
 the same code; values stay in [0, 1].
 
@@ -65,6 +65,11 @@ VARIATION_KINDS: tuple[str, ...] = (
 )
 
 #: The paper's variations: flipping, rotation and slight changes in contrast.
+#: Probability of each kind when more than three are listed (kind_prob None): about three
+#: or four changes per view from the default list, as strong as a copy changed several ways
+#: at once, yet learnable within a few hundred steps.
+MANY_KINDS_PROB = 0.3
+
 PAPER_VARIATION_KINDS: tuple[str, ...] = ("flip", "rotate", "contrast")
 
 #: Held out of the default training so that positive controls built from them measure
@@ -110,8 +115,12 @@ class VariationConfig:
     Args:
         kinds: names from :data:`VARIATION_KINDS` that may be applied.
         kind_prob: each listed kind is applied with this probability (independently).
-            None (the default) means 1.0 for up to three kinds and 0.5 for more, so a short
+            None (the default) means 1.0 for up to three kinds and MANY_KINDS_PROB (0.3)
+            for more, so a short
             explicit list is always applied and the long default list mixes.
+        always_kinds: listed kinds drawn every time whatever kind_prob. None: ("flip",)
+            when flip is listed (mirrored copies are the paper's first variation, and a
+            flip that is rare in training is learned late), else none.
         single_kind: apply exactly one listed kind per draw, chosen uniformly (kind_prob is
             then unused); the "controls" preset uses it.
         flip_prob: probability of flipping each spatial axis (independently).
@@ -154,6 +163,7 @@ class VariationConfig:
     max_shift: float = 0.1
     kind_prob: float | None = None
     single_kind: bool = False
+    always_kinds: tuple[str, ...] | None = None
     zero_pad_prob: float = 0.5
     zoom_range: tuple[float, float] = (0.8, 1.25)
     max_zoom_offset: float = 0.05
@@ -183,13 +193,23 @@ class VariationConfig:
             raise InputError(f"variations.kinds has repeated names: {list(kinds)}.")
         set_(self, "kinds", kinds)
         if self.kind_prob is None:
-            set_(self, "kind_prob", 1.0 if len(kinds) <= 3 else 0.5)
+            set_(self, "kind_prob", 1.0 if len(kinds) <= 3 else MANY_KINDS_PROB)
         set_(self, "kind_prob", check_in_range(self.kind_prob, "variations.kind_prob", 0.0, 1.0))
         if not isinstance(self.single_kind, (bool, np.bool_)):
             raise InputError(
                 f"variations.single_kind must be True or False, got {self.single_kind!r}."
             )
         set_(self, "single_kind", bool(self.single_kind))
+        if self.always_kinds is None:
+            always: tuple[str, ...] = ("flip",) if "flip" in kinds else ()
+        else:
+            always = tuple(self.always_kinds)
+        for k in always:
+            if k not in kinds:
+                raise InputError(
+                    f"variations.always_kinds entry {k!r} is not among kinds {list(kinds)}."
+                )
+        set_(self, "always_kinds", always)
         check_in_range(self.flip_prob, "variations.flip_prob", 0.0, 1.0)
         if self.flip_axes is not None:
             axes = tuple(self.flip_axes)
@@ -265,11 +285,11 @@ class VariationConfig:
     def preset(cls, name: str) -> VariationConfig:
         """Settings by name, for the command line.
 
-        ``"default"`` (every kind but the control kinds, each with probability 0.5),
-        ``"paper"`` (:meth:`paper`), ``"all"`` (every kind, probability 0.5),
+        ``"default"`` (every kind but the control kinds, each with probability 0.3),
+        ``"paper"`` (:meth:`paper`), ``"all"`` (every kind, probability 0.3),
         ``"controls"`` (one control kind per draw), or comma-separated kind names such as
         ``"rotate,zoom,jpeg"`` (all applied for up to three kinds, else each with
-        probability 0.5).
+        probability 0.3).
         """
         if not isinstance(name, str) or not name.strip():
             raise InputError(f"variation preset must be a non-empty string, got {name!r}.")
@@ -279,7 +299,7 @@ class VariationConfig:
         if key == "paper":
             return cls.paper()
         if key == "all":
-            return cls(kinds=VARIATION_KINDS, kind_prob=0.5)
+            return cls(kinds=VARIATION_KINDS, kind_prob=MANY_KINDS_PROB)
         if key == "controls":
             return cls(kinds=CONTROL_VARIATION_KINDS, single_kind=True)
         kinds = tuple(k.strip() for k in key.split(",") if k.strip())
@@ -428,7 +448,9 @@ def sample_variation(
         keep = {listed[int(gen.integers(len(listed)))]}
     elif s.kind_prob < 1.0 and listed:
         u = gen.random(len(listed))
-        keep = {k for k, v in zip(listed, u, strict=True) if v < s.kind_prob}
+        keep = {
+            k for k, v in zip(listed, u, strict=True) if v < s.kind_prob or k in s.always_kinds
+        }
     else:
         keep = set(listed)
     for kind in listed:
