@@ -14,7 +14,7 @@ class PixelDetector:
     """
 
     fingerprint = "0" * 52 + "pixeldetector"
-    train_fingerprint = None
+    train_fingerprint_ = None
 
     def embed(self, dataset, **_: object) -> np.ndarray:
         return np.stack([np.asarray(dataset[i]).ravel() for i in range(len(dataset))])

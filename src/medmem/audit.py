@@ -574,26 +574,126 @@ def _controls_summary(
     train_patient_ids: Sequence[Any],
     extra: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Positive controls: known varied copies of training images, scored like synthetic ones."""
+    """Positive controls: known varied copies of training images, scored like synthetic ones.
+
+    ``extra["control_kinds"]`` (one kind per control) and ``extra["held_out_kinds"]`` give a
+    catch rate per kind and the headline ``sensitivity`` over the held-out kinds only (changes
+    the detector never trained on, which predict its sensitivity on real copies); the rate
+    over every control is ``sensitivity_all``.
+    """
     from medmem._stats import wilson_interval
 
+    extra = dict(extra or {})
+    kinds = np.asarray(extra.pop("control_kinds", ["unknown"] * len(rho)))
+    held_out = set(extra.get("held_out_kinds", []))
     caught = rho >= tau
     n, k = int(rho.size), int(caught.sum())
     same_patient = [
         train_patient_ids[a] is not None and train_patient_ids[a] == train_patient_ids[b]
         for a, b in zip(nearest, sources, strict=True)
     ]
+    per_kind = {}
+    for kind in dict.fromkeys(kinds.tolist()):
+        sel = kinds == kind
+        nk, kk = int(sel.sum()), int(caught[sel].sum())
+        per_kind[kind] = {
+            "n": nk,
+            "caught": kk,
+            "sensitivity": kk / nk,
+            "sensitivity_ci": list(wilson_interval(kk, nk)),
+            "held_out": kind in held_out,
+        }
+    head = np.isin(kinds, list(held_out)) if held_out else np.ones(n, dtype=bool)
+    nh, kh = int(head.sum()), int(caught[head].sum())
     out = {
-        "n": n,
-        "caught": k,
-        "sensitivity": k / n,
-        "sensitivity_ci": list(wilson_interval(k, n)),
+        "n": nh,
+        "caught": kh,
+        "sensitivity": kh / nh,
+        "sensitivity_ci": list(wilson_interval(kh, nh)),
+        "sensitivity_of": "held-out kinds (not in the detector's training variations)"
+        if held_out
+        else "every control (all control kinds were in the detector's training variations)",
+        "n_all": n,
+        "caught_all": k,
+        "sensitivity_all": k / n,
+        "sensitivity_all_ci": list(wilson_interval(k, n)),
+        "per_kind": per_kind,
         "nearest_is_source": int((nearest == sources).sum()),
         "nearest_is_source_patient": int(np.sum(np.asarray(same_patient) | (nearest == sources))),
         "median_corr": float(np.median(rho)),
     }
-    out.update(extra or {})
+    out.update(extra)
     return out
+
+
+def make_controls(
+    train: Any,
+    detector: Any,
+    *,
+    n_controls: int = 100,
+    kinds: Sequence[str] | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    quiet: bool = False,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Positive controls: ``n_controls`` seeded copies of training images, one change each.
+
+    By default the changes are the kinds the detector did NOT train on
+    (``medmem.detector.CONTROL_VARIATION_KINDS`` minus its training variations), in turn, so
+    the catch rate measures generalisation to unseen changes rather than restating the
+    training objective. Blends and patches take another training image (of another patient
+    when ids are known) as the partner. Returns (embeddings, source rows, info).
+    """
+    from medmem.data import ArrayDataset
+    from medmem.detector import (
+        CONTROL_VARIATION_KINDS,
+        VARIATION_KINDS,
+        apply_variation,
+        needs_partner,
+        sample_variation,
+    )
+
+    config = getattr(detector, "config", None)
+    trained = set(config.variations.kinds) if config is not None else set()
+    if kinds is None:
+        kinds = [k for k in CONTROL_VARIATION_KINDS if k not in trained]
+        if not kinds:  # the detector trained on every control kind: say so, use them anyway
+            kinds = list(CONTROL_VARIATION_KINDS)
+    kinds = list(kinds)
+    for k in kinds:
+        if k not in VARIATION_KINDS:
+            raise InputError(
+                f"control kind {k!r} is not a variation kind; choose from "
+                f"{', '.join(VARIATION_KINDS)}."
+            )
+    rng = np.random.default_rng([seed, 0xC0])
+    n = min(n_controls, len(train))
+    sources = rng.choice(len(train), size=n, replace=False)
+    pids = list(train.patient_ids)
+    images, used = [], []
+    for c, i in enumerate(sources):
+        kind = kinds[c % len(kinds)]
+        img = train[int(i)]
+        params = sample_variation(train.spatial_dims, rng, kinds=(kind,))
+        partner = None
+        if needs_partner(params):
+            others = [
+                j
+                for j in range(len(train))
+                if j != i and (pids[j] is None or pids[j] != pids[int(i)])
+            ] or [j for j in range(len(train)) if j != i]
+            partner = train[int(rng.choice(others))]
+        images.append(apply_variation(img, params, partner=partner).numpy())
+        used.append(kind)
+    emb = detector.embed(ArrayDataset(np.stack(images)), batch_size=batch_size, quiet=quiet)
+    info = {
+        "kinds": kinds,
+        "held_out_kinds": [k for k in kinds if k not in trained],
+        "trained_kinds": sorted(trained, key=VARIATION_KINDS.index),
+        "seed": seed,
+        "control_kinds": used,
+    }
+    return emb, np.asarray(sources), info
 
 
 @dataclass
@@ -604,6 +704,8 @@ class AuditResult:
     training: pd.DataFrame
     synthetic: pd.DataFrame
     _images: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: the detector the audit trained (None when one was given); saved to ``detector/``
+    detector: Any = field(default=None, repr=False)
 
     def gallery_pairs(self, n: int = 8) -> list[GalleryPair]:
         """The ``n`` synthetic images nearest to a training image, with that image."""
@@ -639,7 +741,8 @@ class AuditResult:
         report: bool = True,
         quality: dict[str, Any] | None = None,
     ) -> Path:
-        """Write summary.json, training.csv, synthetic.csv, figures and report.html to ``out``.
+        """Write summary.json, training.csv, synthetic.csv, figures, report.html and (when
+        the audit trained it) the detector, ``detector/``, to ``out``.
 
         The folder is built aside and moved into place at the end: a crash never leaves a
         half-written result. An existing folder is refused unless ``overwrite``.
@@ -649,6 +752,9 @@ class AuditResult:
             atomic_write_json(tmp / "summary.json", self.summary)
             atomic_save(tmp / "training.csv", lambda p: self.training.to_csv(p, index=False))
             atomic_save(tmp / "synthetic.csv", lambda p: self.synthetic.to_csv(p, index=False))
+            if self.detector is not None:
+                # the verdict can be reproduced, and the detector reused (--detector DIR/detector)
+                self.detector.save(tmp / "detector")
             if figures:
                 plot_histogram(
                     self.training["nearest_val_corr"].to_numpy(),
@@ -1069,11 +1175,12 @@ def audit(
         cache_dir: where embeddings are cached (by detector and file content).
         batch_size, num_workers: embedding DataLoader settings.
         detector_overrides: DetectorConfig fields for a detector trained here.
-        n_controls: positive controls: this many seeded varied copies of training images
-            (flip, rotation within +-5 degrees, gamma contrast by default) are embedded and
-            scored like synthetic images, never counted in N_copies or listed; their catch
-            rate at tau is the audit's measured sensitivity (0 to skip).
-        control_kinds: variation kinds of the controls (``medmem.detector.VARIATION_KINDS``).
+        n_controls: positive controls: this many seeded changed copies of training images
+            (by default changes the detector never trained on, see :func:`make_controls`)
+            are embedded and scored like synthetic images, never counted in N_copies or
+            listed; their catch rate at tau is the audit's measured sensitivity (0 to skip).
+        control_kinds: variation kinds of the controls (``medmem.detector.VARIATION_KINDS``);
+            default: the held-out kinds.
         quiet: no progress bars.
 
     Example:
@@ -1081,8 +1188,7 @@ def audit(
         >>> result = medmem.audit(train, val, synthetic, detector=det)  # doctest: +SKIP
         >>> result.summary["n_copies"]  # doctest: +SKIP
     """
-    from medmem.data import ArrayDataset
-    from medmem.detector import DEFAULT_VARIATION_KINDS, Detector, vary
+    from medmem.detector import Detector
 
     t0 = time.perf_counter()
     calibration = check_calibration(calibration)
@@ -1099,6 +1205,9 @@ def audit(
         overrides.setdefault("image_size", tuple(train.image_size))
         detector = Detector.train(train, quiet=quiet, **overrides)
         timings["detector_training"] = round(time.perf_counter() - t, 3)
+        trained_here = True
+    else:
+        trained_here = False
     t = time.perf_counter()
     kw = {
         "batch_size": batch_size,
@@ -1113,12 +1222,15 @@ def audit(
     e_ctrl, ctrl_src, ctrl_info = None, None, None
     if n_controls > 0:
         t = time.perf_counter()
-        kinds = tuple(control_kinds or DEFAULT_VARIATION_KINDS)
-        rng = np.random.default_rng([seed, 0xC0])
-        ctrl_src = rng.choice(len(train), size=min(n_controls, len(train)), replace=False)
-        ctrl = np.stack([vary(train[int(i)], rng, kinds=kinds)[0].numpy() for i in ctrl_src])
-        e_ctrl = detector.embed(ArrayDataset(ctrl), batch_size=batch_size, quiet=quiet)
-        ctrl_info = {"kinds": list(kinds), "seed": seed}
+        e_ctrl, ctrl_src, ctrl_info = make_controls(
+            train,
+            detector,
+            n_controls=n_controls,
+            kinds=control_kinds,
+            seed=seed,
+            batch_size=batch_size,
+            quiet=quiet,
+        )
         timings["controls"] = round(time.perf_counter() - t, 3)
     result = audit_embeddings(
         e_tr,
@@ -1145,7 +1257,7 @@ def audit(
     s["n_patients_shared_train_val"] = n_overlap
     s["fingerprints"] = {
         "detector": detector.fingerprint,
-        "detector_training_set": getattr(detector, "train_fingerprint", None),
+        "detector_training_set": getattr(detector, "train_fingerprint_", None),
         "training_set": train.fingerprint(),
         "validation_set": val.fingerprint(),
         "synthetic_set": synthetic.fingerprint(),
@@ -1159,6 +1271,8 @@ def audit(
         for name, ds in (("training", train), ("validation", val), ("synthetic", synthetic))
         for item in getattr(ds, "skipped", [])
     ]
+    s["detector"] = _detector_summary(detector, trained_here)
+    s["preprocessing"] = _preprocessing_summary(train, val, synthetic)
     s["settings"] = {
         "seed": seed,
         "n_bootstrap": n_bootstrap,
@@ -1168,7 +1282,47 @@ def audit(
     }
     s["timings_s"] = timings
     result._images = {"train": train, "synthetic": synthetic}
+    if trained_here:
+        result.detector = detector
     return result
+
+
+def _detector_summary(detector: Any, trained_here: bool) -> dict[str, Any]:
+    """What the verdict rests on: the detector's settings and how long it trained."""
+    c = getattr(detector, "config", None)
+    if c is None:  # a duck-typed embedder (e.g. pixels): nothing more to say
+        return {"trained_here": trained_here, "kind": type(detector).__name__}
+    probe = detector.probe_history_[-1] if detector.probe_history_ else None
+    return {
+        "trained_here": trained_here,
+        "saved_to": "detector/" if trained_here else None,
+        "arch": c.arch,
+        "image_size": list(c.image_size),
+        "input_size": list(c.encoder_input_size),
+        "embed_dim": c.embed_dim,
+        "variations": list(c.variations.kinds),
+        "max_epochs": c.epochs,
+        "epochs_trained": detector.epochs_trained,
+        "stopped_early": detector.stopped_early_,
+        "final_loss": detector.loss_history_[-1] if detector.loss_history_ else None,
+        "final_probe": probe,
+    }
+
+
+def _preprocessing_summary(*datasets: Any) -> dict[str, Any]:
+    """How raw images became tensors, and the raw shapes seen (so a lost field of view shows)."""
+    pre = getattr(datasets[0], "preprocess", None)
+    shapes = [tuple(sh) for ds in datasets for sh in getattr(ds, "shapes", [])]
+    out: dict[str, Any] = {
+        "image_size": list(datasets[0].image_size),
+        "spatial_mode": getattr(pre, "spatial_mode", None),
+        "description": pre.describe() if pre is not None else "arrays given as they are",
+    }
+    if shapes and len({len(sh) for sh in shapes}) == 1:
+        arr = np.asarray(shapes)
+        out["raw_shape_min"] = arr.min(axis=0).tolist()
+        out["raw_shape_max"] = arr.max(axis=0).tolist()
+    return out
 
 
 def calibration_sentence(s: dict[str, Any]) -> str:
@@ -1275,6 +1429,7 @@ __all__ = [
     "check_calibration",
     "check_patient_overlap",
     "format_verdict",
+    "make_controls",
     "calibrate",
     "min_calibration_size",
 ]
