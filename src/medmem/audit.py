@@ -1414,6 +1414,10 @@ def format_verdict(s: dict[str, Any]) -> str:
             f"positive controls caught: {c['caught']} of {c['n']} (measured sensitivity "
             f"{c['sensitivity']:.2f}, 95% CI {lo:.2f}-{hi:.2f})"
         )
+        if c.get("per_kind"):
+            held = "held out of training" if c.get("held_out_kinds") else "trained on"
+            kinds = ", ".join(f"{k} {v['caught']}/{v['n']}" for k, v in c["per_kind"].items())
+            lines.append(f"  per change kind ({held}): {kinds}")
     return "\n".join(lines)
 
 

@@ -280,7 +280,9 @@ def train_detector(
     type=float,
     default=95.0,
     show_default=True,
-    help="tau = this percentile of train->nearest-validation correlations.",
+    help="Nominal rate: novel images are called copies with probability (100 - this)/100 "
+    "(conformal calibration); with --calibration paper, tau = this percentile of "
+    "train->nearest-validation correlations.",
 )
 @click.option(
     "--calibration",

@@ -271,7 +271,9 @@ def test_summary_carries_controls_chance_and_patients(phantom_sets, tmp_path) ->
     c = s["controls"]
     assert c["n"] == 10 and 0 <= c["caught"] <= 10
     assert c["sensitivity"] == pytest.approx(c["caught"] / 10)
-    assert c["kinds"] == ["flip", "rotate", "contrast"]
+    # changes the detector never trained on, reported per kind
+    assert c["kinds"] == ["elastic", "sharpen", "patch"] == c["held_out_kinds"]
+    assert sum(k["n"] for k in c["per_kind"].values()) == 10
     ch = s["chance"]
     assert ch["expected_copies"] == pytest.approx(ch["false_copy_rate"] * 6)
     assert ch["excess_copies"] == pytest.approx(s["n_copies"] - ch["expected_copies"])

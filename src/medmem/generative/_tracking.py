@@ -114,6 +114,7 @@ class Tracker:
             syn,
             detector=self.detector,
             percentile=tc.percentile,
+            calibration="paper",  # tracking reproduces the paper's analysis (Fig. 4)
             n_bootstrap=0,
             n_controls=0,
             cache_dir=self.run_dir / "embedding-cache",
