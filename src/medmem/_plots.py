@@ -14,6 +14,9 @@ import numpy as np  # noqa: E402
 
 from medmem._io import atomic_save  # noqa: E402
 
+#: written into every PNG figure: ``medmem screen`` recognises medmem's own figures by it
+PNG_METADATA = {"Software": "medmem"}
+
 
 def central_slices(image: np.ndarray) -> list[np.ndarray]:
     """One 2D view of a 2D image; three orthogonal central slices of a (D, H, W) volume."""
@@ -70,7 +73,7 @@ def plot_histogram(
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:
     """Write a figure as PNG atomically and free it."""
-    atomic_save(path, lambda p: fig.savefig(p, format="png"))
+    atomic_save(path, lambda p: fig.savefig(p, format="png", metadata=PNG_METADATA))
     plt.close(fig)
 
 
@@ -114,7 +117,7 @@ def plot_gallery(
         axes[r, n_views].set_title(_short(pair.train_id), fontsize=6)
     fig.suptitle(f"{title} (left: synthetic, right: training; tau={tau:.3f})", fontsize=8)
     fig.tight_layout()
-    atomic_save(path, lambda p: fig.savefig(p, format="png"))
+    atomic_save(path, lambda p: fig.savefig(p, format="png", metadata=PNG_METADATA))
     plt.close(fig)
 
 
