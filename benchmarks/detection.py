@@ -18,7 +18,7 @@ Detectors trained here (each with medmem's default settings apart from its varia
 Every change kind is so reported twice, trained on and held out, beside pixel Pearson
 correlation and SSIM. Thresholds are the audit's: tau from the validation set with the
 default (conformal) calibration, and the paper's tau beside it. The audit's positive
-controls (``medmem.audit.make_controls``) are scored with the default detector, so their
+controls (``medmem.make_controls``) are scored with the default detector, so their
 measured sensitivity can be set against the held-out-kind sensitivity measured here.
 
 Usage:
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import medmem
-from medmem.audit import audit_embeddings, make_controls
+from medmem import audit_embeddings, make_controls
 from medmem.data import ArrayDataset
 from medmem.detector import CONTROL_VARIATION_KINDS, VariationConfig
 from medmem.metrics import auroc
@@ -545,7 +545,7 @@ def render(r: dict) -> str:
         "",
         "## The audit's positive controls against held-out copies",
         "",
-        f"`medmem.audit.make_controls` with the default detector ({c['n']} controls of the "
+        f"`medmem.make_controls` with the default detector ({c['n']} controls of the "
         f"held-out kinds {', '.join(c['kinds'])}): measured sensitivity "
         f"{c['sensitivity_at_tau']:.3f} (per kind {c['per_kind']}). The benchmark's copies of "
         "the same kinds (other code, other ranges) scored by the same detector: sensitivity "

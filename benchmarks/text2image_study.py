@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import medmem  # noqa: E402
 from medmem import metrics  # noqa: E402
 from medmem._io import atomic_write_json, load_tensors, save_tensors  # noqa: E402
-from medmem._plots import plt, save_figure  # noqa: E402
+from medmem._plots import save_figure, subplots  # noqa: E402
 from medmem.generative import load_config, train  # noqa: E402
 from medmem.text2image import (  # noqa: E402
     MARKER_GROUP,
@@ -949,7 +949,7 @@ def _cpu() -> str:
 
 
 def _plot_steps(d: torch.Tensor, groups: np.ndarray, timesteps: list[int], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     for g in ("duplicated", "single", "unseen"):
         m = d[torch.from_numpy(groups == g)].mean(1)  # (P_g, S)
         mean = m.mean(0).numpy()
@@ -966,7 +966,7 @@ def _plot_step_auroc(per_step: dict[str, Any], path: Path) -> None:
     the shaded band is MID_WINDOW (d_mid)."""
     t = np.array(per_step["timesteps"])
     models = [k for k in per_step if k != "timesteps"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    fig, axes = subplots(1, 2, figsize=(10, 3.6), sharey=True)
     lo, hi = MID_WINDOW
     for ax, neg in zip(axes, ("unseen", "single"), strict=True):
         for name in models:

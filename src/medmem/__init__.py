@@ -12,12 +12,25 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from medmem import search
+from medmem._audit import (
+    CALIBRATIONS,
+    AuditResult,
+    audit,
+    audit_embeddings,
+    calibrate,
+    check_patient_overlap,
+    format_verdict,
+    make_controls,
+    min_calibration_size,
+)
 from medmem._errors import InputError, MedmemError, NotFittedError, OutputExistsError, ReadError
-from medmem.audit import AuditResult, audit, audit_embeddings, calibrate
 from medmem.data import ArrayDataset, ImageDataset, load_dataset
 from medmem.detector import Detector, DetectorConfig
 
+# The audit's module is private (medmem/_audit.py), so that ``medmem.audit`` is one thing,
+# the function, as scikit-learn does: no public module shares a name with a public function.
 __all__ = [
+    "CALIBRATIONS",
     "ArrayDataset",
     "AuditResult",
     "Detector",
@@ -32,6 +45,10 @@ __all__ = [
     "audit",
     "audit_embeddings",
     "calibrate",
+    "check_patient_overlap",
+    "format_verdict",
     "load_dataset",
+    "make_controls",
+    "min_calibration_size",
     "search",
 ]

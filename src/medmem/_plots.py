@@ -1,21 +1,38 @@
-"""Figures shared by the audit, the report and the studies (matplotlib, no display)."""
+"""Figures shared by the audit, the report and the studies (matplotlib, no display).
+
+Figures are ``matplotlib.figure.Figure`` objects drawn and saved without pyplot: medmem
+never sets the matplotlib backend nor keeps figures in pyplot's global list, so importing
+it leaves a notebook's plotting as it was.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from medmem._io import atomic_save  # noqa: E402
+from medmem._io import atomic_save
 
 #: written into every PNG figure: ``medmem screen`` recognises medmem's own figures by it
 PNG_METADATA = {"Software": "medmem"}
+
+
+def subplots(
+    nrows: int = 1,
+    ncols: int = 1,
+    *,
+    figsize: tuple[float, float] | None = None,
+    dpi: float | None = None,
+    **kwargs: Any,
+) -> tuple[Figure, Any]:
+    """Like ``pyplot.subplots``, on a stand-alone Figure (no backend, no global state)."""
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def central_slices(image: np.ndarray) -> list[np.ndarray]:
@@ -32,7 +49,7 @@ def central_slices(image: np.ndarray) -> list[np.ndarray]:
 
 
 def draw_histogram(
-    ax: plt.Axes,
+    ax: Axes,
     nearest_val_corr: np.ndarray,
     nearest_synthetic_corr: np.ndarray,
     tau: float,
@@ -65,16 +82,15 @@ def plot_histogram(
     title: str = "",
 ) -> None:
     """One audit's histogram (:func:`draw_histogram`) as a PNG file."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    fig, ax = subplots(figsize=(6.4, 3.8), dpi=110)
     draw_histogram(ax, nearest_val_corr, nearest_synthetic_corr, tau, title=title)
     fig.tight_layout()
     save_figure(fig, path)
 
 
-def save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:
-    """Write a figure as PNG atomically and free it."""
-    atomic_save(path, lambda p: fig.savefig(p, format="png", metadata=PNG_METADATA))
-    plt.close(fig)
+def save_figure(fig: Figure, path: str | os.PathLike, **kwargs: Any) -> None:
+    """Write a figure as PNG atomically, marked as medmem's (``PNG_METADATA``)."""
+    atomic_save(path, lambda p: fig.savefig(p, format="png", metadata=PNG_METADATA, **kwargs))
 
 
 @dataclass(frozen=True)
@@ -101,7 +117,7 @@ def plot_gallery(
     n_views = len(central_slices(pairs[0].synthetic))
     ncols = 2 * n_views
     nrows = len(pairs)
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         nrows, ncols, figsize=(1.7 * ncols, 1.8 * nrows + 0.5), dpi=100, squeeze=False
     )
     for r, pair in enumerate(pairs):
@@ -118,11 +134,18 @@ def plot_gallery(
     fig.suptitle(f"{title} (left: synthetic, right: training; tau={tau:.3f})", fontsize=8)
     fig.tight_layout()
     atomic_save(path, lambda p: fig.savefig(p, format="png", metadata=PNG_METADATA))
-    plt.close(fig)
 
 
 def _short(text: str, n: int = 28) -> str:
     return text if len(text) <= n else "…" + text[-(n - 1) :]
 
 
-__all__ = ["GalleryPair", "central_slices", "plot_gallery", "plot_histogram"]
+__all__ = [
+    "GalleryPair",
+    "central_slices",
+    "draw_histogram",
+    "plot_gallery",
+    "plot_histogram",
+    "save_figure",
+    "subplots",
+]

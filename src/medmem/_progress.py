@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterable
 from typing import TypeVar
@@ -20,17 +19,16 @@ def progress(
     quiet: bool = False,
     unit: str = "it",
 ) -> tqdm:
-    """Wrap ``iterable`` in a tqdm bar on stderr, unless quiet or MEDMEM_QUIET is set.
+    """Wrap ``iterable`` in a tqdm bar on stderr, unless ``quiet``.
 
     The bar is returned, so callers can ``set_postfix(loss=...)`` while iterating; with
     ``iterable=None`` it is updated by hand (``bar.update(n)``).
     """
-    disable = quiet or os.environ.get("MEDMEM_QUIET", "") not in ("", "0")
     return tqdm(
         iterable,
         desc=desc,
         total=total,
-        disable=disable,
+        disable=quiet,
         unit=unit,
         file=sys.stderr,
         dynamic_ncols=True,

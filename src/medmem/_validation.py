@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from difflib import get_close_matches
 from typing import Any
@@ -43,9 +44,68 @@ def check_seed(seed: int | np.random.Generator | None) -> np.random.Generator:
         return seed
     if seed is None:
         seed = 0
+    return np.random.default_rng(check_seed_int(seed))
+
+
+def check_seed_int(seed: Any, name: str = "seed") -> int:
+    """Return ``seed`` as an int >= 0 or raise naming ``name`` and the fix."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}.")
-    return np.random.default_rng(int(seed))
+        raise InputError(f"{name} must be an integer >= 0 (e.g. {name}=0), got {seed!r}.")
+    return int(seed)
+
+
+def check_percentile(value: Any, name: str = "percentile", *, allow_zero: bool = False) -> float:
+    """Return ``value`` as a float percentile on the 0-100 scale, in (0, 100).
+
+    ``allow_zero`` admits 0 ([0, 100)). A value strictly between 0 and 1 is refused with a
+    hint: it is almost always a fraction meant as a percentile (0.95 for 95), and taken
+    literally it would call nearly every image a copy.
+    """
+    if isinstance(value, bool):
+        raise InputError(f"{name} must be a number on the 0-100 scale (e.g. 95), got {value!r}.")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(
+            f"{name} must be a number on the 0-100 scale (e.g. 95), got {value!r}."
+        ) from None
+    if 0.0 < v < 1.0:
+        raise InputError(
+            f"{name}={value!r} looks like a fraction; use {100.0 * v:g} ({name} is on the "
+            f"0-100 scale: 95 means a nominal false copy rate of 5%)."
+        )
+    low_ok = v >= 0.0 if allow_zero else v > 0.0
+    if not (low_ok and v < 100.0 and np.isfinite(v)):
+        lb = "[0" if allow_zero else "(0"
+        raise InputError(
+            f"{name} must be in {lb}, 100) on the 0-100 scale (e.g. 95 for a nominal false "
+            f"copy rate of 5%), got {value!r}."
+        )
+    return v
+
+
+def check_detector(detector: Any, name: str = "detector", *, allow_none: bool = True) -> Any:
+    """Return ``detector`` if it is a trained detector object (or None when allowed).
+
+    A path (``"det/"``) is refused with the call that loads it; anything without
+    ``embed`` and ``fingerprint`` (what the audit uses of a Detector) is refused naming
+    its type.
+    """
+    if detector is None and allow_none:
+        return None
+    if isinstance(detector, (str, os.PathLike)):
+        path = os.fspath(detector)
+        raise InputError(
+            f'{name} must be a trained detector object, got the path "{path}": load it first '
+            f'with medmem.Detector.load("{path}") and pass the result.'
+        )
+    if not (hasattr(detector, "embed") and hasattr(detector, "fingerprint")):
+        what = "a trained medmem.Detector" + (" or None (to train one)" if allow_none else "")
+        raise InputError(
+            f"{name} must be {what}, got {type(detector).__name__}. Train one with "
+            "medmem.Detector.train(train) or load one with medmem.Detector.load(folder)."
+        )
+    return detector
 
 
 def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
@@ -104,10 +164,13 @@ def require_einops(where: str) -> None:
 __all__ = [
     "require_einops",
     "check_choice",
+    "check_detector",
     "check_embeddings",
     "check_in_range",
+    "check_percentile",
     "check_positive_int",
     "check_seed",
+    "check_seed_int",
 ]
 
 

@@ -6,7 +6,6 @@ Errors about inputs print one line and exit with status 2; ``--debug`` shows the
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,9 +66,9 @@ def main(ctx: click.Context, quiet: bool, debug: bool) -> None:
       medmem audit --train train/ --val val/ --synthetic synth/ --out audit/
     """
     ctx.ensure_object(dict)
+    # the flag reaches each command through ctx.obj and then the API's quiet= arguments;
+    # the process environment is left alone
     ctx.obj.update(quiet=quiet, debug=debug)
-    if quiet:
-        os.environ["MEDMEM_QUIET"] = "1"
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(message)s",
@@ -172,6 +171,7 @@ def _load(
     image_size: tuple[int, ...] | None = None,
     like: Any = None,
     option: str = "",
+    quiet: bool,
 ) -> Any:
     """Load one set; ``like`` (the training set) fixes spatial_dims and image_size."""
     from medmem.data import load_dataset
@@ -187,7 +187,7 @@ def _load(
             image_size=image_size or _size(opts["image_size"]),
             patient_id_pattern=opts["patient_id_pattern"],
             skip_unreadable=opts["skip_unreadable"],
-            quiet=bool(os.environ.get("MEDMEM_QUIET")),
+            quiet=quiet,
             spatial_mode=opts.get("spatial_mode") or "resample",
         )
     except MedmemError as exc:
@@ -235,7 +235,7 @@ def train_detector(
 
     _check_out(out, overwrite)
     settings = _detector_settings(data_opts)
-    train = _load(train_src, data_opts)
+    train = _load(train_src, data_opts, quiet=ctx.obj["quiet"])
     log.info(
         "training a %dD detector on %d images from %s", train.spatial_dims, len(train), train_src
     )
@@ -360,16 +360,25 @@ def audit_cmd(
       medmem audit --train train.csv --val val.csv --synthetic 'samples/*.png' \\
           --detector detector/ --out audit/ --patient-id-pattern '^(\\d+)_'
     """
-    from medmem.audit import audit, format_verdict
+    from medmem._audit import audit, check_audit_args, format_verdict
     from medmem.detector import Detector
 
+    quiet = ctx.obj["quiet"]
+    # the API's own checks, before any dataset (or the detector) is read
+    check_audit_args(
+        percentile=percentile,
+        calibration=calibration,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        n_controls=0 if no_controls else n_controls,
+    )
     _check_out(out, overwrite)
     settings = _detector_settings(data_opts)
     detector = Detector.load(detector_dir) if detector_dir else None
     size = tuple(detector.config.image_size) if detector is not None else None
-    train = _load(train_src, data_opts, image_size=size)
-    val = _load(val_src, data_opts, image_size=size, like=train, option="--val")
-    syn = _load(syn_src, data_opts, image_size=size, like=train, option="--synthetic")
+    train = _load(train_src, data_opts, image_size=size, quiet=quiet)
+    val = _load(val_src, data_opts, image_size=size, like=train, option="--val", quiet=quiet)
+    syn = _load(syn_src, data_opts, image_size=size, like=train, option="--synthetic", quiet=quiet)
     result = audit(
         train,
         val,
@@ -382,7 +391,7 @@ def audit_cmd(
         seed=seed,
         cache_dir=cache_dir,
         n_controls=0 if no_controls else n_controls,
-        quiet=ctx.obj["quiet"],
+        quiet=quiet,
         detector_overrides=_overrides(
             epochs=epochs, batch_size=batch_size, embed_dim=embed_dim, lr=lr, seed=seed
         )
@@ -595,8 +604,9 @@ def quality_cmd(
         size = tuple(extractor.config.image_size)
     elif extractor_file is not None:
         extractor = str(extractor_file)
-    real = _load(real_src, data_opts, image_size=size)
-    syn = _load(syn_src, data_opts, image_size=size, like=real, option="--synthetic")
+    quiet = ctx.obj["quiet"]
+    real = _load(real_src, data_opts, image_size=size, quiet=quiet)
+    syn = _load(syn_src, data_opts, image_size=size, like=real, option="--synthetic", quiet=quiet)
     if extractor is None:
         log.warning(
             "no --detector or --extractor: training a detector on the %d --real images "

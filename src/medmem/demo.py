@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medmem._audit import AuditResult, audit, format_verdict
 from medmem._errors import OutputExistsError
 from medmem._io import atomic_save, atomic_write_bytes, atomic_write_json
 from medmem._stats import wilson_interval
-from medmem.audit import AuditResult, audit, format_verdict
 from medmem.data import load_dataset, make_phantom, write_phantoms
 from medmem.data.phantoms import phantom_seed
 from medmem.detector import PAPER_VARIATION_KINDS, Detector, vary

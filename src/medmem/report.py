@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from medmem import __version__
+from medmem._audit import calibration_sentence
 from medmem._io import atomic_write_text
 from medmem._plots import central_slices, plot_histogram
-from medmem.audit import calibration_sentence
 
 # Element ids of the verdict numbers (and the summary keys they show). Documented for tools
 # and tests that read the page back.
@@ -632,7 +632,7 @@ def write_report(
     """Write ``report.html`` (self-contained, offline) into ``folder``; return its path.
 
     Args:
-        result: an :class:`~medmem.audit.AuditResult`. The gallery needs the datasets that
+        result: an :class:`~medmem.AuditResult`. The gallery needs the datasets that
             ``medmem.audit`` attaches; without them the page says so.
         folder: where to write (created if missing); the file is written atomically.
         quality: a dict from :func:`medmem.metrics.quality`, shown when given.

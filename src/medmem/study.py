@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 
 import medmem
+from medmem._audit import audit
 from medmem._checkpoint import read_checkpoint
 from medmem._errors import InputError
 from medmem._io import (
@@ -55,9 +56,13 @@ from medmem._io import (
     resolve_paths,
     save_tensors,
 )
-from medmem._plots import draw_histogram, plt, save_figure
-from medmem._validation import check_choice, check_in_range, check_keys, check_positive_int
-from medmem.audit import audit
+from medmem._plots import draw_histogram, save_figure, subplots
+from medmem._validation import (
+    check_choice,
+    check_keys,
+    check_percentile,
+    check_positive_int,
+)
 from medmem.data import ArrayDataset
 from medmem.detector import Detector
 from medmem.generative import (
@@ -180,7 +185,7 @@ class StudyConfig:
             check_positive_int(self.n_synthetic, "study.n_synthetic", minimum=2)
         if self.steps is not None:
             check_positive_int(self.steps, "study.steps")
-        check_in_range(self.percentile, "study.percentile", 0.0, 100.0)
+        check_percentile(self.percentile, "study.percentile")
         for name in models:
             self.generative_config(name)  # fail now, not after hours of training
 
@@ -730,7 +735,7 @@ def _factor_figure(
     models = [m for m, g in rows.groupby("model") if g[factor].nunique() > 1]
     if not models:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=110)
+    fig, axes = subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=110)
     for m in models:
         g = rows[rows["model"] == m].sort_values(factor)
         for ax, (_, lines) in zip(axes, panels, strict=True):
@@ -763,7 +768,7 @@ def plot_study(
     base = base.drop_duplicates("model")
     if len(base):
         n = len(base)
-        fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), dpi=110, squeeze=False)
+        fig, axes = subplots(1, n, figsize=(4.2 * n, 3.4), dpi=110, squeeze=False)
         for ax, rec in zip(axes[0], base.to_dict("records"), strict=True):
             tr = _audit_tables(out, rec["cell"])
             if tr is None:
@@ -786,7 +791,7 @@ def plot_study(
     aug = table[_group_mask(table, study, "augment")]
     models_both = [m for m, g in aug.groupby("model") if g["augment"].nunique() == 2]
     if models_both:
-        fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4), dpi=110)
+        fig, axes = subplots(1, 2, figsize=(8.5, 3.4), dpi=110)
         width = 0.38
         x = np.arange(len(models_both))
         for ax, col, label in zip(
@@ -833,7 +838,7 @@ def plot_study(
     # memorization against quality, per model variant
     pts = table[np.isfinite(table["fid"].astype(float))]
     if len(pts):
-        fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=110)
+        fig, ax = subplots(figsize=(5.6, 4.0), dpi=110)
         for m, g in pts.groupby("model"):
             ax.scatter(g["fid"], g["pct_copies"], label=m, s=30)
         ax.set_xlabel("FID (detector features; lower is better)")

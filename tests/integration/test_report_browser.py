@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import medmem
+from medmem import audit_embeddings
 from medmem._browser import chromium_available, headless_command
-from medmem.audit import audit_embeddings
 from medmem.data import ArrayDataset, load_dataset, make_phantom, write_phantoms
 from medmem.metrics import quality
 from medmem.report import write_report

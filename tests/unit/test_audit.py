@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from medmem import InputError, OutputExistsError
-from medmem.audit import (
+from medmem._audit import (
     SYNTHETIC_COLUMNS,
     TRAINING_COLUMNS,
     audit_embeddings,
@@ -213,7 +213,7 @@ def test_save_failure_leaves_no_half_folder(tmp_path, monkeypatch) -> None:
     r = audit_embeddings(
         rng.normal(size=(20, 8)), rng.normal(size=(20, 8)), rng.normal(size=(4, 8))
     )
-    audit_mod = importlib.import_module("medmem.audit")  # medmem.audit is the function
+    audit_mod = importlib.import_module("medmem._audit")  # the module; medmem.audit is the function
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 import medmem
 from medmem import InputError
-from medmem.audit import (
+from medmem._audit import (
     CALIBRATIONS,
     SYNTHETIC_COLUMNS,
     TRAINING_COLUMNS,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import medmem
-from medmem.audit import make_controls
+from medmem import make_controls
 from medmem.data import ArrayDataset, Preprocess
 from medmem.detector import ContrastiveEncoder, Detector, DetectorConfig, VariationConfig
 from medmem.detector._detector import _EarlyStopping

@@ -3,7 +3,8 @@
 data <- detector <- search <- audit <- report, screen, label; metrics and generative may use
 the stages before the audit; demo, study and text2image anything but the CLI; the CLI is a
 thin layer over the public API. Private helpers (``medmem._*``) are usable by all and import
-no stage.
+no stage. A stage whose name is also a public function lives in a private module
+(``medmem/_audit.py`` holds the ``audit`` stage; ``medmem.audit`` is the function).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ ALLOWED: dict[str, set[str]] = {
     "text2image": set(STAGES) - {"text2image", "cli"},
     "cli": set(STAGES) - {"cli"},
 }
+# Private modules that hold a stage, because a public function has the stage's name.
+STAGE_MODULES = {"_audit": "audit"}
 # The audit's save() writes report.html through a function-level import of medmem.report:
 # the one exception, so that `result.save(dir)` gives the whole output folder.
 EXCEPTIONS = {("audit", "report")}
@@ -54,6 +57,7 @@ def _stage_of(path: Path) -> str | None:
     if rel == ("__init__.py",):
         return None  # the package re-exports the public API
     name = rel[0].removesuffix(".py")
+    name = STAGE_MODULES.get(name, name)
     if name.startswith("_"):
         return "_private"
     return name if name in STAGES else None
@@ -70,8 +74,10 @@ def _imported_stages(path: Path) -> set[str]:
             names = [a.name for a in node.names]
         for n in names:
             parts = n.split(".")
-            if parts[0] == "medmem" and len(parts) > 1 and parts[1] in STAGES:
-                found.add(parts[1])
+            if parts[0] == "medmem" and len(parts) > 1:
+                stage = STAGE_MODULES.get(parts[1], parts[1])
+                if stage in STAGES:
+                    found.add(stage)
     return found
 
 
@@ -94,3 +100,32 @@ def test_package_modules_are_known() -> None:
         if not p.name.startswith(("_", ".")) and (p.suffix == ".py" or p.is_dir())
     }
     assert top <= set(STAGES), f"unknown stage(s): {sorted(top - set(STAGES))}"
+
+
+def test_stage_modules_exist() -> None:
+    for module in STAGE_MODULES:
+        assert (SRC / f"{module}.py").is_file() or (SRC / module).is_dir(), module
+
+
+def test_no_public_module_shares_a_name_with_a_public_function() -> None:
+    """``import medmem.x as m`` gives a module and ``medmem.x`` is that module, or there is
+    no module ``medmem.x`` at all (scikit-learn's manners)."""
+    import importlib
+    import types
+
+    import medmem
+
+    modules = {
+        p.name.removesuffix(".py")
+        for p in SRC.iterdir()
+        if not p.name.startswith(("_", ".")) and (p.suffix == ".py" or p.is_dir())
+    }
+    for name in sorted(modules):
+        module = importlib.import_module(f"medmem.{name}")
+        assert isinstance(module, types.ModuleType)
+        if hasattr(medmem, name):
+            assert getattr(medmem, name) is module, f"medmem.{name} is not the module"
+    for name in medmem.__all__:
+        obj = getattr(medmem, name)
+        if not isinstance(obj, types.ModuleType):
+            assert name not in modules, f"medmem.{name} shadows the module medmem/{name}"

@@ -20,7 +20,7 @@ from typing import Any
 
 from medmem._errors import InputError
 from medmem._section import ConfigSection
-from medmem._validation import check_choice, check_in_range, check_positive_int
+from medmem._validation import check_choice, check_in_range, check_percentile, check_positive_int
 
 MODEL_KINDS = ("ldm", "vae", "gan")
 AUTOENCODER_KINDS = ("kl", "vq")
@@ -395,7 +395,7 @@ class TrackingConfig(ConfigSection):
             object.__setattr__(self, "at", ())
         check_positive_int(self.n_synthetic, "tracking.n_synthetic", minimum=2)
         check_positive_int(self.detector_epochs, "tracking.detector_epochs")
-        check_in_range(self.percentile, "tracking.percentile", 0.0, 100.0)
+        check_percentile(self.percentile, "tracking.percentile")
         check_choice(self.sampler, "tracking.sampler", SAMPLERS)
         check_positive_int(self.steps, "tracking.steps")
         _check_bool(self.quality, "tracking.quality")

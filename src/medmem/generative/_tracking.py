@@ -174,14 +174,11 @@ class Tracker:
 
 def plot_tracking(frame: pd.DataFrame, path: str | Path, *, title: str = "") -> None:
     """Memorization, validation loss and quality over training iterations (Fig. 8 style)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from medmem._plots import subplots
 
     has_quality = frame[["fid", "ms_ssim"]].notna().any().any() if len(frame) else False
     n = 3 if has_quality else 2
-    fig, axes = plt.subplots(n, 1, figsize=(5.5, 2.2 * n + 0.4), dpi=110, sharex=True)
+    fig, axes = subplots(n, 1, figsize=(5.5, 2.2 * n + 0.4), dpi=110, sharex=True)
     it = frame["iteration"]
     ax = axes[0]
     ax.plot(it, frame["pct_mem"], "o-", label="memorized (% of n_train)")
@@ -204,17 +201,11 @@ def plot_tracking(frame: pd.DataFrame, path: str | Path, *, title: str = "") -> 
     fig.suptitle(title or "Memorization during training", fontsize=9)
     fig.tight_layout()
     atomic_save(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
 
 
 def save_grid(images: Any, path: str | Path, *, ncols: int = 8, title: str = "") -> None:
     """A PNG grid of (n, 1, *size) images in [0, 1]; 3D volumes show their central slices."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from medmem._plots import central_slices
+    from medmem._plots import central_slices, subplots
 
     arr = np.asarray(images.detach().cpu().numpy() if hasattr(images, "detach") else images)
     arr = arr[:, 0]
@@ -222,7 +213,7 @@ def save_grid(images: Any, path: str | Path, *, ncols: int = 8, title: str = "")
     per = len(views[0])
     ncols = min(ncols, len(arr)) * per
     nrows = math.ceil(len(arr) * per / ncols)
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         nrows, ncols, figsize=(1.2 * ncols, 1.2 * nrows + 0.3), dpi=100, squeeze=False
     )
     flat = [v for vs in views for v in vs]
@@ -234,7 +225,6 @@ def save_grid(images: Any, path: str | Path, *, ncols: int = 8, title: str = "")
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     atomic_save(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
 
 
 __all__ = ["COLUMNS", "Tracker", "plot_tracking", "save_grid"]

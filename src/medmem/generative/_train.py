@@ -630,7 +630,7 @@ def _train(
                         f"{total - it - 1} iterations)"
                     )
                     logger.debug(msg)
-                    if is_main and not quiet and os.environ.get("MEDMEM_QUIET", "") in ("", "0"):
+                    if is_main and not quiet:
                         tqdm.write(msg, file=sys.stderr)
                     if is_main:
                         atomic_write_json(out / TIMING, timing)

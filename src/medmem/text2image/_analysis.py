@@ -141,12 +141,9 @@ def plot_score_histogram(
     groups: dict[str, np.ndarray], path: str | Path, *, xlabel: str = "d_t at the first step"
 ) -> Path:
     """Overlaid histograms of a score per prompt group."""
-    import matplotlib
+    from medmem._plots import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     allv = np.concatenate([np.asarray(v, float) for v in groups.values()])
     bins = np.linspace(allv.min(), allv.max(), 30)
     for name, v in groups.items():
@@ -157,7 +154,6 @@ def plot_score_histogram(
     fig.tight_layout()
     path = Path(path)
     atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
     return path
 
 
@@ -170,12 +166,9 @@ def plot_bars(
     title: str = "",
 ) -> Path:
     """Horizontal bar chart (top tokens, mitigation effects)."""
-    import matplotlib
+    from medmem._plots import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 0.3 * len(labels) + 1.2))
+    fig, ax = subplots(figsize=(6, 0.3 * len(labels) + 1.2))
     y = np.arange(len(labels))[::-1]
     ax.barh(y, values, color="#4477aa")
     ax.set_yticks(y, labels, fontsize=8)
@@ -185,7 +178,6 @@ def plot_bars(
     fig.tight_layout()
     path = Path(path)
     atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
     return path
 
 

@@ -51,9 +51,12 @@ from medmem._io import atomic_dir, atomic_save, atomic_write_json
 from medmem._plots import GalleryPair, plot_gallery, plot_histogram
 from medmem._validation import (
     check_choice,
+    check_detector,
     check_embeddings,
     check_in_range,
+    check_percentile,
     check_positive_int,
+    check_seed_int,
 )
 from medmem.search import DEFAULT_BLOCK_SIZE, nearest, standardize
 
@@ -96,6 +99,44 @@ def check_calibration(calibration: Any) -> str:
     return check_choice(calibration, "calibration", CALIBRATIONS)
 
 
+def check_audit_args(
+    *,
+    percentile: Any = 95.0,
+    calibration: Any = "conformal",
+    n_bootstrap: Any = 1000,
+    confidence: Any = 0.95,
+    seed: Any = 0,
+    n_controls: Any = 0,
+    control_kinds: Sequence[str] | None = None,
+    detector: Any = None,
+) -> dict[str, Any]:
+    """Check the audit's settings before any image is read; return them normalised.
+
+    The one boundary check shared by :func:`audit`, :func:`audit_embeddings` and the CLI
+    (which calls it before loading the datasets). Each failure is one line naming the
+    parameter and the fix.
+    """
+    if control_kinds is not None:
+        from medmem.detector import VARIATION_KINDS
+
+        if isinstance(control_kinds, str):
+            control_kinds = [control_kinds]
+        for k in control_kinds:
+            check_choice(k, "control_kinds", VARIATION_KINDS)
+    return {
+        "percentile": check_percentile(percentile, "percentile"),
+        "calibration": check_calibration(calibration),
+        "n_bootstrap": check_positive_int(n_bootstrap, "n_bootstrap", minimum=0),
+        "confidence": check_in_range(
+            confidence, "confidence", 0.0, 1.0, low_open=True, high_open=True
+        ),
+        "seed": check_seed_int(seed, "seed"),
+        "n_controls": check_positive_int(n_controls, "n_controls", minimum=0),
+        "control_kinds": None if control_kinds is None else list(control_kinds),
+        "detector": check_detector(detector, "detector"),
+    }
+
+
 def _alpha(percentile: float) -> float:
     """The nominal false rate alpha = (100 - percentile) / 100."""
     return (100.0 - percentile) / 100.0
@@ -119,6 +160,7 @@ def min_calibration_size(percentile: float, calibration: str = "conformal") -> i
         (19, 20)
     """
     calibration = check_calibration(calibration)
+    percentile = check_percentile(percentile, "percentile")
     if calibration == "paper":
         return max(2, math.ceil(100.0 / (100.0 - percentile)))
     return max(1, math.ceil(percentile / (100.0 - percentile) - _RANK_TOL))
@@ -168,14 +210,7 @@ def calibrate(
         0.95
     """
     calibration = check_calibration(calibration)
-    percentile = check_in_range(
-        percentile,
-        "percentile",
-        0.0,
-        100.0,
-        low_open=calibration != "paper",
-        high_open=True,
-    )
+    percentile = check_percentile(percentile, "percentile", allow_zero=calibration == "paper")
     values = np.asarray(scores, dtype=np.float64)
     if values.ndim != 1 or values.size == 0:
         raise InputError("calibration scores must be a non-empty 1-d array.")
@@ -905,7 +940,8 @@ def audit_embeddings(
         train, val, synthetic: (n, d) embeddings from one detector.
         train_ids, val_ids, synthetic_ids: names for the rows (default ``train00000``...).
         train_patient_ids: patient id per training image, copied to training.csv.
-        percentile: q; alpha = (100 - q) / 100 is the nominal false rate (0.05).
+        percentile: q on the 0-100 scale (95, not 0.95); alpha = (100 - q) / 100 is the
+            nominal false rate (0.05).
         calibration: ``"conformal"`` (default; novel images are called copies with
             probability about alpha whatever the set sizes), ``"conservative"`` (at most
             alpha) or ``"paper"`` (the paper's tau = percentile(nearest_val_corr, q), also
@@ -913,7 +949,7 @@ def audit_embeddings(
             ``summary["paper"]`` and the ``*_paper`` columns.
         n_bootstrap: bootstrap replicates for the intervals (0 to skip).
         confidence: coverage of the intervals.
-        seed: seed of the bootstrap.
+        seed: seed of the bootstrap (an integer >= 0).
         block_size: block size of the search (memory, not results).
         controls: embeddings of positive controls (known varied copies of training
             images), scored against the training set like synthetic images but kept out of
@@ -929,10 +965,15 @@ def audit_embeddings(
         (3, 3)
     """
     t0 = time.perf_counter()
-    calibration = check_calibration(calibration)
-    percentile = check_in_range(percentile, "percentile", 0.0, 100.0, low_open=True, high_open=True)
-    confidence = check_in_range(confidence, "confidence", 0.0, 1.0, low_open=True, high_open=True)
-    n_bootstrap = check_positive_int(n_bootstrap, "n_bootstrap", minimum=0)
+    args = check_audit_args(
+        percentile=percentile,
+        calibration=calibration,
+        n_bootstrap=n_bootstrap,
+        confidence=confidence,
+        seed=seed,
+    )
+    percentile, calibration = args["percentile"], args["calibration"]
+    n_bootstrap, confidence, seed = args["n_bootstrap"], args["confidence"], args["seed"]
     tr_ids = _ids(train_ids, len(train), "train")
     va_ids = _ids(val_ids, len(val), "val")
     sy_ids = _ids(synthetic_ids, len(synthetic), "synthetic")
@@ -1166,8 +1207,10 @@ def audit(
 
     Args:
         train, val, synthetic: medmem datasets (``medmem.load_dataset``) of one kind.
-        detector: a trained ``medmem.Detector``; None trains one on ``train``.
-        percentile: q; alpha = (100 - q) / 100 is the nominal false rate.
+        detector: a trained ``medmem.Detector`` (a saved one: ``medmem.Detector.load(dir)``);
+            None trains one on ``train``.
+        percentile: q on the 0-100 scale (95, not 0.95); alpha = (100 - q) / 100 is the
+            nominal false rate.
         calibration: ``"conformal"`` (default), ``"conservative"`` or ``"paper"``; see
             :func:`audit_embeddings` and docs/calibration.md.
         allow_patient_overlap: do not refuse training/validation sets sharing patients.
@@ -1191,11 +1234,21 @@ def audit(
     from medmem.detector import Detector
 
     t0 = time.perf_counter()
-    calibration = check_calibration(calibration)
-    n_controls = check_positive_int(n_controls, "n_controls", minimum=0)
+    args = check_audit_args(
+        percentile=percentile,
+        calibration=calibration,
+        n_bootstrap=n_bootstrap,
+        confidence=confidence,
+        seed=seed,
+        n_controls=n_controls,
+        control_kinds=control_kinds,
+        detector=detector,
+    )
+    percentile, calibration = args["percentile"], args["calibration"]
+    n_bootstrap, confidence, seed = args["n_bootstrap"], args["confidence"], args["seed"]
+    n_controls, control_kinds = args["n_controls"], args["control_kinds"]
     _check_datasets(train, val, synthetic)
     n_overlap = check_patient_overlap(train, val, allow=allow_patient_overlap)
-    percentile = check_in_range(percentile, "percentile", 0.0, 100.0, low_open=True, high_open=True)
     _check_sizes(len(train), len(val), percentile, calibration, n_synthetic=len(synthetic))
     timings: dict[str, float] = {}
     if detector is None:
@@ -1430,6 +1483,7 @@ __all__ = [
     "audit",
     "audit_embeddings",
     "calibration_sentence",
+    "check_audit_args",
     "check_calibration",
     "check_patient_overlap",
     "format_verdict",
