@@ -116,15 +116,49 @@ def test_without_early_stopping_every_epoch_is_trained():
     assert det.epochs_trained == 3 and not det.stopped_early_ and det.probe_history_ == []
 
 
-def test_probe_retrieval_grows_with_training():
-    """The stopping signal measures what the audit needs: varied copies matched to their
-    source rather than to another image. It rises as the detector learns."""
-    train = ArrayDataset(_smooth(32, 32, seed=5))
-    det = Detector.train(
-        train, quiet=True, **dict(FAST, epochs=40, eval_every=2, early_stopping=True, min_epochs=40)
+def test_probe_scores_retrieval_and_margin_by_hand():
+    """The stopping signal measures what the audit needs: each varied copy matched to its
+    own source rather than to another image."""
+    from medmem.detector._detector import _Probe
+
+    imgs = ArrayDataset(_smooth(12, 16, seed=5))
+    same = DetectorConfig(
+        spatial_dims=2,
+        image_size=(16, 16),
+        probe_size=8,
+        variations=VariationConfig(kinds=("brightness",), max_brightness=0.0),
     )
-    retrieval = [h["retrieval"] for h in det.probe_history_]
-    assert max(retrieval[-3:]) >= retrieval[0] + 0.2, retrieval
+    probe = _Probe(imgs, same)  # views equal their sources
+    assert probe.originals.shape == (8, 1, 16, 16) and torch.equal(probe.views, probe.originals)
+
+    class Pixels(torch.nn.Module):  # the probe calls the encoder's network (at input size)
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Flatten()
+
+    got = probe.evaluate(Pixels(), torch.device("cpu"))
+    assert got["retrieval"] == 1.0 and got["pos_q05"] == pytest.approx(1.0)
+    # novel_q95 is the 95th percentile of each source's best correlation with another source
+    e = probe.originals.flatten(1).double()
+    e = e - e.mean(1, keepdim=True)
+    e = e / e.norm(dim=1, keepdim=True)
+    g = e @ e.T
+    g.fill_diagonal_(-2.0)
+    assert got["novel_q95"] == pytest.approx(float(torch.quantile(g.max(1).values, 0.95)))
+    assert got["margin"] == pytest.approx(got["pos_q05"] - got["novel_q95"])
+
+    class Noise(torch.nn.Module):
+        g = torch.Generator().manual_seed(0)  # advances: originals and views differ
+
+        def forward(self, x):
+            return torch.randn(len(x), 4, generator=self.g)
+
+    class Blind(torch.nn.Module):  # embeddings unrelated to the image: retrieval at chance
+        def __init__(self):
+            super().__init__()
+            self.net = Noise()
+
+    assert probe.evaluate(Blind(), torch.device("cpu"))["retrieval"] <= 0.5
 
 
 # ---------------------------------------------------------------- input size
