@@ -47,7 +47,7 @@ import pandas as pd
 
 from medmem import __version__
 from medmem._errors import InputError
-from medmem._io import atomic_dir, atomic_save, atomic_write_json
+from medmem._io import atomic_dir, atomic_save, atomic_write_json, claim_output
 from medmem._plots import GalleryPair, plot_gallery, plot_histogram
 from medmem._validation import (
     check_choice,
@@ -783,7 +783,13 @@ class AuditResult:
         half-written result. An existing folder is refused unless ``overwrite``.
         """
         out = Path(out)
-        with atomic_dir(out, overwrite=overwrite) as tmp:
+        from medmem.data._sources import input_roots
+
+        sources = [v for v in (self.summary.get("sources") or {}).values() if isinstance(v, str)]
+        with (
+            claim_output(out, inputs=input_roots(sources), overwrite=overwrite),
+            atomic_dir(out, overwrite=overwrite) as tmp,
+        ):
             atomic_write_json(tmp / "summary.json", self.summary)
             atomic_save(tmp / "training.csv", lambda p: self.training.to_csv(p, index=False))
             atomic_save(tmp / "synthetic.csv", lambda p: self.synthetic.to_csv(p, index=False))
@@ -1403,6 +1409,27 @@ def calibration_sentence(s: dict[str, Any]) -> str:
     )
 
 
+SENSITIVITY_FLOOR = 0.8  # below it the detector misses too many known copies to be trusted
+
+
+def low_sensitivity_warning(summary: dict[str, Any]) -> str | None:
+    """The warning for an audit whose measured control sensitivity is below
+    :data:`SENSITIVITY_FLOOR` (a near-blind detector: few copies found means little), or
+    None (no controls, or sensitivity at or above the floor)."""
+    c = summary.get("controls")
+    if not isinstance(c, dict) or not isinstance(c.get("sensitivity"), (int, float)):
+        return None
+    sens = float(c["sensitivity"])
+    if sens >= SENSITIVITY_FLOOR:
+        return None
+    return (
+        f"WARNING: the detector caught only {sens:.0%} of the positive controls (measured "
+        f"sensitivity {sens:.2f} < {SENSITIVITY_FLOOR}): it misses many copies, so a low "
+        "N_copies does not show the synthetic set is safe. Train the detector longer or on "
+        "more images (more --epochs, a larger --image-size), then audit again."
+    )
+
+
 def format_verdict(s: dict[str, Any]) -> str:
     """The audit's verdict as a few plain lines."""
     ci = s.get("intervals", {})
@@ -1471,6 +1498,9 @@ def format_verdict(s: dict[str, Any]) -> str:
             held = "held out of training" if c.get("held_out_kinds") else "trained on"
             kinds = ", ".join(f"{k} {v['caught']}/{v['n']}" for k, v in c["per_kind"].items())
             lines.append(f"  per change kind ({held}): {kinds}")
+    warning = low_sensitivity_warning(s)
+    if warning:
+        lines.append(warning)
     return "\n".join(lines)
 
 
@@ -1487,6 +1517,8 @@ __all__ = [
     "check_calibration",
     "check_patient_overlap",
     "format_verdict",
+    "low_sensitivity_warning",
+    "SENSITIVITY_FLOOR",
     "make_controls",
     "calibrate",
     "min_calibration_size",

@@ -27,4 +27,16 @@ class OutputExistsError(MedmemError, FileExistsError):
     """An output folder exists and overwriting was not asked for."""
 
 
-__all__ = ["InputError", "MedmemError", "NotFittedError", "OutputExistsError", "ReadError"]
+class OutputError(InputError):
+    """An output location is unusable: read-only, a file, a name too long, an input folder,
+    or claimed by another running medmem."""
+
+
+__all__ = [
+    "InputError",
+    "MedmemError",
+    "NotFittedError",
+    "OutputError",
+    "OutputExistsError",
+    "ReadError",
+]

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from medmem._errors import InputError, OutputExistsError
+from medmem._errors import InputError, OutputError, OutputExistsError
 
 
 @contextmanager
@@ -96,12 +97,18 @@ def atomic_save(path: str | os.PathLike, save_fn: Any) -> None:
         raise
 
 
+_PARTIAL = "medmem-partial-"  # atomic_dir's folder being built: ".<name>.medmem-partial-XXXXXXXX"
+_OLD = "medmem-old-"  # the previous output being replaced: ".<name>.medmem-old-XXXXXXXX"
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Build an output folder in a temporary sibling; move it into place only on success.
 
     A crash leaves ``path`` as it was (absent, or the previous complete output), never a
-    half-written folder. An existing ``path`` is refused unless ``overwrite``.
+    half-written folder. An existing ``path`` is refused unless ``overwrite``. The sibling
+    is named ``.<name>.medmem-partial-*``; one left by a killed run is removed by the next
+    :func:`claim_output` of the same folder.
     """
     from medmem._errors import OutputExistsError
 
@@ -114,11 +121,11 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"{path}: exists and is not a folder; choose another path.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_PARTIAL}", dir=path.parent))
     try:
         yield tmp
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_OLD}", dir=path.parent))
             os.replace(path, old / "x")
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -127,6 +134,181 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ---------------------------------------------------------------------------------------
+# Output safety: one function, claim_output, used by every command that writes.
+
+_HELD: dict[Path, int] = {}  # output paths this process has claimed -> the claiming thread
+_HELD_LOCK = threading.Lock()
+_NAME_ROOM = 32  # bytes the temporary and lock names add to an output's name
+
+
+def _abs(path: Path) -> Path:
+    return Path(os.path.abspath(path.expanduser())).resolve()
+
+
+def _check_inputs(out: Path, inputs: Any, flag: str) -> None:
+    o = _abs(out)
+    for item in inputs or ():
+        if item is None:
+            continue
+        root, is_folder = item if isinstance(item, tuple) else (Path(item), None)
+        if is_folder is None:
+            is_folder = not Path(root).is_file()
+        r = _abs(root)
+        if o == r or o in r.parents:
+            what = "is" if o == r else "contains"
+        elif is_folder and r in o.parents:
+            what = "lies inside"
+        else:
+            continue
+        raise OutputError(
+            f"{flag} {out}: {what} the input {root}; writing there could delete or mix "
+            "with the inputs. Choose an output folder outside every input."
+        )
+
+
+def _check_writable(out: Path, flag: str, kind: str) -> None:
+    """The output location can be created and written: clear errors naming ``flag``."""
+    if out.exists() and not out.is_dir() and kind == "folder":
+        raise OutputError(
+            f"{flag} {out}: is a file, not a folder. Choose a folder path (absent or, with "
+            "--overwrite, an earlier output folder)."
+        )
+    if out.is_dir() and kind == "file":
+        raise OutputError(f"{flag} {out}: is a folder; give a file path.")
+    anchor = out.absolute()
+    missing: list[str] = [anchor.name]
+    anchor = anchor.parent
+    while not anchor.exists():
+        missing.append(anchor.name)
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise OutputError(
+            f"{flag} {out}: {anchor} is a file, so nothing can be written under it. "
+            "Choose another path."
+        )
+    try:
+        name_max = os.pathconf(anchor, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    for k, name in enumerate(missing):
+        room = _NAME_ROOM if k == 0 else 0
+        if len(os.fsencode(name)) + room > name_max:
+            raise OutputError(
+                f"{flag} {out}: the name {name[:40]!r}... is too long ({len(os.fsencode(name))} "
+                f"bytes; this file system allows {name_max - room}"
+                f"{' for an output, with room for its temporary names' if room else ''}). "
+                "Choose a shorter name."
+            )
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"{flag} {out}: cannot write in {anchor} (read-only or no permission). Choose a "
+            "writable location."
+        )
+
+
+def _remove_stale(out: Path) -> list[Path]:
+    """Remove the temporary siblings of ``out`` left by a killed run (the caller holds the
+    claim on ``out``, so no live writer owns them); returns what was removed."""
+    import re
+
+    name = re.escape(out.name)
+    rx = re.compile(
+        rf"^\.{name}\.(?:(?:{_PARTIAL}|{_OLD})[a-z0-9_]{{8}}|[a-z0-9_]{{8}}\.(?:tmp|old))$"
+    )
+    removed = []
+    try:
+        siblings = list(out.parent.iterdir()) if out.parent.is_dir() else []
+    except OSError:
+        return removed
+    for p in siblings:
+        if rx.match(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    if removed:
+        import logging
+
+        logging.getLogger("medmem").warning(
+            "removed %d unfinished temporary folder(s) of an earlier, interrupted run to %s: %s",
+            len(removed),
+            out,
+            ", ".join(p.name for p in removed),
+        )
+    return removed
+
+
+@contextmanager
+def claim_output(
+    out: str | os.PathLike,
+    *,
+    inputs: Any = (),
+    overwrite: bool = False,
+    resume: bool = False,
+    flag: str = "out",
+    kind: str = "folder",
+) -> Iterator[Path]:
+    """Claim the output ``out`` for this process, before any work; release it on exit.
+
+    Refuses (:class:`OutputError`, naming ``flag``) an ``out`` that is or contains any of
+    ``inputs``, or lies inside an input folder (``inputs``: paths, or ``(path, is_folder)``
+    pairs as ``medmem.data._sources.input_roots`` gives them for a source); an ``out``
+    that is a file (``kind="folder"``) or a folder (``kind="file"``), whose location is
+    not writable, or whose name is too long; an existing ``out`` unless
+    ``overwrite`` or ``resume`` (:class:`OutputExistsError`). Then takes an exclusive lock,
+    ``.<name>.lock`` beside ``out``: a second writer to the same ``out`` fails at once
+    instead of replacing the first one's results. Temporary folders of an earlier, killed
+    run to ``out`` are removed. Claiming again, in the thread holding the claim, is a no-op.
+    """
+    import filelock
+
+    out = Path(out)
+    _check_inputs(out, inputs, flag)
+    _check_writable(out, flag, kind)
+    if out.exists() and not (overwrite or resume):
+        raise OutputExistsError(
+            f"{flag} {out}: exists. Choose another path, or pass --overwrite "
+            "(overwrite=True) to replace it."
+        )
+    key = _abs(out)
+    me = threading.get_ident()
+    with _HELD_LOCK:
+        if _HELD.get(key) == me:
+            nested = True
+        else:
+            nested = False
+    if nested:
+        yield out
+        return
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{flag} {out}: cannot create {out.parent} ({exc}).") from exc
+    lock_path = out.parent / f".{out.name}.lock"
+    lock = filelock.FileLock(lock_path, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise OutputError(
+            f"{flag} {out}: another medmem run is writing there now (lock {lock_path}). "
+            "Wait for it to finish, or choose another path."
+        ) from None
+    except OSError as exc:
+        raise OutputError(f"{flag} {out}: cannot write in {out.parent} ({exc}).") from exc
+    with _HELD_LOCK:
+        _HELD[key] = me
+    try:
+        _remove_stale(out)
+        yield out
+    finally:
+        with _HELD_LOCK:
+            _HELD.pop(key, None)
+        try:
+            os.unlink(lock_path)  # still held: no other writer is between open and lock
+        except OSError:
+            pass
+        lock.release()
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -180,6 +362,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "claim_output",
     "combine_hashes",
     "file_sha256",
     "load_tensors",

@@ -6,6 +6,8 @@ Errors about inputs print one line and exit with status 2; ``--debug`` shows the
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,13 +15,31 @@ from typing import Any
 import click
 
 from medmem import __version__
-from medmem._errors import MedmemError, OutputExistsError
+from medmem._errors import MedmemError
 
 log = logging.getLogger("medmem")
 
 
+# Python argument names in the API's messages, as the CLI spells them.
+_CLI_NAMES = (
+    (re.compile(r" \((overwrite|resume|force|drop_nonimages|drop_identifying)=True\)"), ""),
+    (re.compile(r"\bpass (\w+)=True\b"), lambda m: f"pass --{m.group(1).replace('_', '-')}"),
+    (re.compile(r"\bskip_unreadable=True\b"), "--skip-unreadable"),
+    (re.compile(r"\bpatient_id_pattern\b"), "--patient-id-pattern"),
+    (re.compile(r"\bspatial_dims=(\d)"), r"--spatial-dims \1"),
+    (re.compile(r" \(path_column=, patient_column=\)"), ""),
+)
+
+
+def cli_message(text: str) -> str:
+    """An API error message with Python argument names replaced by the CLI's flags."""
+    for rx, repl in _CLI_NAMES:
+        text = rx.sub(repl, text)
+    return text
+
+
 class _Group(click.Group):
-    """Turns medmem's errors into one clear line and exit status 2."""
+    """Turns medmem's errors into one clear line (naming CLI flags) and exit status 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -27,7 +47,7 @@ class _Group(click.Group):
         except MedmemError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"medmem: error: {exc}", err=True)
+            click.echo(f"medmem: error: {cli_message(str(exc))}", err=True)
             sys.exit(2)
 
 
@@ -45,11 +65,32 @@ def _size(value: str | None) -> tuple[int, ...] | None:
     return parts
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{out}: output folder exists. Choose another folder, or pass --overwrite."
-        )
+def _claim(
+    ctx: click.Context,
+    out: Path,
+    overwrite: bool = False,
+    *,
+    inputs: Any = (),
+    keep: Any = (),
+    resume: bool = False,
+    kind: str = "folder",
+) -> None:
+    """Claim ``--out`` for the whole command, before any work (medmem._io.claim_output):
+    not an input, writable, not being written by another medmem run. ``inputs`` are image
+    sources (``--out`` may not be, hold or lie in them); ``keep`` are folders read whole
+    (a model, a detector, a cache: ``--out`` may not be or hold them)."""
+    from medmem._io import claim_output
+    from medmem.data._sources import input_roots
+
+    claim = claim_output(
+        out,
+        inputs=input_roots(list(inputs)) + [(Path(p), False) for p in keep if p is not None],
+        overwrite=overwrite,
+        resume=resume,
+        flag="--out",
+        kind=kind,
+    )
+    ctx.with_resource(claim)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,7 +122,19 @@ def _data_options(f: Any) -> Any:
         "--patient-id-pattern",
         default=None,
         help="Regular expression taking the patient id from file names, e.g. '^(\\d+)_' "
-        "(named group 'patient' or group 1).",
+        "(named group 'patient' or group 1); training and validation images only.",
+    )(f)
+    f = click.option(
+        "--patient-column",
+        default=None,
+        help="CSV manifests: the patient-id column (default 'patient_id', else 'Patient ID', "
+        "'patient' or 'subject_id').",
+    )(f)
+    f = click.option(
+        "--path-column",
+        default=None,
+        help="CSV manifests: the image column (default 'path', else 'file', 'filename', "
+        "'image' or 'Image Index').",
     )(f)
     f = click.option(
         "--skip-unreadable",
@@ -180,12 +233,17 @@ def _load(
     if like is not None:
         dims = dims or like.spatial_dims
         image_size = image_size or tuple(like.image_size)
+    # patient ids matter for training and validation (the overlap check); synthetic file
+    # names are the generator's and need not follow the pattern
+    pattern = None if option == "--synthetic" else opts["patient_id_pattern"]
     try:
         return load_dataset(
             src,
             spatial_dims=dims,
             image_size=image_size or _size(opts["image_size"]),
-            patient_id_pattern=opts["patient_id_pattern"],
+            patient_id_pattern=pattern,
+            path_column=opts.get("path_column"),
+            patient_column=opts.get("patient_column"),
             skip_unreadable=opts["skip_unreadable"],
             quiet=quiet,
             spatial_mode=opts.get("spatial_mode") or "resample",
@@ -233,7 +291,7 @@ def train_detector(
     """
     from medmem.detector import Detector
 
-    _check_out(out, overwrite)
+    _claim(ctx, out, overwrite, inputs=[train_src], keep=[checkpoint_dir])
     settings = _detector_settings(data_opts)
     train = _load(train_src, data_opts, quiet=ctx.obj["quiet"])
     log.info(
@@ -254,7 +312,7 @@ def train_detector(
         ),
         **settings,
     )
-    det.save(out)
+    det.save(out, overwrite=overwrite)
     click.echo(f"detector saved to {out} (fingerprint {det.fingerprint[:12]})")
 
 
@@ -372,7 +430,9 @@ def audit_cmd(
         seed=seed,
         n_controls=0 if no_controls else n_controls,
     )
-    _check_out(out, overwrite)
+    _claim(
+        ctx, out, overwrite, inputs=[train_src, val_src, syn_src], keep=[detector_dir, cache_dir]
+    )
     settings = _detector_settings(data_opts)
     detector = Detector.load(detector_dir) if detector_dir else None
     size = tuple(detector.config.image_size) if detector is not None else None
@@ -433,7 +493,7 @@ def demo_cmd(ctx: click.Context, out: Path, spatial_dims: str, seed: int, overwr
     """
     from medmem.demo import run_demo
 
-    _check_out(out, overwrite)
+    _claim(ctx, out, overwrite)
     report = run_demo(
         out, spatial_dims=int(spatial_dims), seed=seed, overwrite=overwrite, quiet=ctx.obj["quiet"]
     )
@@ -483,6 +543,7 @@ def label_cmd(
     from medmem.label import make_labeling_page
 
     out = out if out is not None else audit_dir / "labels.html"
+    _claim(ctx, out, overwrite, inputs=[train_src, syn_src], resume=True, kind="file")
     page = make_labeling_page(
         audit_dir,
         out,
@@ -667,6 +728,12 @@ def quality_cmd(
     help="Leave out (and count) files whose metadata or bytes identify a training or "
     "validation patient, instead of refusing.",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Screen even when the audit's measured control sensitivity is below 0.8 "
+    "(a near-blind detector).",
+)
 @click.pass_context
 def screen_cmd(
     ctx: click.Context,
@@ -677,6 +744,7 @@ def screen_cmd(
     overwrite: bool,
     drop_nonimages: bool,
     drop_identifying: bool,
+    force: bool,
 ) -> None:
     """Write the release set: the audited synthetic images that are not copies.
 
@@ -694,6 +762,7 @@ def screen_cmd(
     """
     from medmem.screen import screen
 
+    _claim(ctx, out, overwrite, inputs=[audit_dir, syn_src])
     result = screen(
         audit_dir,
         out,
@@ -703,6 +772,7 @@ def screen_cmd(
         quiet=ctx.obj["quiet"],
         drop_nonimages=drop_nonimages,
         drop_identifying=drop_identifying,
+        force=force,
     )
     click.echo(str(result))
 
@@ -740,6 +810,7 @@ def study_cmd(
             click.echo(cell.key)
         return
     out = out if out is not None else Path("runs") / f"study-{config_path.name.split('.')[0]}"
+    _claim(ctx, out, resume=True, inputs=[config_path])
     result = run_study(study, out, only=list(cells) or None, quiet=ctx.obj["quiet"])
     click.echo(
         f"study {study.name}: {len(result.computed)} cells computed, {len(result.skipped)} "
@@ -794,6 +865,10 @@ def generate_train_cmd(
 
     config = load_config(config_path)
     out = out if out is not None else Path("runs") / config_path.name.split(".")[0]
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun, rank 0 writes
+        data = config.data
+        sources = [data.train, data.val] if data.source == "files" else []
+        _claim(ctx, out, resume=True, inputs=[config_path, *sources])
     result = train(config, out, resume=resume, device=device, quiet=ctx.obj["quiet"])
     spi = ", ".join(f"{k} {v:.3f} s/it" for k, v in result.seconds_per_iteration.items())
     click.echo(f"trained {config.model} -> {out / 'model'} ({spi})")
@@ -841,7 +916,7 @@ def generate_sample_cmd(
     """
     from medmem.generative import GenerativeModel, write_samples
 
-    _check_out(out, overwrite)
+    _claim(ctx, out, overwrite, keep=[model_dir])
     model = GenerativeModel.load(model_dir, device=device)
     images = model.sample(
         n, seed=seed, steps=steps, sampler=sampler, batch_size=batch_size, quiet=ctx.obj["quiet"]
@@ -884,6 +959,7 @@ def prompts_train_cmd(ctx: click.Context, config_path: Path, out: Path, resume: 
     """
     from medmem.text2image import load_t2i_config, train_t2i
 
+    _claim(ctx, out, resume=True, inputs=[config_path])
     result = train_t2i(load_t2i_config(config_path), out, resume=resume, quiet=ctx.obj["quiet"])
     click.echo(
         f"trained text-to-image LDM -> {out / 'model'} ({result.seconds_per_iteration:.3f} s/it)"
@@ -955,7 +1031,7 @@ def prompts_score_cmd(
     """
     from medmem.text2image import score_prompts
 
-    _check_out(out, overwrite)
+    _claim(ctx, out, overwrite, inputs=[prompts_csv], keep=[model_dir])
     model, prompts = _prompts_inputs(model_dir, prompts_csv, text_column)
     summary = score_prompts(
         model,
@@ -1014,7 +1090,7 @@ def prompts_mitigate_cmd(
     """
     from medmem.text2image import MITIGATIONS, compare_mitigations
 
-    _check_out(out, overwrite)
+    _claim(ctx, out, overwrite, inputs=[prompts_csv], keep=[model_dir])
     model, prompts = _prompts_inputs(model_dir, prompts_csv, text_column)
     frame = compare_mitigations(
         model,

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from medmem import __version__
-from medmem._audit import calibration_sentence
+from medmem._audit import calibration_sentence, low_sensitivity_warning
 from medmem._io import atomic_write_text
 from medmem._plots import central_slices, plot_histogram
 
@@ -322,10 +322,12 @@ def _verdict(s: dict[str, Any]) -> str:
         f"<b>{_e(name)}</b></span> (alpha = {_num('alpha', _alpha_of(s), 'g')}): "
         f'<span id="calibration_sentence">{_e(calibration_sentence(s))}</span>.</p>'
     )
+    warning = low_sensitivity_warning(s)
+    low = f'<p class="warn" id="low-sensitivity">{_e(warning)}</p>' if warning else ""
     return (
         f'<section class="card verdict {key}" id="verdict-card">'
         f'<p class="headline" id="verdict" data-verdict="{key}">{_e(sentence)}</p>'
-        f'{calib}<div class="grid">{cards}</div>{boot}</section>'
+        f'{low}{calib}<div class="grid">{cards}</div>{boot}</section>'
     )
 
 

@@ -53,7 +53,7 @@ import pandas as pd
 from medmem import __version__
 from medmem._deid import PROFILE_CODE, PROFILE_NAME, UidMap, deidentify_file, metadata_text
 from medmem._errors import InputError, OutputExistsError
-from medmem._io import atomic_dir, atomic_write_text, file_sha256
+from medmem._io import atomic_dir, atomic_write_text, claim_output, file_sha256
 from medmem._progress import progress
 from medmem._validation import check_in_range
 
@@ -580,6 +580,7 @@ def screen(
     drop_nonimages: bool = False,
     drop_identifying: bool = False,
     deidentify: bool = True,
+    force: bool = False,
 ) -> ScreenResult:
     """Write the release set of an audit: the synthetic images that are not copies.
 
@@ -607,12 +608,16 @@ def screen(
         deidentify: False copies the files byte for byte (no de-identification; the
             release then keeps whatever their headers hold). Files that identify a patient
             or are not generator images are refused or dropped all the same.
+        force: screen even when the audit's measured control sensitivity is below
+            :data:`medmem._audit.SENSITIVITY_FLOOR` (a near-blind detector misses copies).
 
     Raises:
         InputError: not an audit folder; the synthetic images differ from the audited ones
             (fingerprint or names); an unsafe ``out``; a synthetic file that is not a
             generator image or identifies a patient (unless dropped); a file that cannot be
-            de-identified.
+            de-identified; a measured control sensitivity below the floor, unless ``force``.
+        OutputError: ``out`` is or holds an input, is not writable, or is being written by
+            another medmem run.
         OutputExistsError: ``out`` exists and ``overwrite`` is False.
 
     Example:
@@ -621,7 +626,48 @@ def screen(
     """
     audit_dir, out = Path(audit_dir), Path(out)
     margin = check_in_range(margin, "margin", 0.0, 2.0, high_open=True)
+    from medmem.data._sources import input_roots
+
+    with claim_output(out, inputs=input_roots([audit_dir, synthetic]), overwrite=overwrite):
+        return _screen(
+            audit_dir,
+            out,
+            synthetic=synthetic,
+            margin=margin,
+            overwrite=overwrite,
+            quiet=quiet,
+            drop_nonimages=drop_nonimages,
+            drop_identifying=drop_identifying,
+            deidentify=deidentify,
+            force=force,
+        )
+
+
+def _screen(
+    audit_dir: Path,
+    out: Path,
+    *,
+    synthetic: Any,
+    margin: float,
+    overwrite: bool,
+    quiet: bool,
+    drop_nonimages: bool,
+    drop_identifying: bool,
+    deidentify: bool,
+    force: bool,
+) -> ScreenResult:
+    """:func:`screen`, with ``out`` claimed."""
+    from medmem._audit import low_sensitivity_warning
+
     summary, syn, train, audit_fp = _read_audit(audit_dir)
+    warning = low_sensitivity_warning(summary)
+    if warning and not force:
+        raise InputError(
+            f"{audit_dir}: {warning} Screening with this audit would release copies it "
+            "cannot see; pass --force (force=True) to screen anyway."
+        )
+    if warning:
+        logger.warning("%s (screening anyway: --force)", warning)
     if out.exists() and not overwrite:
         raise OutputExistsError(
             f"{out}: output folder exists. Choose another folder, or pass --overwrite "

@@ -295,9 +295,61 @@ def test_manifest_missing_file_names_the_row(tmp_path):
 
 
 def test_manifest_without_path_column(tmp_path):
-    (tmp_path / "m.csv").write_text("file,patient_id\na.png,1\n")
-    with pytest.raises(InputError, match=r"m\.csv: has no 'path' column \(columns: \['file'"):
+    (tmp_path / "m.csv").write_text("scan,patient_id\na.png,1\n")
+    with pytest.raises(
+        InputError, match=r"m\.csv: has no 'path' column \(columns: \['scan'.*--path-column"
+    ):
         load_dataset(tmp_path / "m.csv")
+
+
+@pytest.mark.parametrize("column", ["file", "filename", "image", "Image Index"])
+def test_manifest_image_column_aliases_are_read_with_a_note(tmp_path, caplog, column):
+    _png(tmp_path / "a.png", _phantomish(seed=1))
+    _png(tmp_path / "b.png", _phantomish(seed=2))
+    # ChestX-ray14's Data_Entry table: "Image Index", "Finding Labels", "Patient ID"
+    (tmp_path / "m.csv").write_text(
+        f"{column},Finding Labels,Patient ID\nb.png,No Finding,12\na.png,Effusion,7\n"
+    )
+    with caplog.at_level("INFO", logger="medmem"):
+        ds = load_dataset(tmp_path / "m.csv", quiet=True)
+    assert ds.ids == ["b.png", "a.png"]
+    assert ds.patient_ids == ["12", "7"]
+    notes = " ".join(r.getMessage() for r in caplog.records)
+    assert f"reading '{column}' as the image column" in notes and "--path-column" in notes
+    assert "'Patient ID' as the patient id column" in notes
+
+
+def test_manifest_columns_named_explicitly(tmp_path):
+    _png(tmp_path / "a.png", _phantomish(seed=1))
+    (tmp_path / "m.csv").write_text("scan,subject,path\na.png,S1,missing.png\n")
+    ds = load_dataset(tmp_path / "m.csv", path_column="scan", patient_column="subject", quiet=True)
+    assert ds.ids == ["a.png"] and ds.patient_ids == ["S1"]
+    with pytest.raises(InputError, match=r"no column 'img' \(--path-column\)"):
+        load_dataset(tmp_path / "m.csv", path_column="img")
+    with pytest.raises(InputError, match=r"no column 'pid' \(--patient-column\)"):
+        load_dataset(tmp_path / "m.csv", path_column="scan", patient_column="pid")
+
+
+def test_cli_path_and_patient_column_options(tmp_path):
+    from click.testing import CliRunner
+
+    from medmem.cli import main
+
+    _png(tmp_path / "a.png", _phantomish(seed=1))
+    (tmp_path / "m.csv").write_text("scan\na.png\n")
+    r = CliRunner().invoke(
+        main,
+        [
+            "train-detector",
+            "--train",
+            str(tmp_path / "m.csv"),
+            "--out",
+            str(tmp_path / "d"),
+            "--path-column",
+            "nope",
+        ],
+    )
+    assert r.exit_code == 2 and "no column 'nope' (--path-column)" in r.output, r.output
 
 
 def test_patient_id_pattern_variants(tmp_path):
@@ -465,7 +517,7 @@ def test_same_size_2d_is_only_rescaled():
 def test_crop_or_pad_3d(tmp_path):
     vol = _ramp((4, 64, 32), 100).astype(np.float32) + 1
     _nifti(tmp_path / "v.nii.gz", vol)
-    ds = load_dataset(tmp_path, image_size=(8, 48, 48), quiet=True)
+    ds = load_dataset(tmp_path, image_size=(8, 48, 48), spatial_mode="crop", quiet=True)
     x = ds[0]
     assert x.shape == (1, 8, 48, 48) and x.dtype == torch.float32
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0

@@ -163,10 +163,11 @@ def test_existing_output_is_refused_without_overwrite(audited, tmp_path) -> None
     assert (out / "keep.txt").read_text() == "mine"
     screen(audited / "audit", out, overwrite=True, quiet=True, drop_identifying=True)
     assert not (out / "keep.txt").exists() and (out / "release_manifest.csv").exists()
-    with pytest.raises(InputError, match="outside the audit folder"):
+    with pytest.raises(InputError, match="lies inside the input .*outside every input"):
         screen(audited / "audit", audited / "audit" / "release")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="not an audit folder"):
-        screen(tmp_path, tmp_path / "x")
+        screen(tmp_path / "empty", tmp_path / "x")
 
 
 def test_screen_cli(audited, tmp_path) -> None:
@@ -431,7 +432,10 @@ def leaky(tmp_path_factory, pixel_detector) -> Path:
     (syn / "manifest.csv").unlink()
     sets = [load_dataset(p, image_size=(32, 32), quiet=True) for p in (train, val, str(syn))]
     old = medmem.audit(*sets, detector=pixel_detector, n_bootstrap=0, n_controls=0, quiet=True)
-    old.save(syn / "old")  # gallery.png, histogram.png, report.html, summary.json, csv files
+    # gallery.png, histogram.png, report.html, summary.json, csv files; saved elsewhere and
+    # copied in (medmem refuses to write an audit inside one of its inputs)
+    old.save(root / "old")
+    shutil.copytree(root / "old", syn / "old")
     shutil.copy(syn / "old" / "histogram.png", syn / "figure.png")  # a medmem figure
     write_phantoms(root / "novel", n_patients=4, size=32, fmt="npy", first_patient=300)
     novel = [np.load(root / "novel" / f"P030{k}_00.npy") for k in range(4)]

@@ -148,6 +148,8 @@ def load_dataset(
     skip_unreadable: bool = False,
     quiet: bool = False,
     spatial_mode: str = "resample",
+    path_column: str | None = None,
+    patient_column: str | None = None,
 ) -> ImageDataset:
     """Find, probe and index 2D or 3D images; pixels are read later, one item at a time.
 
@@ -168,6 +170,10 @@ def load_dataset(
         quiet: no progress bars.
         spatial_mode: "resample" (default: resize every axis, whole field of view) or
             "crop" (centre crop or zero pad, voxel size kept; the paper's 3D sub-volumes).
+        path_column, patient_column: a CSV manifest's image and patient-id columns; default
+            ``path`` / ``patient_id``, else (with a logged note) ``file``, ``filename``,
+            ``image`` or ``Image Index`` (ChestX-ray14's table) / ``Patient ID``,
+            ``patient`` or ``subject_id``.
 
     Returns:
         An :class:`ImageDataset`.
@@ -186,7 +192,7 @@ def load_dataset(
     if isinstance(src, BaseImageDataset):
         return _check_given_dataset(src, spatial_dims, image_size)  # type: ignore[return-value]
 
-    collected = collect(src)
+    collected = collect(src, path_column=path_column, patient_column=patient_column)
     skipped: list[dict[str, str]] = []
 
     def on_error(path: str, where: str, exc: Exception) -> None:

@@ -7,6 +7,7 @@ series, ids and patient ids assigned.
 from __future__ import annotations
 
 import glob as _glob
+import logging
 import os
 import re
 from collections import Counter, defaultdict
@@ -27,6 +28,8 @@ from medmem.data._readers import (
     sort_series,
     suffix_of,
 )
+
+log = logging.getLogger("medmem")
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _IGNORED_NAMES = frozenset({"DICOMDIR", "Thumbs.db", "desktop.ini"})
@@ -145,7 +148,41 @@ def _collect_list(paths: Sequence[Any]) -> Collected:
     return Collected(entries, f"a list of {len(resolved)} path(s)", ignored)
 
 
-def _collect_manifest(manifest: Path) -> Collected:
+# Image and patient columns of manifests as users have them (ChestX-ray14's Data_Entry
+# table: "Image Index", "Patient ID"), tried in this order when 'path' / 'patient_id' are
+# absent and no column is named.
+PATH_COLUMN_ALIASES = ("file", "filename", "image", "Image Index")
+PATIENT_COLUMN_ALIASES = ("Patient ID", "patient", "subject_id")
+
+
+def _pick_column(
+    manifest: Path, columns: list[str], given: str | None, default: str, aliases: tuple, flag: str
+) -> str | None:
+    if given is not None:
+        if given not in columns:
+            raise InputError(
+                f"{manifest}: no column {given!r} ({flag}); its columns are {columns}."
+            )
+        return given
+    if default in columns:
+        return default
+    for alias in aliases:
+        if alias in columns:
+            log.info(
+                "%s: no %r column; reading %r as the %s column (name it with %s)",
+                manifest.name,
+                default,
+                alias,
+                "image" if default == "path" else "patient id",
+                flag,
+            )
+            return alias
+    return None
+
+
+def _collect_manifest(
+    manifest: Path, *, path_column: str | None = None, patient_column: str | None = None
+) -> Collected:
     import pandas as pd
 
     try:
@@ -153,22 +190,40 @@ def _collect_manifest(manifest: Path) -> Collected:
     except Exception as exc:
         raise InputError(f"{manifest}: cannot be read as a CSV manifest ({exc}).") from exc
     df.columns = [str(c).strip() for c in df.columns]
-    if "path" not in df.columns:
+    columns = list(df.columns)
+    path_col = _pick_column(
+        manifest, columns, path_column, "path", PATH_COLUMN_ALIASES, "--path-column"
+    )
+    if path_col is None:
         raise InputError(
-            f"{manifest}: has no 'path' column (columns: {list(df.columns)}). A manifest needs a "
+            f"{manifest}: has no 'path' column (columns: {columns}). A manifest needs a "
             "'path' column (one image file or DICOM series folder per row, relative to the "
-            "manifest's folder) and optionally 'patient_id'."
+            "manifest's folder; also read: "
+            f"{', '.join(repr(a) for a in PATH_COLUMN_ALIASES)}) and optionally 'patient_id'; "
+            "or name the columns with --path-column / --patient-column (path_column=, "
+            "patient_column=)."
         )
+    pid_col = _pick_column(
+        manifest,
+        columns,
+        patient_column,
+        "patient_id",
+        PATIENT_COLUMN_ALIASES,
+        "--patient-column",
+    )
     base = manifest.parent.resolve()
-    has_pid = "patient_id" in df.columns
+    paths = df[path_col].tolist()
+    pids = df[pid_col].tolist() if pid_col is not None else [""] * len(paths)
     entries: list[_Entry] = []
     seen: dict[Path, int] = {}
-    for k, row in enumerate(df.itertuples(index=False)):
+    for k, (cell, pid_cell) in enumerate(zip(paths, pids, strict=True)):
         rowno = k + 2  # line in the file: the header is row 1
         where = f"{manifest.name} row {rowno}"
-        raw = str(row.path).strip()
+        raw = str(cell).strip()
         if not raw:
-            raise InputError(f"{where}: the 'path' cell is empty. Fill it in or drop the row.")
+            raise InputError(
+                f"{where}: the {path_col!r} cell is empty. Fill it in or drop the row."
+            )
         p = Path(raw).expanduser()
         p = (p if p.is_absolute() else base / p).resolve()
         if p in seen:
@@ -176,15 +231,20 @@ def _collect_manifest(manifest: Path) -> Collected:
                 f"{manifest.name} rows {seen[p]} and {rowno} both name {raw!r}. Drop one of them."
             )
         seen[p] = rowno
-        pid = str(getattr(row, "patient_id", "")).strip() if has_pid else ""
+        pid = str(pid_cell).strip()
         entries.append(
             _Entry(path=p, root=base, where=where, patient_id=pid or None, explicit=True)
         )
     return Collected(entries, f"manifest {manifest}", Counter())
 
 
-def collect(src: Any) -> Collected:
-    """List the entries of ``src``: folder, glob string, ``.csv`` manifest, or list of paths."""
+def collect(
+    src: Any, *, path_column: str | None = None, patient_column: str | None = None
+) -> Collected:
+    """List the entries of ``src``: folder, glob string, ``.csv`` manifest, or list of paths.
+
+    ``path_column`` / ``patient_column`` name a manifest's image and patient-id columns
+    (default: ``path`` / ``patient_id``, else a known alias, with a logged note)."""
     if isinstance(src, (list, tuple)):
         return _collect_list(src)
     if not isinstance(src, (str, os.PathLike)):
@@ -198,7 +258,7 @@ def collect(src: Any) -> Collected:
         return _collect_folder(p.resolve())
     if p.is_file():
         if p.suffix.lower() == ".csv":
-            return _collect_manifest(p)
+            return _collect_manifest(p, path_column=path_column, patient_column=patient_column)
         return _collect_list([p])
     if isinstance(src, str) and _GLOB_CHARS.search(text):
         return _collect_glob(text)
@@ -206,6 +266,36 @@ def collect(src: Any) -> Collected:
         f"src {text!r} not found: expected a folder, a glob pattern (e.g. 'data/*.png'), a CSV "
         "manifest or a list of paths."
     )
+
+
+def input_roots(src: Any) -> list[tuple[Path, bool]]:
+    """``(path, is_folder)`` of what an input source reads: a folder (all of it), a glob's
+    fixed folder, a CSV manifest and the files its rows name, listed files, a dataset's
+    files. Reads no pixels; a source that cannot be listed contributes its own path."""
+    if src is None:
+        return []
+    if isinstance(src, (list, tuple)):
+        return [r for s in src for r in input_roots(s)]
+    if not isinstance(src, (str, os.PathLike)):
+        paths = getattr(src, "paths", None)  # a Dataset
+        return [(Path(p), False) for p in paths] if paths is not None else []
+    text = os.fspath(src)
+    p = Path(text).expanduser()
+    if p.is_dir():
+        return [(p, True)]
+    if p.is_file():
+        roots = [(p, False)]
+        if p.suffix.lower() == ".csv":
+            try:
+                roots += [(e.path, e.path.is_dir()) for e in collect(p).entries]
+            except (InputError, OSError):
+                pass  # the loader reports a bad manifest, with its row
+        return roots
+    if isinstance(src, str) and _GLOB_CHARS.search(text):
+        parts = Path(text).parts
+        i = next((k for k, part in enumerate(parts) if _GLOB_CHARS.search(part)), 0)
+        return [(Path(*parts[:i]) if i else Path("."), True)]
+    return [(p, True)]
 
 
 def _rel_id(path: Path, root: Path) -> str:
@@ -382,6 +472,7 @@ __all__ = [
     "Item",
     "collect",
     "describe_ignored",
+    "input_roots",
     "probe_entries",
     "resolve_patient_ids",
 ]
