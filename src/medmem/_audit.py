@@ -34,6 +34,7 @@ datasets with a detector first. docs/calibration.md derives the guarantees.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -817,6 +818,103 @@ class AuditResult:
 
                 write_report(self, tmp, quality=quality)
         return out
+
+    @classmethod
+    def load(cls, directory: str | Path) -> AuditResult:
+        """Read an audit folder written by :meth:`save` (summary.json, training.csv,
+        synthetic.csv), schema checked.
+
+        Schema versions 1 and 2 are read; what version 1 lacks is derived (``tau_mem =
+        tau``, ``calibration = "paper"``, ``summary["paper"]`` and the ``*_paper`` columns
+        equal to the verdicts: version 1 used the paper's threshold). Identifier columns are
+        str, verdicts bool, correlations float. A missing or corrupt file raises one
+        :class:`InputError` naming the file.
+        """
+        folder = Path(directory)
+        fix = (
+            f"{folder} is not an audit folder; give the --out folder of `medmem audit` (it "
+            "holds summary.json, training.csv and synthetic.csv), or run medmem audit again."
+        )
+        paths = {n: folder / n for n in ("summary.json", "training.csv", "synthetic.csv")}
+        for p in paths.values():
+            if not p.is_file():
+                raise InputError(f"{p}: not found; {fix}")
+        summary_path = paths["summary.json"]
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{summary_path}: not valid JSON ({exc}); {fix}") from None
+        if not isinstance(summary, dict):
+            raise InputError(f"{summary_path}: not a JSON object; {fix}")
+        version = summary.get("schema_version")
+        if version not in _READABLE_SCHEMAS:
+            raise InputError(
+                f"{summary_path}: schema_version {version!r} is not one this medmem reads "
+                f"({', '.join(map(str, _READABLE_SCHEMAS))}); {fix}"
+            )
+        tau = summary.get("tau")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+            raise InputError(f"{summary_path}: has no numeric 'tau'; {fix}")
+        summary = dict(summary)
+        training = _read_table(paths["training.csv"], TRAINING_COLUMNS, version, fix)
+        synthetic = _read_table(paths["synthetic.csv"], SYNTHETIC_COLUMNS, version, fix)
+        if version == 1:
+            summary.setdefault("tau_mem", tau)
+            summary.setdefault("calibration", "paper")
+            if "paper" not in summary:
+                summary["paper"] = {
+                    k: summary[k]
+                    for k in ("tau", "tau_mem", "percentile", "n_mem", "n_copies", "pct_mem",
+                              "pct_copies", "chance")
+                    if k in summary
+                }  # fmt: skip
+        return cls(summary, training, synthetic)
+
+
+# schema versions of summary.json that AuditResult.load reads (1: before tau_mem/paper)
+_READABLE_SCHEMAS = (1, 2)
+_FLOAT_COLUMNS = {"nearest_val_corr", "nearest_synthetic_corr", "nearest_train_corr"}
+_BOOL_COLUMNS = {"memorized", "memorized_paper", "copy", "copy_paper", "patient_memorized"}
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
+
+def _read_table(path: Path, columns: list[str], version: int, fix: str) -> pd.DataFrame:
+    """training.csv or synthetic.csv, columns checked and typed: identifiers (and any other
+    column) str, correlations float, verdicts bool (see AuditResult.load)."""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not readable as CSV ({exc}); {fix}") from None
+    # version 1 had no *_paper columns: its verdicts were the paper's
+    derived = {c: c[: -len("_paper")] for c in columns if c.endswith("_paper")}
+    if version == 1:
+        for c, base in derived.items():
+            if c not in df.columns and base in df.columns:
+                df[c] = df[base]
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; {fix}")
+    for col in df.columns:
+        values = df[col]
+        if col in _FLOAT_COLUMNS:
+            num = pd.to_numeric(values, errors="coerce").astype(float)
+            bad = np.flatnonzero(num.isna().to_numpy() & (values.str.strip().str.lower() != "nan"))
+            if bad.size:
+                raise InputError(
+                    f"{path} row {bad[0] + 1}: {col} is not a number ({values.iloc[bad[0]]!r}); "
+                    f"{fix}"
+                )
+            df[col] = num
+        elif col in _BOOL_COLUMNS:
+            low = values.str.strip().str.lower()
+            bad = np.flatnonzero(~low.isin(_TRUE | _FALSE).to_numpy())
+            if bad.size:
+                raise InputError(
+                    f"{path} row {bad[0] + 1}: {col} is not True or False "
+                    f"({values.iloc[bad[0]]!r}); {fix}"
+                )
+            df[col] = low.isin(_TRUE).astype(bool)
+    return df.reset_index(drop=True)
 
 
 def _chance(rho_chance: np.ndarray, tau: float, n_copies: int, n_syn: int, alpha: float) -> dict:

@@ -73,42 +73,23 @@ _VIEW_NAMES = {2: ["image"], 3: ["central slice, axis 0", "axis 1", "axis 2"]}
 
 
 def _read_audit(audit_dir: str | os.PathLike) -> tuple[Path, dict[str, Any], pd.DataFrame]:
-    """summary.json and training.csv of an audit folder, checked."""
+    """summary.json and training.csv of an audit folder, checked (``AuditResult.load``)."""
+    from medmem._audit import AuditResult
+
     folder = Path(audit_dir)
-    summary_path, training_path = folder / "summary.json", folder / "training.csv"
-    for p in (summary_path, training_path):
-        if not p.is_file():
-            raise InputError(
-                f"{p}: not found. Give the output folder of `medmem audit` (it holds "
-                "summary.json and training.csv)."
-            )
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{summary_path}: not readable as JSON ({exc}).") from None
-    if not isinstance(summary, dict) or not isinstance(summary.get("tau"), (int, float)):
-        raise InputError(f"{summary_path}: has no numeric 'tau'; is it a medmem audit summary?")
-    training = pd.read_csv(
-        training_path, dtype={"train_id": str, "nearest_synthetic_id": str}, keep_default_na=False
-    )
-    need = ["train_id", "nearest_synthetic_id", "nearest_synthetic_corr"]
-    missing = [c for c in need if c not in training.columns]
-    if missing:
-        raise InputError(
-            f"{training_path}: missing column(s) {', '.join(missing)}; expected the "
-            "training.csv written by `medmem audit`."
-        )
-    corr = pd.to_numeric(training["nearest_synthetic_corr"], errors="coerce").to_numpy(float)
+    result = AuditResult.load(folder)
+    training_path = folder / "training.csv"
+    training = result.training
     if len(training) == 0:
         raise InputError(f"{training_path}: has no rows; nothing to label.")
+    corr = training["nearest_synthetic_corr"].to_numpy(float)
     if not np.isfinite(corr).all():
         row = int(np.flatnonzero(~np.isfinite(corr))[0])
         raise InputError(
             f"{training_path} row {row + 1}: nearest_synthetic_corr is not a number "
             f"({training['nearest_synthetic_corr'].iloc[row]!r})."
         )
-    training = training.assign(nearest_synthetic_corr=corr)
-    return folder, summary, training
+    return folder, result.summary, training
 
 
 # --------------------------------------------------------------------------- sampling

@@ -137,40 +137,21 @@ class ScreenResult:
 
 # ---------------------------------------------------------------------------- audit folder
 def _read_audit(audit_dir: Path) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame, str]:
-    files = {n: audit_dir / n for n in ("summary.json", "synthetic.csv", "training.csv")}
-    missing = [n for n, p in files.items() if not p.is_file()]
-    if missing:
-        raise InputError(
-            f"{audit_dir}: not an audit folder ({', '.join(missing)} not found). Give the --out "
-            "folder of `medmem audit`."
-        )
-    raw = files["summary.json"].read_bytes()
-    try:
-        summary = json.loads(raw)
-    except ValueError as exc:
-        raise InputError(f"{files['summary.json']}: not valid JSON ({exc}).") from None
+    """The audit's summary, synthetic and training tables (read by ``AuditResult.load``)
+    and its fingerprint (SHA-256 of summary.json)."""
+    from medmem._audit import AuditResult
+
+    result = AuditResult.load(audit_dir)
+    summary_path = audit_dir / "summary.json"
+    summary = result.summary
     for key in ("tau", "fingerprints", "spatial_dims", "image_size"):
         if key not in summary:
             raise InputError(
-                f"{files['summary.json']}: has no {key!r}; it was not written by `medmem audit` "
+                f"{summary_path}: has no {key!r}; it was not written by `medmem audit` "
                 "(audits of in-memory embeddings cannot be screened). Run medmem audit again."
             )
-    syn = pd.read_csv(
-        files["synthetic.csv"],
-        dtype={"synthetic_id": str, "nearest_train_id": str},
-        keep_default_na=False,
-    )
-    train = pd.read_csv(files["training.csv"], dtype=str, keep_default_na=False)
-    for col in ("synthetic_id", "nearest_train_corr", "copy"):
-        if col not in syn.columns:
-            raise InputError(f"{files['synthetic.csv']}: has no {col!r} column.")
-    if "train_id" not in train.columns:
-        raise InputError(f"{files['training.csv']}: has no 'train_id' column.")
-    return summary, syn, train, hashlib.sha256(raw).hexdigest()
-
-
-def _as_bool(values: pd.Series) -> pd.Series:
-    return values.astype(str).str.strip().str.lower().isin(["true", "1", "yes"])
+    raw = summary_path.read_bytes()
+    return summary, result.synthetic, result.training, hashlib.sha256(raw).hexdigest()
 
 
 # ---------------------------------------------------------------------------- identifiers
@@ -387,15 +368,10 @@ class _Namer:
         return self.neutral(suffix), True
 
 
-def _item_files(ds: Any, i: int) -> list[Path] | None:
-    """The files of a DICOM series item (None for a single-file item)."""
-    files = getattr(ds, "files", None)
-    if files is not None:
-        found = files[i]
-    else:
-        items = getattr(ds, "_items", None)
-        found = items[i].files if items is not None else None
-    return None if found is None else [Path(f) for f in found]
+def _item_files(files: list[list[Path]], paths: list[Path], i: int) -> list[Path] | None:
+    """The files of a DICOM series item (None for a single-file item); ``files`` and
+    ``paths`` are the dataset's ``files`` and ``paths``."""
+    return None if files[i] == [paths[i]] else files[i]
 
 
 # ---------------------------------------------------------------------------- screening
@@ -682,7 +658,7 @@ def _screen(
     _check_out(out, audit_dir, ds, str(src_text) if src_text is not None else None)
 
     corr = dict(zip(syn["synthetic_id"], syn["nearest_train_corr"].astype(float), strict=True))
-    flagged = dict(zip(syn["synthetic_id"], _as_bool(syn["copy"]), strict=True))
+    flagged = dict(zip(syn["synthetic_id"], syn["copy"].astype(bool), strict=True))
     for sid, c in corr.items():
         if flagged[sid] != (c >= tau):
             raise InputError(
@@ -731,6 +707,7 @@ def _screen(
     )
     keep = [i for i, sid in enumerate(ds.ids) if corr[sid] < tau - margin]
     paths = {ds.ids[i]: Path(ds.paths[i]) for i in keep}
+    ds_files, ds_paths = ds.files, [Path(p) for p in ds.paths]
 
     # Before anything is written: files that are not generator images, then files that
     # identify a patient (their metadata, their bytes, or a validation file's bytes).
@@ -738,7 +715,7 @@ def _screen(
     identifying: dict[str, str] = {}
     audit_folders: dict[Path, bool] = {}
     for i in progress(keep, desc="checking synthetic files", total=len(keep), quiet=quiet):
-        sid, files = ds.ids[i], _item_files(ds, i)
+        sid, files = ds.ids[i], _item_files(ds_files, ds_paths, i)
         why = _not_generator_image(paths[sid], files, audit_folders)
         if why is not None:
             nonimage[sid] = why
@@ -779,7 +756,7 @@ def _screen(
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for i in progress(keep, desc="writing release", total=len(keep), quiet=quiet):
             sid = ds.ids[i]
-            files = _item_files(ds, i)
+            files = _item_files(ds_files, ds_paths, i)
             src = paths[sid]
             is_dicom = files is not None or _is_dicom(src)
             name_id, uid_renamed = _uid_names(sid, uids if is_dicom else None)

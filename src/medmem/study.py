@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 
 import medmem
-from medmem._audit import audit
+from medmem._audit import AuditResult, audit
 from medmem._checkpoint import read_checkpoint
 from medmem._errors import InputError
 from medmem._io import (
@@ -712,8 +712,9 @@ def _group_mask(table: pd.DataFrame, study: StudyConfig, factor: str) -> pd.Seri
 
 
 def _audit_tables(out: Path, cell: str) -> pd.DataFrame | None:
-    path = out / "cells" / cell / "audit" / "training.csv"
-    return pd.read_csv(path) if path.exists() else None
+    """training.csv of a cell's audit (read by ``AuditResult.load``); None before it ran."""
+    folder = out / "cells" / cell / "audit"
+    return AuditResult.load(folder).training if (folder / "summary.json").exists() else None
 
 
 _Panel = tuple[str, list[tuple[str, str, str, str | None]]]

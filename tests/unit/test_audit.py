@@ -18,6 +18,7 @@ from medmem import InputError, OutputExistsError
 from medmem._audit import (
     SYNTHETIC_COLUMNS,
     TRAINING_COLUMNS,
+    AuditResult,
     audit_embeddings,
     calibrate,
     check_patient_overlap,
@@ -353,3 +354,71 @@ def test_collapsed_embeddings_warn_that_no_copy_can_be_found() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         audit_embeddings(healthy, rng.normal(size=(30, 16)), syn, n_bootstrap=0)
+
+
+# ----------------------------------------------------------------------------- AuditResult.load
+def _saved_audit(tmp_path):
+    rng = np.random.default_rng(3)
+    r = audit_embeddings(
+        rng.normal(size=(20, 8)),
+        rng.normal(size=(20, 8)),
+        rng.normal(size=(10, 8)),
+        train_ids=[f"{i:03d}" for i in range(20)],  # digits: must stay str
+        synthetic_ids=[f"s{i}" for i in range(10)],
+        train_patient_ids=[f"{i // 2:02d}" for i in range(20)],
+        n_bootstrap=0,
+    )
+    return r, r.save(tmp_path / "audit", figures=False, report=False)
+
+
+def test_load_round_trips_save(tmp_path) -> None:
+    r, out = _saved_audit(tmp_path)
+    loaded = AuditResult.load(out)
+    assert loaded.summary == json.loads(json.dumps(r.summary))
+    pd.testing.assert_frame_equal(loaded.training, r.training)
+    pd.testing.assert_frame_equal(loaded.synthetic, r.synthetic)
+    assert loaded.training["train_id"].iloc[0] == "000"
+    assert loaded.synthetic["copy"].dtype == bool
+
+
+def test_load_reads_schema_version_1(tmp_path) -> None:
+    folder = tmp_path / "v1"
+    folder.mkdir()
+    summary = {"schema_version": 1, "tau": 0.6, "percentile": 95, "n_mem": 1, "n_copies": 1}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "training.csv").write_text(
+        "train_id,patient_id,nearest_val_id,nearest_val_corr,nearest_synthetic_id,"
+        "nearest_synthetic_corr,memorized\n"
+        "001,p1,v1,0.5,s1,0.7,True\n"
+        "002,p2,v2,0.4,s2,0.2,False\n"
+    )
+    (folder / "synthetic.csv").write_text(
+        "synthetic_id,nearest_train_id,nearest_train_corr,copy\ns1,001,0.7,True\ns2,002,0.2,False\n"
+    )
+    r = AuditResult.load(folder)
+    assert r.summary["tau_mem"] == r.summary["tau"] == 0.6
+    assert r.summary["calibration"] == "paper"
+    assert r.summary["paper"]["tau_mem"] == 0.6 and r.summary["paper"]["n_mem"] == 1
+    assert list(r.training.columns) == TRAINING_COLUMNS
+    assert list(r.synthetic.columns) == SYNTHETIC_COLUMNS
+    assert r.training["train_id"].tolist() == ["001", "002"]
+    assert r.training["memorized"].tolist() == [True, False]
+    assert r.training["memorized_paper"].dtype == bool
+    assert r.synthetic["copy_paper"].tolist() == [True, False]
+
+
+def test_load_errors_name_the_file(tmp_path) -> None:
+    _, out = _saved_audit(tmp_path)
+    train = pd.read_csv(out / "training.csv").drop(columns="nearest_val_corr")
+    train.to_csv(out / "training.csv", index=False)
+    with pytest.raises(InputError, match=r"training\.csv: missing column\(s\) nearest_val_corr"):
+        AuditResult.load(out)
+    (out / "summary.json").write_text('{"tau": 0.5,')
+    with pytest.raises(InputError, match=r"summary\.json: not valid JSON"):
+        AuditResult.load(out)
+    (out / "summary.json").write_text('{"schema_version": 9, "tau": 0.5}')
+    with pytest.raises(InputError, match=r"summary\.json: schema_version 9"):
+        AuditResult.load(out)
+    (out / "synthetic.csv").unlink()
+    with pytest.raises(InputError, match=r"synthetic\.csv: not found.*not an audit folder"):
+        AuditResult.load(out)

@@ -216,16 +216,30 @@ _CASE = [
 def hand_audit(tmp_path) -> Path:
     audit = tmp_path / "audit"
     audit.mkdir()
-    (audit / "summary.json").write_text(json.dumps({"tau": 0.5}))
+    # a complete audit folder of schema version 1 (AuditResult.load checks the schema)
+    (audit / "summary.json").write_text(json.dumps({"schema_version": 1, "tau": 0.5}))
     n = len(_CASE)
     extra = 5  # training images not drawn
+    corrs = [c for c, _, _ in _CASE] + [0.0] * extra
     pd.DataFrame(
         {
             "train_id": [f"t,{i}" for i in range(n + extra)],  # a comma: CSV quoting
+            "patient_id": "",
+            "nearest_val_id": "v",
+            "nearest_val_corr": 0.0,
             "nearest_synthetic_id": [f"s{i}" for i in range(n + extra)],
-            "nearest_synthetic_corr": [c for c, _, _ in _CASE] + [0.0] * extra,
+            "nearest_synthetic_corr": corrs,
+            "memorized": [c >= 0.5 for c in corrs],
         }
     ).to_csv(audit / "training.csv", index=False)
+    pd.DataFrame(
+        {
+            "synthetic_id": [f"s{i}" for i in range(n + extra)],
+            "nearest_train_id": [f"t,{i}" for i in range(n + extra)],
+            "nearest_train_corr": corrs,
+            "copy": [c >= 0.5 for c in corrs],
+        }
+    ).to_csv(audit / "synthetic.csv", index=False)
     pd.DataFrame(
         {
             "pair_id": range(1, n + 1),

@@ -78,6 +78,17 @@ class ImageDataset(BaseImageDataset):
         self.shapes = [it.shape for it in self._items]
         self.skipped: list[dict[str, str]] = [dict(s) for s in skipped]
         self._hashes: list[str | None] = [None] * len(self._items)
+        self._files: list[list[Path]] | None = None
+
+    @property
+    def files(self) -> list[list[Path]]:
+        """The files of each image: a DICOM series' slices, or the one file ``paths[i]``."""
+        if self._files is None:
+            self._files = [
+                [Path(f) for f in it.files] if it.files is not None else [Path(it.path)]
+                for it in self._items
+            ]
+        return [list(f) for f in self._files]
 
     def _index(self, i: Any) -> int:
         k = operator.index(i)
