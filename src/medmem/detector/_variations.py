@@ -448,9 +448,7 @@ def sample_variation(
         keep = {listed[int(gen.integers(len(listed)))]}
     elif s.kind_prob < 1.0 and listed:
         u = gen.random(len(listed))
-        keep = {
-            k for k, v in zip(listed, u, strict=True) if v < s.kind_prob or k in s.always_kinds
-        }
+        keep = {k for k, v in zip(listed, u, strict=True) if v < s.kind_prob or k in s.always_kinds}
     else:
         keep = set(listed)
     for kind in listed:
