@@ -398,7 +398,7 @@ def main() -> int:
             }
             for n, d in detectors.items()
         },
-        "groups": {g: list(GROUPS[g]) for g in groups},
+        "groups": {g: list(GROUPS[g]) for g in groups if f"minus-{g}" in detectors},
         "control_kinds": list(CONTROL_VARIATION_KINDS),
         "group_of": GROUP_OF,
         "methods": {
@@ -412,7 +412,7 @@ def main() -> int:
     for kind in dict.fromkeys(kinds):
         g = GROUP_OF.get(kind)
         name = "default" if g == "controls" else (f"minus-{g}" if g in groups else None)
-        if name is None:
+        if name is None or f"medmem ({name})" not in raw:  # that detector was not trained
             continue
         r = raw[f"medmem ({name})"]
         pos = r["scores"]["pos"][kinds == kind]

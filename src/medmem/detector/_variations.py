@@ -119,8 +119,8 @@ class VariationConfig:
             for more, so a short
             explicit list is always applied and the long default list mixes.
         always_kinds: listed kinds drawn every time whatever kind_prob. None: ("flip",)
-            when flip is listed (mirrored copies are the paper's first variation, and a
-            flip that is rare in training is learned late), else none.
+            when flip is listed and 0 < kind_prob < 1 (mirrored copies are the paper's
+            first variation, and a flip that is rare in training is learned late), else none.
         single_kind: apply exactly one listed kind per draw, chosen uniformly (kind_prob is
             then unused); the "controls" preset uses it.
         flip_prob: probability of flipping each spatial axis (independently).
@@ -200,8 +200,9 @@ class VariationConfig:
                 f"variations.single_kind must be True or False, got {self.single_kind!r}."
             )
         set_(self, "single_kind", bool(self.single_kind))
-        if self.always_kinds is None:
-            always: tuple[str, ...] = ("flip",) if "flip" in kinds else ()
+        if self.always_kinds is None:  # flip always, when kinds are drawn at random at all
+            mixed = 0.0 < float(self.kind_prob) < 1.0 and not self.single_kind
+            always: tuple[str, ...] = ("flip",) if "flip" in kinds and mixed else ()
         else:
             always = tuple(self.always_kinds)
         for k in always:
