@@ -4,7 +4,8 @@
 
 For each study folder: copies ``figures/*.png`` to ``docs/figures/study-<name>-*.png``,
 writes ``docs/results/study-<name>.md`` (the results table and run times, as measured)
-and adds the table to ``docs/results/study.json``. The written analysis in
+with its numbers in ``docs/results/study-<name>.json`` beside it, and adds the record to
+``docs/results/study.json``. The written analysis in
 ``docs/results/study.md`` quotes these files.
 """
 
@@ -50,6 +51,7 @@ def publish(folder: Path) -> dict:
         "",
         f"Written by `python benchmarks/study_results.py {folder}` from `{folder}/results.csv`",
         f"(the output of `medmem study`). Machine: {machine()}, shared with other jobs.",
+        f"The numbers are in [study-{name}.json](study-{name}.json).",
         "",
         markdown_table(table, SHOW),
         "pct_mem: % of n_train; pct_copies: % of n_synthetic (= n_train); expected_copies:",
@@ -67,7 +69,7 @@ def publish(folder: Path) -> dict:
         "",
     ]
     (DOCS / "results" / f"study-{name}.md").write_text("\n".join(md) + "\n")
-    return {
+    record = {
         "name": name,
         "settings": study,
         "machine": machine(),
@@ -75,12 +77,30 @@ def publish(folder: Path) -> dict:
         "rows": json.loads(table.to_json(orient="records")),
         "figures": figures,
     }
+    write_record(record)
+    return record
+
+
+def write_record(record: dict) -> Path:
+    """docs/results/study-<name>.json: the numbers of study-<name>.md, beside it."""
+    path = DOCS / "results" / f"study-{record['name']}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="+", type=Path, help="finished study folders")
+    parser.add_argument("folders", nargs="*", type=Path, help="finished study folders")
+    parser.add_argument(
+        "--split-only",
+        action="store_true",
+        help="only write study-<name>.json for every record already in docs/results/study.json",
+    )
     args = parser.parse_args()
+    if args.split_only:
+        for r in json.loads((DOCS / "results" / "study.json").read_text()):
+            print(f"{r['name']}: {len(r['rows'])} cells -> {write_record(r)}")
+        return
     record = [publish(f) for f in args.folders]
     path = DOCS / "results" / "study.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
