@@ -174,22 +174,16 @@ class DetectorConfig(ConfigSection):
                 set_(self, name, value)
         check_choice(self.arch, "DetectorConfig.arch", ARCHS)
         check_choice(self.norm, "DetectorConfig.norm", NORMS)
-        if self.image_size is not None:
-            size = _int_tuple(self.image_size, "DetectorConfig.image_size")
+        for name in ("image_size", "input_size"):
+            if getattr(self, name) is None:
+                continue
+            size = _int_tuple(getattr(self, name), f"DetectorConfig.{name}")
             if len(size) != self.spatial_dims:
                 raise InputError(
-                    f"DetectorConfig.image_size must have {self.spatial_dims} sides for "
+                    f"DetectorConfig.{name} must have {self.spatial_dims} sides for "
                     f"spatial_dims={self.spatial_dims}, got {size}."
                 )
-            set_(self, "image_size", size)
-        if self.input_size is not None:
-            size_in = _int_tuple(self.input_size, "DetectorConfig.input_size")
-            if len(size_in) != self.spatial_dims:
-                raise InputError(
-                    f"DetectorConfig.input_size must have {self.spatial_dims} sides for "
-                    f"spatial_dims={self.spatial_dims}, got {size_in}."
-                )
-            set_(self, "input_size", size_in)
+            set_(self, name, size)
         net = self.encoder_input_size
         if net is not None:
             if self.arch == "conv":
