@@ -209,6 +209,47 @@ def _check_writable(out: Path, flag: str, kind: str) -> None:
         )
 
 
+MIN_FREE_BYTES = 64 << 20  # room every output needs at least: tables, figures, a report
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):,.0f} MiB" if n < (1 << 30) else f"{n / (1 << 30):,.1f} GiB"
+
+
+def tree_bytes(roots: Any) -> int:
+    """Bytes of the files under ``roots`` (paths or ``(path, is_folder)`` pairs); unreadable
+    entries count 0. An estimate of what copying them needs."""
+    total = 0
+    for item in roots or ():
+        root = Path(item[0] if isinstance(item, tuple) else item)
+        if root.is_file():
+            total += root.stat().st_size
+            continue
+        for folder, _dirs, files in os.walk(root):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(folder, name)).st_size
+                except OSError:
+                    pass
+    return total
+
+
+def _check_space(out: Path, need_bytes: int, flag: str) -> None:
+    """The file system of ``out`` has ``need_bytes`` free: an error naming ``flag`` if not."""
+    anchor = out.absolute()
+    while not anchor.exists():
+        anchor = anchor.parent
+    try:
+        free = shutil.disk_usage(anchor).free
+    except OSError:
+        return  # no figure to check against; a full disk still fails atomically later
+    if free < need_bytes:
+        raise OutputError(
+            f"{flag} {out}: only {_mib(free)} free on {anchor}'s file system, about "
+            f"{_mib(need_bytes)} needed. Free some space, or choose a location with more room."
+        )
+
+
 def _remove_stale(out: Path) -> list[Path]:
     """Remove the temporary siblings of ``out`` left by a killed run (the caller holds the
     claim on ``out``, so no live writer owns them); returns what was removed."""
@@ -248,6 +289,7 @@ def claim_output(
     resume: bool = False,
     flag: str = "out",
     kind: str = "folder",
+    need_bytes: int | None = None,
 ) -> Iterator[Path]:
     """Claim the output ``out`` for this process, before any work; release it on exit.
 
@@ -255,7 +297,8 @@ def claim_output(
     ``inputs``, or lies inside an input folder (``inputs``: paths, or ``(path, is_folder)``
     pairs as ``medmem.data._sources.input_roots`` gives them for a source); an ``out``
     that is a file (``kind="folder"``) or a folder (``kind="file"``), whose location is
-    not writable, or whose name is too long; an existing ``out`` unless
+    not writable, or whose name is too long, or whose file system has less than
+    ``need_bytes`` free (default :data:`MIN_FREE_BYTES`); an existing ``out`` unless
     ``overwrite`` or ``resume`` (:class:`OutputExistsError`). Then takes an exclusive lock,
     ``.<name>.lock`` beside ``out``: a second writer to the same ``out`` fails at once
     instead of replacing the first one's results. Temporary folders of an earlier, killed
@@ -266,6 +309,7 @@ def claim_output(
     out = Path(out)
     _check_inputs(out, inputs, flag)
     _check_writable(out, flag, kind)
+    _check_space(out, MIN_FREE_BYTES if need_bytes is None else need_bytes, flag)
     if out.exists() and not (overwrite or resume):
         raise OutputExistsError(
             f"{flag} {out}: exists. Choose another path, or pass --overwrite "
@@ -367,6 +411,7 @@ __all__ = [
     "file_sha256",
     "load_tensors",
     "save_tensors",
+    "tree_bytes",
 ]
 
 

@@ -65,6 +65,9 @@ def _size(value: str | None) -> tuple[int, ...] | None:
     return parts
 
 
+_AUDIT_BYTES = 64 << 20  # an audit's tables, figures and report (medmem._io.MIN_FREE_BYTES)
+
+
 def _claim(
     ctx: click.Context,
     out: Path,
@@ -74,6 +77,7 @@ def _claim(
     keep: Any = (),
     resume: bool = False,
     kind: str = "folder",
+    need_bytes: int | None = None,
 ) -> None:
     """Claim ``--out`` for the whole command, before any work (medmem._io.claim_output):
     not an input, writable, not being written by another medmem run. ``inputs`` are image
@@ -89,6 +93,7 @@ def _claim(
         resume=resume,
         flag="--out",
         kind=kind,
+        need_bytes=need_bytes,
     )
     ctx.with_resource(claim)
 
@@ -431,7 +436,12 @@ def audit_cmd(
         n_controls=0 if no_controls else n_controls,
     )
     _claim(
-        ctx, out, overwrite, inputs=[train_src, val_src, syn_src], keep=[detector_dir, cache_dir]
+        ctx,
+        out,
+        overwrite,
+        inputs=[train_src, val_src, syn_src],
+        keep=[detector_dir, cache_dir],
+        need_bytes=_AUDIT_BYTES if detector_dir else 2 * _AUDIT_BYTES,  # + detector, checkpoint
     )
     settings = _detector_settings(data_opts)
     detector = Detector.load(detector_dir) if detector_dir else None

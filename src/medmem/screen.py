@@ -604,7 +604,12 @@ def screen(
     margin = check_in_range(margin, "margin", 0.0, 2.0, high_open=True)
     from medmem.data._sources import input_roots
 
-    with claim_output(out, inputs=input_roots([audit_dir, synthetic]), overwrite=overwrite):
+    with claim_output(
+        out,
+        inputs=input_roots([audit_dir, synthetic]),
+        overwrite=overwrite,
+        need_bytes=_release_bytes(audit_dir, synthetic),
+    ):
         return _screen(
             audit_dir,
             out,
@@ -617,6 +622,20 @@ def screen(
             deidentify=deidentify,
             force=force,
         )
+
+
+def _release_bytes(audit_dir: Path, synthetic: Any) -> int:
+    """Room a release needs: the synthetic images (copied) plus the outputs' floor."""
+    from medmem._io import MIN_FREE_BYTES, tree_bytes
+    from medmem.data._sources import input_roots
+
+    if synthetic is None:
+        try:
+            summary = json.loads((audit_dir / "summary.json").read_text(encoding="utf-8"))
+            synthetic = (summary.get("sources") or {}).get("synthetic")
+        except (OSError, ValueError, AttributeError):
+            synthetic = None
+    return MIN_FREE_BYTES + tree_bytes(input_roots(synthetic))
 
 
 def _screen(

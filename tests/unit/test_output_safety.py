@@ -211,6 +211,34 @@ def test_read_only_location_is_refused_before_any_work(sets, tmp_path, monkeypat
     assert list(ro.iterdir()) == []
 
 
+def _disk_with_free(free: int):
+    import shutil
+
+    return lambda path: shutil._ntuple_diskusage(1 << 40, (1 << 40) - free, free)
+
+
+def test_full_disk_is_refused_before_any_work_naming_out_and_the_space(
+    sets, tmp_path, monkeypatch
+) -> None:
+    import medmem._io as io_mod
+
+    monkeypatch.setattr(io_mod.shutil, "disk_usage", _disk_with_free(3 << 20))
+    r = _invoke(_audit_args(sets, tmp_path / "audit"))
+    assert r.exit_code == 2, r.output
+    assert "--out" in r.output and "3 MiB free" in r.output and "128 MiB needed" in r.output
+    assert "Free some space" in r.output and len(r.output.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+    # a screen needs room for the synthetic images it copies, on top of the floor
+    monkeypatch.setattr(io_mod.shutil, "disk_usage", _disk_with_free(io_mod.MIN_FREE_BYTES + 1))
+    need = io_mod.MIN_FREE_BYTES + io_mod.tree_bytes([sets / "syn"])
+    with pytest.raises(OutputError, match=f"{need >> 20} MiB needed"):
+        screen(tmp_path / "audit", tmp_path / "release", synthetic=str(sets / "syn"))
+    # enough room: claimed
+    monkeypatch.setattr(io_mod.shutil, "disk_usage", _disk_with_free(1 << 30))
+    with claim_output(tmp_path / "x", need_bytes=1 << 29) as claimed:
+        assert claimed == tmp_path / "x"
+
+
 def test_cli_errors_name_flags_not_python_arguments() -> None:
     assert "--skip-unreadable" in cli_message("(or pass skip_unreadable=True to skip it).")
     assert cli_message("pass --overwrite (overwrite=True) to replace it.") == (
