@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from medmem import __version__
+from medmem._audit_inputs import check_inputs, patient_overlap_status
 from medmem._errors import InputError
 from medmem._io import atomic_dir, atomic_save, atomic_write_json, claim_output
 from medmem._plots import GalleryPair, plot_gallery, plot_histogram
@@ -1354,6 +1355,9 @@ def audit(
     _check_datasets(train, val, synthetic)
     n_overlap = check_patient_overlap(train, val, allow=allow_patient_overlap)
     _check_sizes(len(train), len(val), percentile, calibration, n_synthetic=len(synthetic))
+    check_inputs(
+        train, val, synthetic, detector=detector, allow_overlap=allow_patient_overlap, quiet=quiet
+    )
     timings: dict[str, float] = {}
     if detector is None:
         t = time.perf_counter()
@@ -1411,7 +1415,8 @@ def audit(
     timings["total"] = round(time.perf_counter() - t0, 3)
     s["spatial_dims"] = int(train.spatial_dims)
     s["image_size"] = list(train.image_size)
-    s["n_patients_shared_train_val"] = n_overlap
+    s["patient_overlap"] = patient_overlap_status(train, val, n_overlap)
+    s["n_patients_shared_train_val"] = None if s["patient_overlap"] == "unknown" else n_overlap
     s["fingerprints"] = {
         "detector": detector.fingerprint,
         "detector_training_set": getattr(detector, "train_fingerprint_", None),

@@ -555,6 +555,7 @@ def _settings(s: dict[str, Any]) -> str:
         "image_size": s.get("image_size"),
         "embedding_dim": s.get("embedding_dim"),
         "patients shared by train and val": s.get("n_patients_shared_train_val"),
+        "train/val patient overlap": s.get("patient_overlap"),
     }
     general = {k: v for k, v in general.items() if v is not None}
     parts = [

@@ -327,6 +327,7 @@ class Detector:
         self.stopped_early_: bool = False
         self._device = torch.device("cpu")
         self._fingerprint: str | None = None
+        self.source_: str | None = None  # the folder it was loaded from
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -702,8 +703,14 @@ class Detector:
         det.loss_history_ = [float(v) for v in meta.get("loss_history", [])]
         det.probe_history_ = [dict(h) for h in meta.get("probe_history", [])]
         det.stopped_early_ = bool(meta.get("stopped_early", False))
+        det.source_ = str(directory)  # named by the audit's compatibility checks
         saved_fp = meta.get("fingerprint")
-        if saved_fp is not None and saved_fp != det.fingerprint:
+        if not saved_fp:
+            raise InputError(
+                f"{cfg_path}: has no 'fingerprint' entry, so the detector cannot be identified "
+                "in an audit. Save the detector again (Detector.save, medmem train-detector)."
+            )
+        if saved_fp != det.fingerprint:
             raise InputError(
                 f"{weights_path} does not match {cfg_path} (fingerprint {det.fingerprint[:12]} "
                 f"vs {str(saved_fp)[:12]} recorded): the folder was modified or half written. "
