@@ -23,6 +23,26 @@ import numpy as np
 from medmem._errors import InputError, OutputError, OutputExistsError
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc where possible: setting it is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: str | os.PathLike, folder: bool = False) -> None:
+    """Give a finished temporary file (0600) or folder (0700) the mode a plain create
+    would: 0666 or 0777 less the umask. Until then partial outputs stay private."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
     """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success."""
@@ -35,6 +55,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        _publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -88,6 +109,7 @@ def atomic_save(path: str | os.PathLike, save_fn: Any) -> None:
     os.close(fd)
     try:
         save_fn(tmp)
+        _publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -124,6 +146,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_PARTIAL}", dir=path.parent))
     try:
         yield tmp
+        _publish_mode(tmp, folder=True)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_OLD}", dir=path.parent))
             os.replace(path, old / "x")

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,20 @@ def cli_message(text: str) -> str:
     for rx, repl in _CLI_NAMES:
         text = rx.sub(repl, text)
     return text
+
+
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` of the CLI: one line through logging, flags as the CLI
+    spells them, no source file or code line."""
+    text = " ".join(str(message).split())
+    log.warning("medmem: warning: %s", cli_message(text))
 
 
 class _Group(click.Group):
@@ -120,6 +135,7 @@ def main(ctx: click.Context, quiet: bool, debug: bool) -> None:
         format="%(message)s",
         stream=sys.stderr,
     )
+    warnings.showwarning = _log_warning  # warnings as one logged line, not file:line + code
 
 
 def _data_options(f: Any) -> Any:
@@ -260,6 +276,30 @@ def _load(
                 f"too (2D and 3D cannot be mixed). {exc}"
             ) from None
         raise
+
+
+def _warn_ignored_with_detector(
+    detector_dir: Path | None, size: Any, opts: dict[str, Any], training: dict[str, Any]
+) -> None:
+    """Say which options a given --detector overrides (they would otherwise pass silently)."""
+    wanted = _size(opts.get("image_size"))
+    if wanted is not None and tuple(wanted) != tuple(size):
+        log.warning(
+            "medmem: warning: --image-size %s is ignored: the images are preprocessed to the "
+            "detector's image size %s (--detector %s). Leave --image-size out, or train a "
+            "detector at that size.",
+            ",".join(map(str, wanted)),
+            ",".join(map(str, size)),
+            detector_dir,
+        )
+    if training:
+        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(training))
+        log.warning(
+            "medmem: warning: %s ignored: --detector %s is already trained. Leave them out, "
+            "or leave --detector out to train a detector with them.",
+            flags,
+            detector_dir,
+        )
 
 
 @main.command("train-detector")
@@ -446,6 +486,14 @@ def audit_cmd(
     settings = _detector_settings(data_opts)
     detector = Detector.load(detector_dir) if detector_dir else None
     size = tuple(detector.config.image_size) if detector is not None else None
+    if detector is not None:
+        _warn_ignored_with_detector(
+            detector_dir,
+            size,
+            data_opts,
+            _overrides(epochs=epochs, batch_size=batch_size, embed_dim=embed_dim, lr=lr)
+            | settings,
+        )
     train = _load(train_src, data_opts, image_size=size, quiet=quiet)
     val = _load(val_src, data_opts, image_size=size, like=train, option="--val", quiet=quiet)
     syn = _load(syn_src, data_opts, image_size=size, like=train, option="--synthetic", quiet=quiet)

@@ -313,3 +313,60 @@ def test_low_control_sensitivity_warns_and_screen_refuses_unless_forced(
     assert "WARNING" not in format_verdict(summary)
     del summary["controls"]
     assert low_sensitivity_warning(summary) is None
+
+
+def test_outputs_respect_the_umask(tmp_path) -> None:
+    from medmem._io import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "f").write_text("y")
+            assert (tmp.stat().st_mode & 0o777) == 0o700  # private while being written
+    finally:
+        os.umask(old)
+    assert ((tmp_path / "a.txt").stat().st_mode & 0o777) == 0o640
+    assert ((tmp_path / "d").stat().st_mode & 0o777) == 0o750
+
+
+def test_cli_warnings_are_one_logged_line_with_cli_flags(tmp_path, caplog, monkeypatch) -> None:
+    import warnings
+
+    from medmem.cli import _log_warning
+
+    with caplog.at_level("WARNING", logger="medmem"):
+        _log_warning(
+            UserWarning("skipped 2 files;\n  pass skip_unreadable=True"), UserWarning, "x.py", 3
+        )
+    (rec,) = [r for r in caplog.records if r.name == "medmem"]
+    assert rec.getMessage() == "medmem: warning: skipped 2 files; pass --skip-unreadable"
+    # the CLI routes Python warnings there
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after
+    missing = str(tmp_path / "missing")
+    r = _invoke(["screen", "--audit", missing, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    assert warnings.showwarning is _log_warning
+
+
+def test_image_size_ignored_with_a_detector_is_said(sets, tmp_path, caplog) -> None:
+    from medmem.detector import Detector, DetectorConfig
+    from medmem.detector._detector import build_encoder
+
+    cfg = DetectorConfig(spatial_dims=2, image_size=(32, 32), arch="conv", embed_dim=8)
+    det = Detector(cfg)
+    det.model_ = build_encoder(cfg).eval()
+    det.save(tmp_path / "det")
+    args = _audit_args(sets, tmp_path / "out")
+    args[args.index("--image-size") + 1] = "64,64"
+    args[args.index("--val") + 1] = str(tmp_path / "missing")  # stop right after the warning
+    with caplog.at_level("WARNING", logger="medmem"):
+        r = _invoke([*args, "--detector", str(tmp_path / "det")])
+    assert r.exit_code == 2, r.output
+    text = " ".join(rec.getMessage() for rec in caplog.records)
+    assert (
+        "--image-size 64,64 is ignored" in text
+        and "32,32" in text
+        and str(tmp_path / "det") in text
+    )
+    assert "--epochs ignored" in text

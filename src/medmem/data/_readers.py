@@ -330,17 +330,25 @@ def _read_npz(path: Path) -> np.ndarray:
 def _dcmread(path: Path, *, header_only: bool) -> Any:
     import pydicom
 
+    if path.is_file() and path.stat().st_size == 0:
+        raise ReadError(f"{path}: is empty (0 bytes). Copy it again, or remove it from the set.")
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=header_only)
     except pydicom.errors.InvalidDicomError:
         # A DICOM file without the 128-byte preamble: still readable when forced.
-        ds = pydicom.dcmread(str(path), stop_before_pixels=header_only, force=True)
-        if "Rows" not in ds:
-            raise
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=header_only, force=True)
+        except Exception:
+            ds = None
+        if ds is None or "Rows" not in ds:
+            raise ReadError(
+                f"{path}: is not a DICOM file (no 'DICM' marker and no image header; another "
+                f"format, or a damaged file). {_SKIP_HINT}"
+            ) from None
     if "Rows" not in ds or "Columns" not in ds:
         raise InputError(
-            f"{path}: is a DICOM file without an image (no Rows/Columns; e.g. a report or "
-            "DICOMDIR). Remove it from the set."
+            f"{path}: is a DICOM file without an image (no Rows/Columns: a report, a DICOMDIR, "
+            "or a file cut short). Remove it from the set, or copy it again."
         )
     return ds
 
@@ -391,11 +399,21 @@ def _dicom_pixels(path: Path, ds: Any) -> np.ndarray:
     """Decoded pixels with the modality LUT (slope/intercept) applied, colour -> gray."""
     from pydicom.pixels import apply_color_lut, apply_modality_lut
 
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ReadError(
+            f"{path}: is a DICOM file without pixel data (a header only, e.g. a structured "
+            f"report or a file cut short before its image). {_SKIP_HINT}"
+        )
     try:
         arr = ds.pixel_array
     except Exception as exc:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(ts, "name", ts)
+        if ts is not None and not getattr(ts, "is_compressed", True):
+            raise ReadError(
+                f"{path}: its DICOM pixel data is damaged or cut short ({exc}); the file is "
+                f"uncompressed ({name}), so no decoder will help. {_SKIP_HINT}"
+            ) from exc
         raise ReadError(
             f"{path}: cannot decode the DICOM pixel data (transfer syntax {name}; {exc}). "
             "Decompress it (e.g. 'gdcmconv --raw' or 'dcmdjpeg'), install a pydicom "

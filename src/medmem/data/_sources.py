@@ -180,11 +180,29 @@ def _pick_column(
     return None
 
 
+def _check_utf8(manifest: Path) -> None:
+    """Raise naming the first line of ``manifest`` that is not UTF-8 text."""
+    try:
+        with open(manifest, "rb") as fh:
+            for n, line in enumerate(fh, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise InputError(
+                        f"{manifest}, line {n}: not UTF-8 text (byte 0x{line[exc.start]:02x} at "
+                        f"column {exc.start + 1}). Save the manifest as UTF-8 (e.g. "
+                        f"'iconv -f latin1 -t utf-8 {manifest.name} > fixed.csv')."
+                    ) from None
+    except OSError as exc:
+        raise InputError(f"{manifest}: cannot be read ({exc}).") from exc
+
+
 def _collect_manifest(
     manifest: Path, *, path_column: str | None = None, patient_column: str | None = None
 ) -> Collected:
     import pandas as pd
 
+    _check_utf8(manifest)
     try:
         df = pd.read_csv(manifest, dtype=str, keep_default_na=False, skipinitialspace=True)
     except Exception as exc:
