@@ -51,6 +51,7 @@ from medmem._audit_inputs import check_inputs, patient_overlap_status
 from medmem._errors import InputError
 from medmem._io import atomic_dir, atomic_save, atomic_write_json, claim_output
 from medmem._plots import GalleryPair, plot_gallery, plot_histogram
+from medmem._resume import checkpoint_for
 from medmem._validation import (
     check_choice,
     check_detector,
@@ -1304,6 +1305,7 @@ def audit(
     n_controls: int = 100,
     control_kinds: Sequence[str] | None = None,
     quiet: bool = False,
+    checkpoint_dir: str | Path | None = None,
 ) -> AuditResult:
     """Audit a synthetic set against the training set it may have copied.
 
@@ -1330,6 +1332,9 @@ def audit(
         control_kinds: variation kinds of the controls (``medmem.detector.VARIATION_KINDS``);
             default: the held-out kinds.
         quiet: no progress bars.
+        checkpoint_dir: when the detector is trained here, its checkpoints are kept under
+            this folder (one subfolder per training set and settings), so a rerun after a
+            kill resumes training; ``medmem audit`` keeps them beside ``--out``.
 
     Example:
         >>> import medmem
@@ -1364,7 +1369,8 @@ def audit(
         overrides = dict(detector_overrides or {})
         overrides.setdefault("spatial_dims", train.spatial_dims)
         overrides.setdefault("image_size", tuple(train.image_size))
-        detector = Detector.train(train, quiet=quiet, **overrides)
+        ckpt = checkpoint_for(checkpoint_dir, train, overrides)
+        detector = Detector.train(train, quiet=quiet, checkpoint_dir=ckpt, **overrides)
         timings["detector_training"] = round(time.perf_counter() - t, 3)
         trained_here = True
     else:

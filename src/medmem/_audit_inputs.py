@@ -1,7 +1,7 @@
 """The audit's early input checks: everything that can fail on the inputs fails before the
 detector trains (issue 14).
 
-- :func:`check_detector`: a given detector has a fingerprint and fits the images
+- :func:`check_detector_fits`: a given detector has a fingerprint and fits the images
   (spatial_dims, image size, channels); messages name the detector's folder.
 - :func:`probe_images`: every image of the three sets is read and preprocessed once
   (the loader's own checks: readable, finite, non-constant) and has the right shape;
@@ -29,7 +29,7 @@ def _detector_name(detector: Any) -> str:
     return f"the detector {src}" if src else "the detector"
 
 
-def check_detector(detector: Any, dataset: Any) -> None:
+def check_detector_fits(detector: Any, dataset: Any) -> None:
     """Raise when ``detector`` has no fingerprint or does not fit ``dataset``'s images."""
     name = _detector_name(detector)
     fp = getattr(detector, "fingerprint", None)
@@ -141,7 +141,7 @@ def check_inputs(
 ) -> None:
     """All early checks of :func:`medmem.audit`, in order; before any training or embedding."""
     if detector is not None:
-        check_detector(detector, train)
+        check_detector_fits(detector, train)
     sets = {"training": train, "validation": val, "synthetic": synthetic}
     hashes = probe_images(
         sets, hash_sets=() if allow_overlap else ("training", "validation"), quiet=quiet
@@ -151,7 +151,7 @@ def check_inputs(
 
 
 __all__ = [
-    "check_detector",
+    "check_detector_fits",
     "check_inputs",
     "check_pixel_duplicates",
     "patient_overlap_status",

@@ -464,6 +464,7 @@ def audit_cmd(
           --detector detector/ --out audit/ --patient-id-pattern '^(\\d+)_'
     """
     from medmem._audit import audit, check_audit_args, format_verdict
+    from medmem._resume import remove_resume, resume_root
     from medmem.detector import Detector
 
     quiet = ctx.obj["quiet"]
@@ -514,8 +515,10 @@ def audit_cmd(
             epochs=epochs, batch_size=batch_size, embed_dim=embed_dim, lr=lr, seed=seed
         )
         | settings,
+        checkpoint_dir=None if detector is not None else resume_root(out),
     )
     result.save(out, overwrite=overwrite)
+    remove_resume(out)
     click.echo(format_verdict(result.summary))
     click.echo(f"results in {out}")
 

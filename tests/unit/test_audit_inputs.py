@@ -11,7 +11,7 @@ import pytest
 
 import medmem
 from medmem import InputError
-from medmem._audit_inputs import check_detector, patient_overlap_status
+from medmem._audit_inputs import check_detector_fits, patient_overlap_status
 from medmem.data import ArrayDataset, load_dataset, read_image, write_phantoms
 from medmem.detector import Detector, DetectorConfig
 from medmem.detector._detector import build_encoder
@@ -80,14 +80,14 @@ def _fake_detector(**cfg):
 def test_detector_that_does_not_fit_the_images_is_named(cfg, words) -> None:
     ds = ArrayDataset(np.random.default_rng(0).random((4, 32, 32)))
     with pytest.raises(InputError, match=words) as info:
-        check_detector(_fake_detector(**cfg), ds)
+        check_detector_fits(_fake_detector(**cfg), ds)
     assert "/models/det" in str(info.value) and "--detector" in str(info.value)
 
 
 def test_detector_without_fingerprint_is_refused(tmp_path) -> None:
     ds = ArrayDataset(np.random.default_rng(0).random((4, 32, 32)))
     with pytest.raises(InputError, match="no fingerprint"):
-        check_detector(SimpleNamespace(fingerprint=None, config=None), ds)
+        check_detector_fits(SimpleNamespace(fingerprint=None, config=None), ds)
     cfg = DetectorConfig(spatial_dims=2, image_size=(32, 32), arch="conv", embed_dim=8)
     det = Detector(cfg)
     det.model_ = build_encoder(cfg).eval()
