@@ -278,6 +278,26 @@ def _load(
         raise
 
 
+def _load_for_detector(
+    src: str, opts: dict[str, Any], detector: Any, detector_dir: Path | None, *, quiet: bool
+) -> Any:
+    """Load the training set at the detector's image size; a detector made for the other
+    dimensionality is named (the size alone would not say why)."""
+    if detector is None:
+        return _load(src, opts, quiet=quiet)
+    cfg = detector.config
+    try:
+        return _load(src, opts, image_size=tuple(cfg.image_size), quiet=quiet)
+    except MedmemError as exc:
+        if "image_size" not in str(exc):
+            raise
+        raise type(exc)(
+            f"--detector {detector_dir}: is for {cfg.spatial_dims}D images of size "
+            f"{tuple(cfg.image_size)}, which the images of --train {src} cannot be ({exc}). Use "
+            "a detector trained on such images, or leave --detector out to train one."
+        ) from None
+
+
 def _warn_ignored_with_detector(
     detector_dir: Path | None, size: Any, opts: dict[str, Any], training: dict[str, Any]
 ) -> None:
@@ -495,7 +515,7 @@ def audit_cmd(
             _overrides(epochs=epochs, batch_size=batch_size, embed_dim=embed_dim, lr=lr)
             | settings,
         )
-    train = _load(train_src, data_opts, image_size=size, quiet=quiet)
+    train = _load_for_detector(train_src, data_opts, detector, detector_dir, quiet=quiet)
     val = _load(val_src, data_opts, image_size=size, like=train, option="--val", quiet=quiet)
     syn = _load(syn_src, data_opts, image_size=size, like=train, option="--synthetic", quiet=quiet)
     result = audit(

@@ -221,7 +221,7 @@ def load_dataset(
         raise InputError(
             f"no images found in {collected.searched}; found {describe_ignored(collected.ignored)}"
             f" (hidden files ignored). medmem reads {', '.join(SUPPORTED_SUFFIXES)} files and "
-            "DICOM series folders."
+            "DICOM series folders: give a folder, glob or manifest of such images."
         )
 
     items = resolve_patient_ids(items, patient_id_pattern)

@@ -281,8 +281,8 @@ def collect(
     if isinstance(src, str) and _GLOB_CHARS.search(text):
         return _collect_glob(text)
     raise InputError(
-        f"src {text!r} not found: expected a folder, a glob pattern (e.g. 'data/*.png'), a CSV "
-        "manifest or a list of paths."
+        f"{text}: not found. Check the path: give a folder, a glob pattern (e.g. "
+        "'data/*.png'), a CSV manifest or a list of paths."
     )
 
 
