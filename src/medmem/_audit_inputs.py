@@ -120,7 +120,7 @@ def check_pixel_duplicates(train: Any, val: Any, h_train: list[str], h_val: list
 
 
 def patient_overlap_status(train: Any, val: Any, n_shared: int) -> str:
-    """"shared" (patients in both sets), "none" (every image has a patient id and none is
+    """ "shared" (patients in both sets), "none" (every image has a patient id and none is
     shared) or "unknown" (some ids are missing, so an overlap cannot be excluded)."""
     if n_shared:
         return "shared"

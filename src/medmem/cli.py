@@ -512,8 +512,7 @@ def audit_cmd(
             detector_dir,
             size,
             data_opts,
-            _overrides(epochs=epochs, batch_size=batch_size, embed_dim=embed_dim, lr=lr)
-            | settings,
+            _overrides(epochs=epochs, batch_size=batch_size, embed_dim=embed_dim, lr=lr) | settings,
         )
     train = _load_for_detector(train_src, data_opts, detector, detector_dir, quiet=quiet)
     val = _load(val_src, data_opts, image_size=size, like=train, option="--val", quiet=quiet)

@@ -260,9 +260,7 @@ def _leftovers(root: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", list(CASES))
-def test_bad_input_is_named_with_its_fix_and_nothing_is_half_written(
-    base, tmp_path, kind
-) -> None:
+def test_bad_input_is_named_with_its_fix_and_nothing_is_half_written(base, tmp_path, kind) -> None:
     root = tmp_path / "root"
     shutil.copytree(base, root)
     args, needles = CASES[kind](root)
