@@ -44,13 +44,16 @@ def _log_warning(
     category: type[Warning],
     filename: str,
     lineno: int,
-    file: Any = None,
     line: str | None = None,
-) -> None:
-    """``warnings.showwarning`` of the CLI: one line through logging, flags as the CLI
-    spells them, no source file or code line."""
+) -> str:
+    """``warnings.formatwarning`` of the CLI: logs the warning as one line (flags as the
+    CLI spells them, no source file or code line) and leaves nothing else to print.
+
+    Installed as the formatter rather than ``showwarning`` so that code recording warnings
+    (``warnings.catch_warnings(record=True)``, ``pytest.warns``) still gets them."""
     text = " ".join(str(message).split())
     log.warning("medmem: warning: %s", cli_message(text))
+    return ""
 
 
 class _Group(click.Group):
@@ -135,7 +138,7 @@ def main(ctx: click.Context, quiet: bool, debug: bool) -> None:
         format="%(message)s",
         stream=sys.stderr,
     )
-    warnings.showwarning = _log_warning  # warnings as one logged line, not file:line + code
+    warnings.formatwarning = _log_warning  # one logged line, not file:line + code
 
 
 def _data_options(f: Any) -> Any:

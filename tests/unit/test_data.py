@@ -406,7 +406,7 @@ def test_empty_and_unusable_folders(tmp_path):
     (tmp_path / "txt" / "c.json").write_text("{}")
     with pytest.raises(InputError, match=r"found 3 unsupported file\(s\): 2 '\.txt', 1 '\.json'"):
         load_dataset(tmp_path / "txt")
-    with pytest.raises(InputError, match=r"src .*nothere.* not found"):
+    with pytest.raises(InputError, match=r"nothere: not found\. Check the path"):
         load_dataset(tmp_path / "nothere")
 
 

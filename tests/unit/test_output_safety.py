@@ -342,11 +342,14 @@ def test_cli_warnings_are_one_logged_line_with_cli_flags(tmp_path, caplog, monke
     (rec,) = [r for r in caplog.records if r.name == "medmem"]
     assert rec.getMessage() == "medmem: warning: skipped 2 files; pass --skip-unreadable"
     # the CLI routes Python warnings there
-    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after
     missing = str(tmp_path / "missing")
     r = _invoke(["screen", "--audit", missing, "--out", str(tmp_path / "o")])
     assert r.exit_code == 2
-    assert warnings.showwarning is _log_warning
+    assert warnings.formatwarning is _log_warning
+    # recording warnings (pytest.warns, catch_warnings(record=True)) still works
+    with pytest.warns(UserWarning, match="recorded"):
+        warnings.warn("recorded", UserWarning, stacklevel=1)
 
 
 def test_image_size_ignored_with_a_detector_is_said(sets, tmp_path, caplog) -> None:
