@@ -14,6 +14,7 @@ detector trains (issue 14).
 from __future__ import annotations
 
 import hashlib
+import weakref
 from typing import Any
 
 import numpy as np
@@ -68,18 +69,50 @@ def _where(ds: Any, i: int) -> str:
     return str(paths[i]) if paths is not None else repr(ds.ids[i])
 
 
+# datasets already probed (a study or a tracked training audits the same sets many
+# times): dataset -> (its fingerprint then, pixel hashes); weak, so datasets can be freed
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _identity(ds: Any) -> str | None:
+    fp = getattr(ds, "fingerprint", None)
+    return fp() if callable(fp) else None
+
+
+def _remember(ds: Any, pixel_hashes: list[str]) -> None:
+    key = _identity(ds)
+    if key is not None:
+        try:
+            _PROBED[ds] = (key, tuple(pixel_hashes))
+        except TypeError:  # not weakly referable: probed again next time
+            pass
+
+
 def probe_images(
     sets: dict[str, Any], *, hash_sets: tuple[str, ...] = (), quiet: bool = False
 ) -> dict[str, list[str]]:
     """Read and preprocess every image of ``sets`` (name -> dataset) once; raise on the
     first one that is unreadable, not finite, constant or of the wrong shape, naming its
-    file. Returns SHA-256 of the preprocessed pixels of the sets in ``hash_sets``."""
-    hashes: dict[str, list[str]] = {k: [] for k in hash_sets}
-    total = sum(len(ds) for ds in sets.values())
+    file. Returns SHA-256 of the preprocessed pixels of the sets in ``hash_sets``. A
+    dataset probed before, unchanged (same fingerprint), is not read again."""
+    hashes: dict[str, list[str]] = {}
+    todo = {}
+    for name, ds in sets.items():
+        try:
+            done = _PROBED.get(ds)
+        except TypeError:  # not weakly referable
+            done = None
+        if done is not None and done[0] == _identity(ds):
+            if name in hash_sets:
+                hashes[name] = list(done[1])
+        else:
+            todo[name] = ds
+    total = sum(len(ds) for ds in todo.values())
     bar = progress(None, desc="checking images", total=total, quiet=quiet, unit="img")
     try:
-        for name, ds in sets.items():
+        for name, ds in todo.items():
             want = (1, *(int(s) for s in ds.image_size))
+            pixel_hashes = []
             for i in range(len(ds)):
                 x = np.asarray(ds[i], dtype=np.float32)
                 where = _where(ds, i)
@@ -94,9 +127,11 @@ def probe_images(
                         f"{where} ({name} set): contains NaN or infinite values after "
                         "preprocessing. Fix or remove the file."
                     )
-                if name in hashes:
-                    hashes[name].append(hashlib.sha256(x.tobytes()).hexdigest())
+                pixel_hashes.append(hashlib.sha256(x.tobytes()).hexdigest())
                 bar.update(1)
+            _remember(ds, pixel_hashes)
+            if name in hash_sets:
+                hashes[name] = pixel_hashes
     finally:
         bar.close()
     return hashes

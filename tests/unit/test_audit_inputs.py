@@ -143,3 +143,19 @@ def test_patient_overlap_is_unknown_without_ids(pixel_detector) -> None:
     assert with_ids.summary["n_patients_shared_train_val"] == 0
     one = ArrayDataset(tr[:2], patient_ids=["A", "B"])
     assert patient_overlap_status(one, ArrayDataset(va[:2], patient_ids=["B", "C"]), 1) == "shared"
+
+
+def test_a_dataset_probed_before_is_not_read_again() -> None:
+    from medmem._audit_inputs import probe_images
+
+    class Counting(ArrayDataset):
+        reads = 0
+
+        def __getitem__(self, i):
+            Counting.reads += 1
+            return super().__getitem__(i)
+
+    ds = Counting(np.random.default_rng(0).random((5, 8, 8)))
+    first = probe_images({"training": ds}, hash_sets=("training",), quiet=True)
+    again = probe_images({"training": ds}, hash_sets=("training",), quiet=True)
+    assert Counting.reads == 5 and first == again and len(first["training"]) == 5
