@@ -380,7 +380,10 @@ def train_detector(
         ),
         **settings,
     )
-    det.save(out, overwrite=overwrite)
+    from medmem._io import atomic_dir
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:  # a kill -9 never leaves half a detector
+        det.save(tmp, overwrite=True)
     click.echo(f"detector saved to {out} (fingerprint {det.fingerprint[:12]})")
 
 
