@@ -38,13 +38,14 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from medmem import __version__
 from medmem._audit_inputs import check_inputs, patient_overlap_status
@@ -62,6 +63,7 @@ from medmem._validation import (
     check_seed_int,
 )
 from medmem.search import DEFAULT_BLOCK_SIZE, nearest, standardize
+from medmem.verify import SCORES, AlignConfig, AlignedScorer, stack_images
 
 SCHEMA_VERSION = 2
 TRAINING_COLUMNS = [
@@ -89,6 +91,8 @@ CALIBRATION_ASSUMPTION = "novel images exchangeable with the validation images, 
 _RANK_TOL = 1e-9
 # first top-K of validation neighbours per training row when calibrating tau_mem
 _MEM_TOP_K = 64
+#: nearest over named sets: (a, b, k) -> (scores (n_a, k) descending, rows of b)
+Near = Callable[[str, str, int], tuple[np.ndarray, np.ndarray]]
 # the bootstrap evaluates tau_mem on at most this many candidate thresholds
 _MEM_GRID = 512
 
@@ -112,6 +116,7 @@ def check_audit_args(
     n_controls: Any = 0,
     control_kinds: Sequence[str] | None = None,
     detector: Any = None,
+    score: Any = "aligned",
 ) -> dict[str, Any]:
     """Check the audit's settings before any image is read; return them normalised.
 
@@ -137,6 +142,7 @@ def check_audit_args(
         "n_controls": check_positive_int(n_controls, "n_controls", minimum=0),
         "control_kinds": None if control_kinds is None else list(control_kinds),
         "detector": check_detector(detector, "detector"),
+        "score": check_choice(score, "score", SCORES),
     }
 
 
@@ -324,11 +330,11 @@ class _MemCalibration:
 
 
 def _calibrate_memorized(
-    e_tr: np.ndarray,
-    e_va: np.ndarray,
+    near: Near,
+    n_train: int,
+    n: int,
     m: int,
     percentile: float,
-    block_size: int,
     floor_rate: float | None = None,
 ) -> _MemCalibration:
     """tau_mem: the smallest observed train-validation correlation t with rate(t) <= alpha.
@@ -345,10 +351,9 @@ def _calibrate_memorized(
     value): exact, without the n_train x n_val matrix.
     """
     alpha = _alpha(percentile)
-    n_train, n = len(e_tr), len(e_va)
     k = min(n, _MEM_TOP_K)
     while True:
-        top, _ = nearest(e_tr, e_va, k=k, block_size=block_size, standardized=True)
+        top, _ = near("train", "val", k)
         thresholds, rates = _mem_rates(top, n, m)
         i = _smallest_at_most(thresholds, rates, alpha)
         if i is None:
@@ -683,6 +688,23 @@ def make_controls(
     when ids are known) as the partner. Returns (embeddings, source rows, info).
     """
     from medmem.data import ArrayDataset
+
+    images, sources, info = control_images(
+        train, detector, n_controls=n_controls, kinds=kinds, seed=seed
+    )
+    emb = detector.embed(ArrayDataset(images), batch_size=batch_size, quiet=quiet)
+    return emb, sources, info
+
+
+def control_images(
+    train: Any,
+    detector: Any,
+    *,
+    n_controls: int = 100,
+    kinds: Sequence[str] | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The images of :func:`make_controls` (not embedded): (images, source rows, info)."""
     from medmem.detector import (
         CONTROL_VARIATION_KINDS,
         VARIATION_KINDS,
@@ -723,7 +745,6 @@ def make_controls(
             partner = train[int(rng.choice(others))]
         images.append(apply_variation(img, params, partner=partner).numpy())
         used.append(kind)
-    emb = detector.embed(ArrayDataset(np.stack(images)), batch_size=batch_size, quiet=quiet)
     info = {
         "kinds": kinds,
         "held_out_kinds": [k for k in kinds if k not in trained],
@@ -731,7 +752,7 @@ def make_controls(
         "seed": seed,
         "control_kinds": used,
     }
-    return emb, np.asarray(sources), info
+    return np.stack(images), np.asarray(sources), info
 
 
 @dataclass
@@ -1021,6 +1042,53 @@ def _calibration_info(
     return info
 
 
+class _AlignedSearch:
+    """``nearest`` over aligned scores (:mod:`medmem.verify`) for the audit's sets.
+
+    Candidates of each row come from the embeddings (and the pixels); each candidate pair
+    is scored by the aligned NCC with the non-training image as the query, so a pair has
+    one score whichever direction it is searched in. Sets: train, val, synthetic, controls.
+    """
+
+    def __init__(
+        self, scorer: AlignedScorer, small: dict[str, Any], emb: dict[str, np.ndarray]
+    ) -> None:
+        self.scorer, self.small, self.emb = scorer, small, emb
+        self.n_pairs = 0
+
+    def __call__(self, a: str, b: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if (a == "train") == (b == "train"):
+            raise ValueError("one side of an aligned search must be the training set")
+        cfg = self.scorer.config
+        ea, eb = self.emb[a], self.emb[b]
+        n_a, n_b = len(ea), len(eb)
+        k = min(k, n_b)
+        cols = [nearest(ea, eb, k=min(n_b, max(k, cfg.n_candidates)))[1]]
+        if cfg.n_pixel_candidates > 0:
+            pa = self.small[a].flatten(1).numpy()
+            pb = self.small[b].flatten(1).numpy()
+            cols.append(nearest(pa, pb, k=min(n_b, cfg.n_pixel_candidates))[1])
+        cand = np.concatenate(cols, axis=1)
+        rows = np.repeat(np.arange(n_a), cand.shape[1])
+        _, first = np.unique(rows * n_b + cand.ravel(), return_index=True)
+        rows, cand = rows[first], cand.ravel()[first]
+        if a == "train":
+            sc = self.scorer.score_pairs(self.small[b], cand, rows)
+        else:
+            sc = self.scorer.score_pairs(self.small[a], rows, cand)
+        self.n_pairs += len(sc)
+        order = np.lexsort((cand, -sc, rows))  # by row; score descending; lower index first
+        rows, cand, sc = rows[order], cand[order], sc[order]
+        starts = np.searchsorted(rows, np.arange(n_a))
+        rank = np.arange(len(rows)) - starts[rows]
+        keep = rank < k
+        top = np.full((n_a, k), -np.inf)
+        idx = np.zeros((n_a, k), dtype=np.int64)
+        top[rows[keep], rank[keep]] = sc[keep]
+        idx[rows[keep], rank[keep]] = cand[keep]
+        return top, idx
+
+
 def audit_embeddings(
     train: np.ndarray,
     val: np.ndarray,
@@ -1039,6 +1107,7 @@ def audit_embeddings(
     controls: np.ndarray | None = None,
     control_sources: Sequence[int] | None = None,
     controls_info: dict[str, Any] | None = None,
+    search: Near | None = None,
 ) -> AuditResult:
     """Algorithm 1 on embeddings: calibrate tau and tau_mem, verdicts for both directions.
 
@@ -1062,6 +1131,11 @@ def audit_embeddings(
             N_copies and every output table; their catch rate at tau is reported.
         control_sources: training row each control was made from.
         controls_info: extra fields for ``summary["controls"]`` (how they were made).
+        search: the pair scores: a function ``(a, b, k) -> (scores, rows)`` giving, for
+            each row of set ``a``, its k best rows of set ``b`` (sets ``train``, ``val``,
+            ``synthetic``, ``controls``), scores descending; :func:`audit` passes the
+            aligned scores of :mod:`medmem.verify`. None: correlations of the embeddings
+            (the paper's score).
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -1095,12 +1169,18 @@ def audit_embeddings(
     if train_patient_ids is None:
         train_patient_ids = [None] * len(e_tr)
 
-    rho_val, idx_val = nearest(e_tr, e_va, k=1, block_size=block_size, standardized=True)
-    rho_syn, idx_syn = nearest(e_tr, e_sy, k=1, block_size=block_size, standardized=True)
-    rho_copy, idx_copy = nearest(e_sy, e_tr, k=1, block_size=block_size, standardized=True)
+    sets = {"train": e_tr, "val": e_va, "synthetic": e_sy}
+
+    def near_embedding(a: str, b: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return nearest(sets[a], sets[b], k=k, block_size=block_size, standardized=True)
+
+    near: Near = search if search is not None else near_embedding
+    rho_val, idx_val = near("train", "val", 1)
+    rho_syn, idx_syn = near("train", "synthetic", 1)
+    rho_copy, idx_copy = near("synthetic", "train", 1)
     # the chance rate: validation images are novel, scored against training as if synthetic;
     # the same scores calibrate tau (conformal)
-    rho_chance, _ = nearest(e_va, e_tr, k=1, block_size=block_size, standardized=True)
+    rho_chance, _ = near("val", "train", 1)
     # float64 throughout, so that flags agree with the values written to the CSV files
     rho_val, rho_syn = rho_val[:, 0].astype(np.float64), rho_syn[:, 0].astype(np.float64)
     rho_copy, rho_chance = rho_copy[:, 0].astype(np.float64), rho_chance[:, 0].astype(np.float64)
@@ -1122,11 +1202,11 @@ def audit_embeddings(
         tau_mem = tau_paper
     else:
         mem = _calibrate_memorized(
-            e_tr,
-            e_va,
+            near,
+            n_train,
+            n_val,
             n_syn,
             percentile,
-            block_size,
             floor_rate=min(1.0, 4 * alpha) if n_bootstrap > 0 else None,
         )
         tau_mem = mem.tau_mem
@@ -1204,7 +1284,8 @@ def audit_embeddings(
         e_ctrl = _standardize_named(
             controls, "control embeddings", [f"control{i}" for i in range(len(controls))]
         )
-        rho_ctrl, idx_ctrl = nearest(e_ctrl, e_tr, k=1, block_size=block_size, standardized=True)
+        sets["controls"] = e_ctrl
+        rho_ctrl, idx_ctrl = near("controls", "train", 1)
         summary["controls"] = _controls_summary(
             rho_ctrl[:, 0].astype(np.float64),
             idx_ctrl[:, 0],
@@ -1306,6 +1387,8 @@ def audit(
     control_kinds: Sequence[str] | None = None,
     quiet: bool = False,
     checkpoint_dir: str | Path | None = None,
+    score: str = "aligned",
+    align: AlignConfig | None = None,
 ) -> AuditResult:
     """Audit a synthetic set against the training set it may have copied.
 
@@ -1335,6 +1418,12 @@ def audit(
         checkpoint_dir: when the detector is trained here, its checkpoints are kept under
             this folder (one subfolder per training set and settings), so a rerun after a
             kill resumes training; ``medmem audit`` keeps them beside ``--out``.
+        score: ``"aligned"`` (default): the detector's embeddings pick each image's
+            candidate training images and every candidate pair is scored by its aligned
+            normalized cross-correlation (:mod:`medmem.verify`; catches shifted, zoomed and
+            partly replaced copies the embedding scores low); ``"embedding"``: the
+            correlation of the embeddings, as the paper.
+        align: settings of the aligned score (:class:`medmem.verify.AlignConfig`).
 
     Example:
         >>> import medmem
@@ -1353,10 +1442,13 @@ def audit(
         n_controls=n_controls,
         control_kinds=control_kinds,
         detector=detector,
+        score=score,
     )
     percentile, calibration = args["percentile"], args["calibration"]
     n_bootstrap, confidence, seed = args["n_bootstrap"], args["confidence"], args["seed"]
     n_controls, control_kinds = args["n_controls"], args["control_kinds"]
+    if score == "aligned":
+        align = (align or AlignConfig()).resolved(int(train.spatial_dims))
     _check_datasets(train, val, synthetic)
     n_overlap = check_patient_overlap(train, val, allow=allow_patient_overlap)
     _check_sizes(len(train), len(val), percentile, calibration, n_synthetic=len(synthetic))
@@ -1386,19 +1478,33 @@ def audit(
     e_va = detector.embed(val, **kw)
     e_sy = detector.embed(synthetic, **kw)
     timings["embedding"] = round(time.perf_counter() - t, 3)
-    e_ctrl, ctrl_src, ctrl_info = None, None, None
+    e_ctrl, ctrl_src, ctrl_info, ctrl_img = None, None, None, None
     if n_controls > 0:
+        from medmem.data import ArrayDataset
+
         t = time.perf_counter()
-        e_ctrl, ctrl_src, ctrl_info = make_controls(
-            train,
-            detector,
-            n_controls=n_controls,
-            kinds=control_kinds,
-            seed=seed,
-            batch_size=batch_size,
-            quiet=quiet,
+        ctrl_img, ctrl_src, ctrl_info = control_images(
+            train, detector, n_controls=n_controls, kinds=control_kinds, seed=seed
         )
+        e_ctrl = detector.embed(ArrayDataset(ctrl_img), batch_size=batch_size, quiet=quiet)
         timings["controls"] = round(time.perf_counter() - t, 3)
+    search = None
+    if score == "aligned":
+        t = time.perf_counter()
+        assert align is not None
+        size = int(align.size or 32)
+        scorer = AlignedScorer(stack_images(train, 2 * size), align)
+        small = {
+            "train": scorer.small(stack_images(train, size)),
+            "val": stack_images(val, size),
+            "synthetic": stack_images(synthetic, size),
+        }
+        emb = {"train": e_tr, "val": e_va, "synthetic": e_sy}
+        if ctrl_img is not None and e_ctrl is not None:
+            small["controls"] = scorer.small(torch.from_numpy(ctrl_img))
+            emb["controls"] = e_ctrl
+        search = _AlignedSearch(scorer, small, emb)
+        timings["verification_setup"] = round(time.perf_counter() - t, 3)
     result = audit_embeddings(
         e_tr,
         e_va,
@@ -1415,8 +1521,10 @@ def audit(
         controls=e_ctrl,
         control_sources=ctrl_src,
         controls_info=ctrl_info,
+        search=search,
     )
     s = result.summary
+    s["score"] = _score_summary(score, align, search)
     timings.update(s.pop("timings_s"))
     timings["total"] = round(time.perf_counter() - t0, 3)
     s["spatial_dims"] = int(train.spatial_dims)
@@ -1453,6 +1561,32 @@ def audit(
     if trained_here:
         result.detector = detector
     return result
+
+
+def _score_summary(
+    score: str, align: AlignConfig | None, search: _AlignedSearch | None
+) -> dict[str, Any]:
+    """What the correlations in the tables are (summary.json["score"])."""
+    if score == "embedding" or align is None:
+        return {
+            "method": "embedding",
+            "description": "Pearson correlation of the detector's embeddings (the paper's)",
+        }
+    return {
+        "method": "aligned",
+        "description": "normalized cross-correlation after the best alignment (flips, "
+        "rotations, zooms, shifts) of the training image, per tile, the worst tile left out; "
+        "candidate pairs from the detector's embeddings and the pixels",
+        "size": align.size,
+        "max_shift": align.max_shift,
+        "rotations": list(align.rotations or ()),
+        "scales": list(align.scales or ()),
+        "flips": align.flips,
+        "n_candidates": align.n_candidates,
+        "n_pixel_candidates": align.n_pixel_candidates,
+        "n_views": search.scorer.n_views if search is not None else None,
+        "n_pairs_scored": search.n_pairs if search is not None else None,
+    }
 
 
 def _detector_summary(detector: Any, trained_here: bool) -> dict[str, Any]:
@@ -1629,6 +1763,7 @@ __all__ = [
     "low_sensitivity_warning",
     "SENSITIVITY_FLOOR",
     "make_controls",
+    "control_images",
     "calibrate",
     "min_calibration_size",
 ]

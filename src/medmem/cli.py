@@ -426,6 +426,17 @@ def train_detector(
     "when --val is smaller than --train). The paper's tau and counts are always reported.",
 )
 @click.option(
+    "--score",
+    type=click.Choice(["aligned", "embedding"]),
+    default="aligned",
+    show_default=True,
+    help="How a synthetic (or validation) image is scored against a training image. aligned: "
+    "the detector's embeddings pick the candidate training images, then each pair is "
+    "scored by its normalized cross-correlation after the best alignment (flips, rotations, "
+    "zooms, shifts), tile by tile; catches shifted, zoomed and partly replaced copies. "
+    "embedding: the correlation of the detector's embeddings alone, as the paper.",
+)
+@click.option(
     "--allow-patient-overlap",
     is_flag=True,
     help="Allow patients in both --train and --val (normally an error).",
@@ -465,6 +476,7 @@ def audit_cmd(
     detector_dir: Path | None,
     percentile: float,
     calibration: str,
+    score: str,
     allow_patient_overlap: bool,
     n_bootstrap: int,
     cache_dir: Path | None,
@@ -501,6 +513,7 @@ def audit_cmd(
         n_bootstrap=n_bootstrap,
         seed=seed,
         n_controls=0 if no_controls else n_controls,
+        score=score,
     )
     _claim(
         ctx,
@@ -541,6 +554,7 @@ def audit_cmd(
         )
         | settings,
         checkpoint_dir=None if detector is not None else resume_root(out),
+        score=score,
     )
     result.save(out, overwrite=overwrite)
     remove_resume(out)

@@ -477,6 +477,7 @@ def _run_cell(
         detector=detector,
         percentile=study.percentile,
         calibration="paper",  # the study reproduces the paper: its tau, for both directions
+        score="embedding",  # and its score: the embedding correlation
         n_bootstrap=200,
         n_controls=0,
         cache_dir=out / "embedding-cache",

@@ -47,8 +47,16 @@ def audited(tmp_path_factory, pixel_detector) -> Path:
     train = load_dataset(train_manifest, image_size=(32, 32), quiet=True)
     val = load_dataset(root / "val", image_size=(32, 32), quiet=True)
     synthetic = load_dataset(str(syn), image_size=(32, 32), quiet=True)
+    # the embedding score: with pixel "embeddings" of these look-alike phantoms it catches
+    # the controls above the sensitivity floor (this module tests screening, not scores)
     result = medmem.audit(
-        train, val, synthetic, detector=pixel_detector, n_bootstrap=50, quiet=True
+        train,
+        val,
+        synthetic,
+        detector=pixel_detector,
+        n_bootstrap=50,
+        quiet=True,
+        score="embedding",
     )
     result.save(root / "audit")
     return root

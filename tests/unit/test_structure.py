@@ -1,10 +1,10 @@
 """Data flows one way through the package: a module imports only from stages to its left.
 
-data <- detector <- search <- audit <- report, screen, label; metrics and generative may use
-the stages before the audit; demo, study and text2image anything but the CLI; the CLI is a
-thin layer over the public API. Private helpers (``medmem._*``) are usable by all and import
-no stage. A stage whose name is also a public function lives in a private module
-(``medmem/_audit.py`` holds the ``audit`` stage; ``medmem.audit`` is the function).
+data <- detector <- search <- verify <- audit <- report, screen, label; metrics and
+generative may use the stages before the audit; demo, study and text2image anything but
+the CLI; the CLI is a thin layer over the public API. Private helpers (``medmem._*``) are
+usable by all and import no stage. A stage whose name is also a public function lives in
+a private module (``medmem/_audit.py`` holds the ``audit`` stage; ``medmem.audit`` is the function).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ STAGES = [
     "data",
     "detector",
     "search",
+    "verify",
     "audit",
     "metrics",
     "report",
@@ -34,12 +35,13 @@ ALLOWED: dict[str, set[str]] = {
     "data": set(),
     "detector": {"data"},
     "search": set(),
-    "audit": {"data", "detector", "search"},
-    "metrics": {"data", "detector", "search"},
-    "report": {"data", "detector", "search", "audit", "metrics"},
-    "screen": {"data", "detector", "search", "audit"},
-    "label": {"data", "detector", "search", "audit"},
-    "generative": {"data", "detector", "search", "audit", "metrics"},
+    "verify": {"search"},
+    "audit": {"data", "detector", "search", "verify"},
+    "metrics": {"data", "detector", "search", "verify"},
+    "report": {"data", "detector", "search", "verify", "audit", "metrics"},
+    "screen": {"data", "detector", "search", "verify", "audit"},
+    "label": {"data", "detector", "search", "verify", "audit"},
+    "generative": {"data", "detector", "search", "verify", "audit", "metrics"},
     "demo": set(STAGES) - {"demo", "cli"},
     "study": set(STAGES) - {"study", "cli"},
     "text2image": set(STAGES) - {"text2image", "cli"},

@@ -115,6 +115,7 @@ class Tracker:
             detector=self.detector,
             percentile=tc.percentile,
             calibration="paper",  # tracking reproduces the paper's analysis (Fig. 4)
+            score="embedding",  # and its score: the embedding correlation
             n_bootstrap=0,
             n_controls=0,
             cache_dir=self.run_dir / "embedding-cache",

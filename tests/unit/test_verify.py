@@ -1,0 +1,126 @@
+"""Aligned verification (medmem.verify): changed copies score above unrelated images, in 2D
+and 3D; the audit's aligned search is one score per pair, ranked like ``nearest``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import medmem
+from medmem import InputError
+from medmem._audit import _AlignedSearch
+from medmem.data import ArrayDataset
+from medmem.verify import AlignConfig, AlignedScorer, alignment_matrices
+
+
+def smooth(n: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Smooth random images in [0, 1] with structure at several scales."""
+    g = torch.Generator().manual_seed(seed)
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    out = torch.zeros(n, 1, *shape)
+    for f in (4, 8):
+        x = torch.rand(n, 1, *[max(2, s // f) for s in shape], generator=g)
+        out += F.interpolate(x, size=shape, mode=mode, align_corners=False)
+    return (out - out.amin()) / (out.amax() - out.amin())
+
+
+def zero_shift(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Shift by s pixels along every spatial axis, the uncovered border zero."""
+    out = torch.zeros_like(x)
+    src = (slice(None), slice(None), *[slice(0, n - s) for n in x.shape[2:]])
+    dst = (slice(None), slice(None), *[slice(s, n) for n in x.shape[2:]])
+    out[dst] = x[src]
+    return out
+
+
+def test_views_cover_flips_rotations_and_zooms() -> None:
+    t2 = alignment_matrices(2, AlignConfig())
+    assert t2.shape == (2 * 5 * 3, 2, 3)  # flips x rotations x scales
+    assert any(torch.allclose(m, torch.tensor([[1.0, 0, 0], [0, 1, 0]])) for m in t2)
+    t3 = alignment_matrices(3, AlignConfig())
+    assert t3.shape == (4 * 7 * 2, 3, 4)  # (none + 3 axis flips) x (0 + 2 per axis) x 2
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_changed_copies_outscore_unrelated_images(dims: int) -> None:
+    shape = (64, 64) if dims == 2 else (32, 32, 32)
+    train = smooth(8, shape, seed=1)
+    other = smooth(8, shape, seed=2)
+    scorer = AlignedScorer(train)
+    idx = list(range(4))
+    n = shape[0]
+    changes = {
+        "exact": train[:4],
+        "flip": torch.flip(train[:4], dims=[-1]),
+        "shift": zero_shift(train[:4], n // 12),
+        "zoom": F.interpolate(
+            train[:4, :, *[slice(n // 10, n - n // 10)] * dims],
+            size=shape,
+            mode="bilinear" if dims == 2 else "trilinear",
+            align_corners=False,
+        ),
+        "contrast": train[:4] ** 1.5,
+    }
+    if dims == 2:
+        patched = train[:4].clone()
+        patched[..., 5:20, 40:58] = other[:4, :, 5:20, 40:58]
+        changes["patch"] = patched
+    unrelated = scorer.score_pairs(other[:4], idx, idx)
+    assert unrelated.max() < 0.95
+    for name, q in changes.items():
+        s = scorer.score_pairs(q, idx, idx)
+        assert s.min() > unrelated.max(), (name, s, unrelated)
+    np.testing.assert_allclose(scorer.score_pairs(train[:4], idx, idx), 1.0, atol=1e-5)
+
+
+def test_bad_settings_name_the_parameter() -> None:
+    with pytest.raises(InputError, match="align.max_shift"):
+        AlignConfig(max_shift=0.9).resolved(2)
+    with pytest.raises(InputError, match="align.size"):
+        AlignConfig(size=2).resolved(2)
+    with pytest.raises(InputError, match="tensor"):
+        AlignedScorer(np.zeros((3, 1, 8, 8)))  # type: ignore[arg-type]
+
+
+def test_aligned_search_is_one_score_per_pair_ranked_like_nearest() -> None:
+    train = smooth(10, (32, 32), seed=3)
+    syn = torch.cat([torch.flip(train[:3], dims=[-1]), smooth(4, (32, 32), seed=4)])
+    rng = np.random.default_rng(0)
+    emb = {"train": rng.normal(size=(10, 6)), "synthetic": rng.normal(size=(7, 6))}
+    scorer = AlignedScorer(train, AlignConfig(n_candidates=10))
+    search = _AlignedSearch(
+        scorer, {"train": scorer.small(train), "synthetic": scorer.small(syn)}, emb
+    )
+    top, idx = search("synthetic", "train", 3)
+    assert top.shape == idx.shape == (7, 3)
+    assert (np.diff(top, axis=1) <= 0).all()
+    np.testing.assert_array_equal(idx[:3, 0], [0, 1, 2])  # every training image a candidate
+    back, back_idx = search("train", "synthetic", 1)
+    # the same pair has the same score whichever direction it is searched in
+    for t in range(3):
+        assert back_idx[t, 0] == t
+        assert back[t, 0] == pytest.approx(top[t, 0])
+
+
+def test_audit_reports_the_score_and_catches_shifted_copies(pixel_detector) -> None:
+    """Zero-padded shifted copies: the pixel 'detector' scores them like novel images, the
+    aligned score calls them copies; summary.json says which score was used."""
+    train = smooth(30, (32, 32), seed=5)
+    val = smooth(30, (32, 32), seed=6)
+    novel = smooth(10, (32, 32), seed=7)
+    syn = torch.cat([zero_shift(train[:5], 3), novel])
+    sets = [ArrayDataset(x[:, 0].numpy()) for x in (train, val, syn)]
+    kw = {"detector": pixel_detector, "n_bootstrap": 0, "n_controls": 0, "quiet": True}
+    aligned = medmem.audit(*sets, **kw)
+    plain = medmem.audit(*sets, score="embedding", **kw)
+    assert aligned.summary["score"]["method"] == "aligned"
+    assert aligned.summary["score"]["n_pairs_scored"] > 0
+    assert plain.summary["score"]["method"] == "embedding"
+    flagged = aligned.synthetic["copy"].to_numpy()
+    assert flagged[:5].all()
+    assert plain.synthetic["copy"].to_numpy()[:5].sum() < 5
+    assert aligned.training["memorized"].to_numpy()[:5].all()
+    with pytest.raises(InputError, match="score"):
+        medmem.audit(*sets, score="pixels", **kw)
