@@ -1151,6 +1151,11 @@ def prompts_mitigate_cmd(
             "skip_unreadable": False,
         }
         size = tuple(detector.config.image_size)
+        captions = _captions(str(train_src))
+        if captions is not None:  # text-image pairs repeat images: each image once
+            out.mkdir(parents=True, exist_ok=True)
+            train_src = str(out / "train-images.csv")
+            captions.drop_duplicates("path").to_csv(train_src, index=False)
         train = _load(str(train_src), opts, image_size=size, quiet=quiet)
         val = _load(str(val_src), opts, like=train, option="--val", quiet=quiet)
         frame = audit_mitigations(
@@ -1160,7 +1165,7 @@ def prompts_mitigate_cmd(
             val,
             detector,
             out,
-            captions=_captions(str(train_src)),
+            captions=captions,
             **common,
         )
         shown = ["mitigation", "d_first", *[c for c in frame.columns if c.startswith("copies_")]]
@@ -1168,7 +1173,8 @@ def prompts_mitigate_cmd(
 
 
 def _captions(src: str) -> Any:
-    """A training CSV's captions (``path``, ``text``, optional ``finding``), else None."""
+    """A text-image pairs CSV's captions (``path`` made absolute, ``text``, optional
+    ``finding`` and ``patient_id``), else None."""
     import pandas as pd
 
     csv = Path(src)
@@ -1178,7 +1184,7 @@ def _captions(src: str) -> Any:
     if not {"path", "text"} <= set(frame.columns):
         return None
     frame["path"] = [str((csv.parent / p).resolve()) for p in frame["path"]]
-    return frame[[c for c in ("path", "text", "finding") if c in frame.columns]]
+    return frame[[c for c in ("path", "text", "finding", "patient_id") if c in frame.columns]]
 
 
 if __name__ == "__main__":  # pragma: no cover
