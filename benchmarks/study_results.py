@@ -1,6 +1,6 @@
 """Publish finished `medmem study` folders into docs/: figures, tables and a JSON record.
 
-    python benchmarks/study_results.py runs/study-nih-cxr runs/study-phantoms-3d
+    python -m benchmarks.study_results runs/study-nih-cxr runs/study-phantoms-3d
 
 For each study folder: copies ``figures/*.png`` to ``docs/figures/study-<name>-*.png``,
 writes ``docs/results/study-<name>.md`` (the results table and run times, as measured)
@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
-
-from medmem.study import markdown_table  # noqa: E402
+from benchmarks._common import machine
+from medmem.study import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -49,7 +46,7 @@ def publish(folder: Path) -> dict:
     md = [
         f"# Study `{name}`: results table (generated)",
         "",
-        f"Written by `python benchmarks/study_results.py {folder}` from `{folder}/results.csv`",
+        f"Written by `python -m benchmarks.study_results {folder}` from `{folder}/results.csv`",
         f"(the output of `medmem study`). Machine: {machine()}, shared with other jobs.",
         f"The numbers are in [study-{name}.json](study-{name}.json).",
         "",

@@ -665,4 +665,39 @@ def write_report(
     return path
 
 
-__all__ = ["VERDICT_IDS", "render_report", "write_report"]
+def screenshot(
+    page: str | Path,
+    png: str | Path,
+    *,
+    window_size: tuple[int, int] = (1280, 1900),
+    timeout: float = 120.0,
+) -> Path:
+    """A PNG screenshot of an HTML page (e.g. an audit's report.html) in headless Chromium.
+
+    Example:
+        >>> screenshot("audit/report.html", "docs/images/report.png")  # doctest: +SKIP
+    """
+    import subprocess
+
+    from medmem._browser import chromium_available, headless_command
+    from medmem._errors import InputError
+
+    page, png = Path(page).resolve(), Path(png).resolve()
+    if not page.is_file():
+        raise InputError(f"{page}: no such HTML page.")
+    if not chromium_available():
+        raise InputError("screenshot needs Chromium (apt-get install chromium).")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = headless_command(
+            profile,
+            "--hide-scrollbars",
+            f"--window-size={window_size[0]},{window_size[1]}",
+            f"--screenshot={png}",
+            page.as_uri(),
+        )
+        subprocess.run(cmd, check=True, capture_output=True, timeout=timeout)
+    return png
+
+
+__all__ = ["VERDICT_IDS", "render_report", "screenshot", "write_report"]
