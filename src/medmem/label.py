@@ -194,15 +194,6 @@ def sample_pairs(
 # --------------------------------------------------------------------------- the page
 
 
-def _png_base64(view: np.ndarray) -> str:
-    from PIL import Image
-
-    arr = np.clip(np.nan_to_num(np.asarray(view, dtype=np.float32)), 0.0, 1.0)
-    buf = io.BytesIO()
-    Image.fromarray(np.round(arr * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _script_json(obj: Any) -> str:
     """JSON that is safe inside a <script> element: no '<', '>', '&' or line separators."""
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -221,7 +212,7 @@ def _load_images(
     src: Any, summary: dict[str, Any], which: str, option: str, wanted: list[str], quiet: bool
 ) -> dict[str, list[str]]:
     """The views (base64 PNG) of the images ``wanted`` from source ``src``."""
-    from medmem._plots import central_slices
+    from medmem._plots import central_slices, png_base64
     from medmem.data import load_dataset
 
     if src is None:
@@ -251,7 +242,7 @@ def _load_images(
     for image_id in dict.fromkeys(wanted):
         image = ds[index[image_id]]
         image = image.numpy() if hasattr(image, "numpy") else np.asarray(image)
-        out[image_id] = [_png_base64(v) for v in central_slices(image)]
+        out[image_id] = [png_base64(v) for v in central_slices(image)]
     return out
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import tempfile
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ import numpy as np
 from medmem import __version__
 from medmem._audit import calibration_sentence, low_sensitivity_warning
 from medmem._io import atomic_write_text
-from medmem._plots import central_slices, plot_histogram
+from medmem._plots import central_slices, plot_histogram, png_base64
 
 # Element ids of the verdict numbers (and the summary keys they show). Documented for tools
 # and tests that read the page back.
@@ -160,17 +159,6 @@ def _count_ci(count_key: str, pct_key: str, ci: dict[str, Any]) -> str:
             f"{_num(pct_key + '_ci_high', pcts[1], '.1f')}%)"
         )
     return out
-
-
-def _png_b64(image: np.ndarray) -> str:
-    """A 2D array in [0, 1] as a base64 grayscale PNG."""
-    from PIL import Image
-
-    arr = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
-    u8 = np.round(np.clip(arr, 0.0, 1.0) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(u8).save(buf, format="PNG", optimize=True)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _img(b64: str, alt: str, cls: str = "") -> str:
@@ -468,9 +456,11 @@ def _gallery(result: Any, n: int) -> str:
     for rank, p in enumerate(pairs, 1):
         flag = "copy" if p.corr >= tau else "novel"
         syn = "".join(
-            _img(_png_b64(v), f"synthetic {p.synthetic_id}") for v in central_slices(p.synthetic)
+            _img(png_base64(v), f"synthetic {p.synthetic_id}") for v in central_slices(p.synthetic)
         )
-        tra = "".join(_img(_png_b64(v), f"training {p.train_id}") for v in central_slices(p.train))
+        tra = "".join(
+            _img(png_base64(v), f"training {p.train_id}") for v in central_slices(p.train)
+        )
         rows.append(
             f'<tr class="pair" data-copy="{flag == "copy"}"><td>{rank}</td><td>{syn}<br>'
             f'<span class="id">{_e(p.synthetic_id)}</span></td><td>{tra}<br>'

@@ -48,6 +48,7 @@ from medmem.generative._networks import (
 from medmem.generative._pipeline import (
     GenerativeModel,
     autocast,
+    diffusion_loss,
     make_scheduler,
     resolve_device,
 )
@@ -269,12 +270,9 @@ class _DiffusionStage(_Stage):
         with run.autocast():
             noisy = self.scheduler.add_noise(original_samples=z, noise=noise, timesteps=t)
             pred = self.unet(noisy, timesteps=t)
-            target = (
-                noise
-                if self.cfg.diffusion.prediction_type == "epsilon"
-                else (self.scheduler.get_velocity(z, noise, t))
+            loss = diffusion_loss(
+                self.scheduler, self.cfg.diffusion.prediction_type, z, noise, t, pred
             )
-            loss = F.mse_loss(pred.float(), target.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -299,12 +297,8 @@ class _DiffusionStage(_Stage):
             )
             with run.autocast():
                 pred = unet(self.scheduler.add_noise(z, noise, t), timesteps=t)
-            target = (
-                noise
-                if self.cfg.diffusion.prediction_type == "epsilon"
-                else (self.scheduler.get_velocity(z, noise, t))
-            )
-            total += F.mse_loss(pred.float(), target, reduction="sum").item()
+            kind = self.cfg.diffusion.prediction_type
+            total += diffusion_loss(self.scheduler, kind, z, noise, t, pred, reduction="sum").item()
             count += z.numel()
         return total / count
 

@@ -25,6 +25,7 @@ from medmem._io import atomic_save, atomic_write_json
 from medmem._progress import progress
 from medmem._seeds import batch_indices, derive_seed
 from medmem.data import load_dataset
+from medmem.generative._pipeline import diffusion_loss
 from medmem.text2image._config import Text2ImageConfig
 from medmem.text2image._encoder import MARKER_RE, TextEncoder
 from medmem.text2image._model import TextToImageModel
@@ -248,12 +249,8 @@ def train_t2i(
         t = torch.randint(0, scheduler.num_train_timesteps, (len(idx),), generator=gen)
         noisy = scheduler.add_noise(original_samples=z, noise=noise, timesteps=t)
         pred = unet(noisy, timesteps=t, context=ctx)
-        target = (
-            noise
-            if config.diffusion.prediction_type == "epsilon"
-            else (scheduler.get_velocity(z, noise, t))
-        )
-        per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
+        kind = config.diffusion.prediction_type
+        per_sample = diffusion_loss(scheduler, kind, z, noise, t, pred, reduction="sample")
         if dropper is not None:
             with torch.no_grad():
                 empty = model.empty.states.expand(len(idx), -1, -1)
