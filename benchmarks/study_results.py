@@ -19,14 +19,14 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks._common import machine
-from medmem.study import markdown_table
+from medmem.study import OLD_COLUMN_NAMES, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 SHOW = [
     "model", "model_type", "n_train", "iterations", "augment", "tau", "n_mem", "pct_mem",
-    "n_copies", "pct_copies", "expected_copies", "patients_memorized", "fid", "fid_train_val",
+    "n_copies", "pct_copies", "expected_copies", "n_patients_mem", "fid", "fid_train_val",
     "ms_ssim",
     "ms_ssim_real", "precision", "recall", "train_seconds",
 ]  # fmt: skip
@@ -35,7 +35,7 @@ SHOW = [
 def publish(folder: Path) -> dict:
     study = json.loads((folder / "study.json").read_text())
     name = study["name"]
-    table = pd.read_csv(folder / "results.csv")
+    table = pd.read_csv(folder / "results.csv").rename(columns=OLD_COLUMN_NAMES)
     figures = []
     for png in sorted((folder / "figures").glob("*.png")):
         dest = DOCS / "figures" / f"study-{name}-{png.name}"

@@ -79,6 +79,11 @@ logger = logging.getLogger(__name__)
 
 FACTORS = ("model", "n_train", "iterations", "augment", "seed")
 DESIGNS = ("one_at_a_time", "factorial")
+# study table columns renamed to the audit's names (summary.json patients.*)
+OLD_COLUMN_NAMES = {
+    "patients_memorized": "n_patients_mem",
+    "pct_patients_memorized": "pct_patients_mem",
+}
 COLUMNS = (
     "cell",
     "model",
@@ -96,8 +101,8 @@ COLUMNS = (
     "pct_copies",
     "expected_copies",
     "excess_copies",
-    "patients_memorized",
-    "pct_patients_memorized",
+    "n_patients_mem",
+    "pct_patients_mem",
     "fid",
     "fid_train_val",
     "ms_ssim",
@@ -386,7 +391,12 @@ def _read_row(folder: Path, settings: str) -> dict[str, Any] | None:
         row = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return row if row.get("settings_hash") == settings else None
+    if row.get("settings_hash") != settings:
+        return None
+    for old, new in OLD_COLUMN_NAMES.items():  # rows written before the rename
+        if old in row:
+            row[new] = row.pop(old)
+    return row
 
 
 def _train_to(cell: Cell, runs: Path, quiet: bool) -> tuple[GenerativeModel, float, str]:
@@ -512,8 +522,8 @@ def _run_cell(
         "pct_copies": s["pct_copies"],
         "expected_copies": chance.get("expected_copies", math.nan),
         "excess_copies": chance.get("excess_copies", math.nan),
-        "patients_memorized": patients.get("n_patients_mem", math.nan),
-        "pct_patients_memorized": patients.get("pct_patients_mem", math.nan),
+        "n_patients_mem": patients.get("n_patients_mem", math.nan),
+        "pct_patients_mem": patients.get("pct_patients_mem", math.nan),
         **_quality_row(q),
         "train_seconds": gen_meta["train_seconds"],
         "sample_seconds": gen_meta["sample_seconds"],
@@ -855,6 +865,7 @@ def plot_study(
 __all__ = [
     "COLUMNS",
     "FACTORS",
+    "OLD_COLUMN_NAMES",
     "Cell",
     "StudyConfig",
     "StudyResult",
