@@ -27,6 +27,7 @@ from medmem import __version__
 from medmem._audit import calibration_sentence, low_sensitivity_warning
 from medmem._io import atomic_write_text
 from medmem._plots import central_slices, plot_histogram, png_base64
+from medmem._templates import asset, render, trusted
 
 # Element ids of the verdict numbers (and the summary keys they show). Documented for tools
 # and tests that read the page back.
@@ -65,39 +66,6 @@ VERDICT_IDS = {
     "q_<key>": "quality[key], key in fid, precision, recall, density, coverage, "
     "ms_ssim_synthetic, ms_ssim_real; q_extractor: quality['extractor']",
 }
-
-_CSS = """
-*{box-sizing:border-box}
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
- color:#1d2330;background:#f5f6f8;margin:0}
-main{max-width:1100px;margin:0 auto;padding:20px 24px 48px}
-h1{font-size:1.5em;margin:.2em 0}h2{font-size:1.2em;margin:1.6em 0 .5em;
- border-bottom:1px solid #d5d9e0;padding-bottom:.2em}
-.sub{color:#5a6272;font-size:.9em}
-.card{background:#fff;border:1px solid #d5d9e0;border-radius:8px;padding:14px 18px;margin:12px 0}
-.verdict{border-left:6px solid #6b7280}
-.verdict.none,.verdict.within_chance{border-left-color:#1f8a4c}
-.verdict.copies{border-left-color:#c27c0e}.verdict.above_chance{border-left-color:#c0392b}
-.headline{font-size:1.15em;font-weight:600;margin:0 0 .6em}
-.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(240px,1fr));gap:10px}
-.stat{background:#f8f9fb;border:1px solid #e3e6eb;border-radius:6px;padding:8px 12px}
-.stat .label{font-size:.82em;color:#5a6272;text-transform:uppercase;letter-spacing:.03em}
-.stat .big{font-size:1.6em;font-weight:650}
-.stat .detail{font-size:.88em;color:#3b4252}
-.warn{background:#fff8e6;border:1px solid #f0d48a;border-radius:6px;padding:8px 12px}
-table{border-collapse:collapse;width:100%;font-size:.9em}
-th,td{border-bottom:1px solid #e3e6eb;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f0f2f5;font-weight:600}
-td.id,code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.86em;
- word-break:break-all}
-.gallery img{width:112px;height:112px;object-fit:contain;image-rendering:pixelated;
- background:#000;margin:1px;border-radius:2px}
-.tag{display:inline-block;padding:0 6px;border-radius:4px;font-size:.8em;font-weight:600}
-.tag.copy{background:#fde2e0;color:#a93226}.tag.novel{background:#e1f3e8;color:#1f6e3f}
-img.figure{max-width:100%;height:auto;background:#fff}
-dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;margin:0}
-dl.kv dt{color:#5a6272}dl.kv dd{margin:0;overflow-wrap:anywhere}
-"""
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -588,13 +556,8 @@ def _settings(s: dict[str, Any]) -> str:
 def render_report(result: Any, *, quality: dict[str, Any] | None = None, n_gallery: int = 8) -> str:
     """The report as an HTML string (see :func:`write_report`)."""
     s = result.summary
-    title = "medmem audit report"
-    body = "".join(
+    sections = "".join(
         [
-            f"<header><h1>{title}</h1><p class='sub'>medmem "
-            f"{_e(s.get('medmem_version', __version__))} &middot; {_e(s['n_train'])} training, "
-            f"{_e(s.get('n_val', 'n/a'))} validation, {_e(s['n_synthetic'])} synthetic images"
-            f"</p></header>",
             _verdict(s),
             _explanation(s),
             _histogram(result),
@@ -604,13 +567,14 @@ def render_report(result: Any, *, quality: dict[str, Any] | None = None, n_galle
             _settings(s),
         ]
     )
-    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-    return (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>{title}</title><style>{_CSS}</style></head>"
-        f"<body><main>{body}</main></body></html>\n"
+    return render(
+        "report.html",
+        css=asset("report.css"),
+        version=s.get("medmem_version", __version__),
+        n_train=s["n_train"],
+        n_val=s.get("n_val", "n/a"),
+        n_synthetic=s["n_synthetic"],
+        sections=trusted(sections),  # built by the helpers above, every value escaped by _e
     )
 
 

@@ -31,8 +31,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -545,45 +543,22 @@ def _run_cell(
 @contextlib.contextmanager
 def _cell_lock(folder: Path) -> Iterator[bool]:
     """Claim a cell, so that processes sharing a study folder never run the same cell;
-    yields False when another live process (or another machine) holds it. A lock left by
-    a dead process of this machine is taken over."""
+    yields False when another process holds it. An OS file lock (``filelock``) on
+    ``running.lock``: the operating system releases it when its process dies, so there
+    is no stale lock to take over and no race in taking one over. The file stays."""
+    import filelock
+
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "running.lock"
-    me = {"host": socket.gethostname(), "pid": os.getpid()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                held = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                held = {}
-            alive = held.get("host") != me["host"] or _pid_alive(int(held.get("pid", -1)))
-            if alive:
-                yield False
-                return
-            path.unlink(missing_ok=True)  # stale: its process died
-            continue
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
-        try:
-            yield True
-        finally:
-            path.unlink(missing_ok=True)
-        return
-    yield False
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
+    lock = filelock.FileLock(folder / "running.lock", timeout=0)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        lock.acquire()
+    except filelock.Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def run_study(

@@ -148,9 +148,7 @@ def train_t2i(
         image_size=model.first_stage.image_size,
         quiet=quiet,
     )
-    images = torch.stack([ds[i] for i in range(len(ds))]).float()
-    with torch.no_grad():
-        raw = torch.cat([model.autoencoder.encode(b)[0] for b in images.split(32)]).float()
+    raw = _encode_streamed(model, ds)
     if found is not None:
         meta = found[0]
         if meta.get("identity") != _identity(config) or meta.get("n_pairs") != len(pairs.paths):
@@ -377,6 +375,16 @@ def _checkpoint(
         frame.index.name = "row"
         atomic_save(out / "drops.csv", lambda tmp: frame.to_csv(tmp))
     save_checkpoint(out, networks={"unet": unet}, optimizers={"unet": opt}, info=info)
+
+
+def _encode_streamed(model: TextToImageModel, ds: Any, batch: int = 32) -> torch.Tensor:
+    """Latent means of every image, read ``batch`` images at a time (only latents kept)."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(ds), batch):
+            x = torch.stack([ds[i] for i in range(start, min(len(ds), start + batch))]).float()
+            out.append(model.autoencoder.encode(x)[0])
+    return torch.cat(out).float()
 
 
 def _read_losses(path: Path, upto: int) -> list[dict[str, Any]]:
