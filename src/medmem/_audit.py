@@ -52,6 +52,7 @@ from medmem._io import atomic_dir, atomic_save, atomic_write_json, claim_output
 from medmem._plots import GalleryPair, plot_gallery, plot_histogram
 from medmem._validation import (
     check_choice,
+    check_dataset,
     check_detector,
     check_embeddings,
     check_in_range,
@@ -1239,13 +1240,7 @@ def audit_embeddings(
 def _check_datasets(train: Any, val: Any, synthetic: Any) -> None:
     sets = {"training": train, "validation": val, "synthetic": synthetic}
     for name, ds in sets.items():
-        if not hasattr(ds, "spatial_dims") or not hasattr(ds, "content_hash"):
-            raise InputError(
-                f"{name} set: expected a medmem dataset (medmem.load_dataset(...) or "
-                f"medmem.data.ArrayDataset), got {type(ds).__name__}."
-            )
-        if len(ds) == 0:
-            raise InputError(f"{name} set is empty: give at least one image.")
+        check_dataset(ds, f"{name} set", needs=("spatial_dims", "content_hash", "__len__"))
     dims = {name: ds.spatial_dims for name, ds in sets.items()}
     if len(set(dims.values())) > 1:
         detail = ", ".join(f"{k} {v}D" for k, v in dims.items())
