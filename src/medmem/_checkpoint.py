@@ -152,6 +152,50 @@ def restore(
         )
 
 
+def settings_diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``"key: a saved vs b now"`` for every setting that differs (one level of sections)."""
+    diff = []
+    for sec in sorted(set(saved) | set(now)):
+        a, b = saved.get(sec), now.get(sec)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += [
+                f"{sec}.{k}: {a.get(k)!r} saved vs {b.get(k)!r} now"
+                for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)
+            ]
+        elif a != b:
+            diff.append(f"{sec}: {a!r} saved vs {b!r} now")
+    return diff
+
+
+def check_resume(
+    path: Path,
+    meta: dict[str, Any],
+    *,
+    data: dict[str, Any],
+    saved_settings: dict[str, Any],
+    settings: dict[str, Any],
+    elsewhere: str,
+    may_change: Any = None,
+) -> None:
+    """Refuse to resume ``path`` with other training data (``data``: header key -> value
+    now) or other settings; ``may_change(line)`` exempts a differing setting."""
+    if any(meta.get(k) != v for k, v in data.items()):
+        was = ", ".join(f"{k}={meta.get(k)!r}" for k in data if "fingerprint" not in k)
+        now = ", ".join(f"{k}={v!r}" for k, v in data.items() if "fingerprint" not in k)
+        raise InputError(
+            f"{path} was written while training on other images ({was}; now {now}). "
+            f"Resume with the same data, or use {elsewhere}."
+        )
+    diff = settings_diff(saved_settings, settings)
+    diff = [d for d in diff if not (may_change and may_change(d))]
+    if diff:
+        raise InputError(
+            f"{path} was written with other settings ({'; '.join(diff)}). Resume with the same "
+            f"settings, or use {elsewhere}."
+        )
+
+
 # ---------------------------------------------------------------------------- the detector's
 def save_detector_checkpoint(
     directory: Path,
@@ -205,6 +249,8 @@ def restore_detector(
 __all__ = [
     "CHECKPOINT_NAME",
     "DETECTOR_FORMAT",
+    "check_resume",
+    "settings_diff",
     "module_tensors",
     "read_detector_checkpoint",
     "restore_detector",

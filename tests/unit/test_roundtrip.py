@@ -138,3 +138,31 @@ def test_save_then_load_gives_the_same_object(kind: str, tmp_path: Path) -> None
     check(obj, loaded)
     with pytest.raises(Exception, match="already holds|exists"):  # no silent overwrite
         obj.save(tmp_path / "saved")
+
+
+def test_one_resume_check_for_generative_and_text_to_image_training(tmp_path: Path) -> None:
+    from medmem._checkpoint import check_resume
+    from medmem._errors import InputError
+
+    meta = {"n_train": 4, "train_fingerprint": "abc", "config": {"a": {"lr": 1, "iterations": 2}}}
+    same = {"data": {"n_train": 4, "train_fingerprint": "abc"}, "elsewhere": "another folder"}
+    check_resume(tmp_path, meta, saved_settings=meta["config"], settings=meta["config"], **same)
+    with pytest.raises(InputError, match=r"other images \(n_train=4; now n_train=5\)"):
+        check_resume(
+            tmp_path,
+            meta,
+            data={"n_train": 5, "train_fingerprint": "abc"},
+            saved_settings={},
+            settings={},
+            elsewhere="x",
+        )
+    now = {"a": {"lr": 2, "iterations": 3}}
+    with pytest.raises(InputError, match=r"other settings \(a\.lr: 1 saved vs 2 now\)\."):
+        check_resume(
+            tmp_path,
+            meta,
+            saved_settings=meta["config"],
+            settings=now,
+            may_change=lambda d: d.startswith("a.iterations:"),
+            **same,
+        )

@@ -409,3 +409,11 @@ def test_copy_judge_flags_an_exact_copy_as_its_own_copy(
     assert flags.copy.tolist() == [True, False, True, False]
     assert flags.own_copy.tolist() == [True, False, False, False]
     assert flags.nearest[0] == str(files[1].resolve())
+
+
+def test_resume_refuses_other_settings_naming_them(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    train_t2i(cfg, tmp_path / "run", stop_after=1, quiet=True)
+    other = cfg.replace(train=cfg.train.replace(seed=1))
+    with pytest.raises(InputError, match=r"other settings \(train\.seed: 0 saved vs 1 now\)"):
+        train_t2i(other, tmp_path / "run", resume=True, quiet=True)

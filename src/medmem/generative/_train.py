@@ -707,33 +707,18 @@ def _check_resume(
     out: Path, meta: dict[str, Any], config: GenerativeConfig, fp: str, n: int
 ) -> None:
     """Refuse to resume with other data or settings that change the weights."""
-    path = out / _checkpoint.CHECKPOINT_NAME
-    if meta.get("train_fingerprint") != fp or meta.get("n_train") != n:
-        raise InputError(
-            f"{path} was written while training on other images (n_train={meta.get('n_train')}, "
-            f"now {n}). Resume with the same data, or use another --out folder."
-        )
-    saved, now = meta.get("config", {}), config.identity_dict()
-    diff = []
-    for sec in sorted(set(saved) | set(now)):
-        a, b = saved.get(sec), now.get(sec)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diff += [
-                f"{sec}.{k}: {a.get(k)!r} saved vs {b.get(k)!r} now"
-                for k in sorted(set(a) | set(b))
-                if a.get(k) != b.get(k)
-            ]
-        elif a != b:
-            diff.append(f"{sec}: {a!r} saved vs {b!r} now")
     # a stage not yet finished may be given more (or fewer) iterations: training longer
     # continues exactly where the checkpoint stopped (the learning rate is constant)
     open_stages = config.stages[int(meta.get("stage", 0)) :]
-    diff = [d for d in diff if not any(d.startswith(f"{s}.iterations:") for s in open_stages)]
-    if diff:
-        raise InputError(
-            f"{path} was written with other settings ({'; '.join(diff)}). Resume with the same "
-            "settings, or use another --out folder."
-        )
+    _checkpoint.check_resume(
+        out / _checkpoint.CHECKPOINT_NAME,
+        meta,
+        data={"train_fingerprint": fp, "n_train": n},
+        saved_settings=meta.get("config", {}),
+        settings=config.identity_dict(),
+        elsewhere="another --out folder",
+        may_change=lambda d: any(d.startswith(f"{s}.iterations:") for s in open_stages),
+    )
 
 
 __all__ = ["TrainResult", "train"]

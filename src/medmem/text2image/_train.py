@@ -19,7 +19,13 @@ from typing import Any
 import pandas as pd
 import torch
 
-from medmem._checkpoint import read_checkpoint, restore, save_checkpoint
+from medmem._checkpoint import (
+    CHECKPOINT_NAME,
+    check_resume,
+    read_checkpoint,
+    restore,
+    save_checkpoint,
+)
 from medmem._errors import InputError, OutputExistsError
 from medmem._io import atomic_save, atomic_write_json
 from medmem._progress import progress
@@ -151,11 +157,14 @@ def train_t2i(
     raw = _encode_streamed(model, ds)
     if found is not None:
         meta = found[0]
-        if meta.get("identity") != _identity(config) or meta.get("n_pairs") != len(pairs.paths):
-            raise InputError(
-                f"{out}: the checkpoint was written with other settings or pairs; resume with "
-                "the same config (only diffusion.iterations may change) or use a new folder."
-            )
+        check_resume(  # diffusion.iterations may change (not part of the identity)
+            out / CHECKPOINT_NAME,
+            meta,
+            data={"n_pairs": len(pairs.paths)},
+            saved_settings=meta.get("identity") or {},
+            settings=_identity(config),
+            elsewhere="a new folder",
+        )
         scale = float(meta["scale_factor"])
     else:
         scale = 1.0 / float(raw.std())
