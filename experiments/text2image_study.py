@@ -98,8 +98,11 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def _plain(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
+    """NumPy scalars and arrays, paths: as JSON values."""
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
     raise TypeError(f"not JSON-able: {type(x).__name__}")
 
 
