@@ -21,15 +21,15 @@ demo: $(STAMP)
 	$(VENV)/bin/medmem demo --out demo-out --overwrite
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks experiments
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks experiments
+	$(PY) -m ruff format --check src tests benchmarks experiments
 
 bench: $(STAMP)
-	$(PY) benchmarks/search.py
+	$(PY) -m benchmarks.search
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache

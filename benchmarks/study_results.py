@@ -1,6 +1,6 @@
 """Publish finished `medmem study` folders into docs/: figures, tables and a JSON record.
 
-    python benchmarks/study_results.py runs/study-nih-cxr runs/study-phantoms-3d
+    python -m benchmarks.study_results runs/study-nih-cxr runs/study-phantoms-3d
 
 For each study folder: copies ``figures/*.png`` to ``docs/figures/study-<name>-*.png``,
 writes ``docs/results/study-<name>.md`` (the results table and run times, as measured)
@@ -14,22 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
-
-from medmem.study import markdown_table  # noqa: E402
+from benchmarks._common import machine
+from medmem.study import OLD_COLUMN_NAMES, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 SHOW = [
     "model", "model_type", "n_train", "iterations", "augment", "tau", "n_mem", "pct_mem",
-    "n_copies", "pct_copies", "expected_copies", "patients_memorized", "fid", "fid_train_val",
+    "n_copies", "pct_copies", "expected_copies", "n_patients_mem", "fid", "fid_train_val",
     "ms_ssim",
     "ms_ssim_real", "precision", "recall", "train_seconds",
 ]  # fmt: skip
@@ -38,7 +35,7 @@ SHOW = [
 def publish(folder: Path) -> dict:
     study = json.loads((folder / "study.json").read_text())
     name = study["name"]
-    table = pd.read_csv(folder / "results.csv")
+    table = pd.read_csv(folder / "results.csv").rename(columns=OLD_COLUMN_NAMES)
     figures = []
     for png in sorted((folder / "figures").glob("*.png")):
         dest = DOCS / "figures" / f"study-{name}-{png.name}"
@@ -49,7 +46,7 @@ def publish(folder: Path) -> dict:
     md = [
         f"# Study `{name}`: results table (generated)",
         "",
-        f"Written by `python benchmarks/study_results.py {folder}` from `{folder}/results.csv`",
+        f"Written by `python -m benchmarks.study_results {folder}` from `{folder}/results.csv`",
         f"(the output of `medmem study`). Machine: {machine()}, shared with other jobs.",
         f"The numbers are in [study-{name}.json](study-{name}.json).",
         "",

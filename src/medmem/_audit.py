@@ -55,6 +55,7 @@ from medmem._plots import GalleryPair, plot_gallery, plot_histogram
 from medmem._resume import checkpoint_for
 from medmem._validation import (
     check_choice,
+    check_dataset,
     check_detector,
     check_embeddings,
     check_in_range,
@@ -65,7 +66,7 @@ from medmem._validation import (
 from medmem.search import DEFAULT_BLOCK_SIZE, nearest, standardize
 from medmem.verify import SCORES, AlignConfig, AlignedScorer, stack_images
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: intervals.expected_copies (was expected_chance_copies)
 TRAINING_COLUMNS = [
     "train_id",
     "patient_id",
@@ -589,7 +590,7 @@ def _bootstrap(
         "n_copies": ci_copies,
         "pct_mem": [100 * v / n_train for v in ci_mem],
         "pct_copies": [100 * v / n_syn for v in ci_copies],
-        "expected_chance_copies": interval(expected),
+        "expected_copies": interval(expected),
         "excess_copies": interval(n_copies - expected),
     }
 
@@ -881,6 +882,11 @@ class AuditResult:
         summary = dict(summary)
         training = _read_table(paths["training.csv"], TRAINING_COLUMNS, version, fix)
         synthetic = _read_table(paths["synthetic.csv"], SYNTHETIC_COLUMNS, version, fix)
+        intervals = summary.get("intervals")
+        if isinstance(intervals, dict) and "expected_chance_copies" in intervals:
+            intervals = dict(intervals)  # one name per quantity: chance.expected_copies
+            intervals["expected_copies"] = intervals.pop("expected_chance_copies")
+            summary["intervals"] = intervals
         if version == 1:
             summary.setdefault("tau_mem", tau)
             summary.setdefault("calibration", "paper")
@@ -894,8 +900,9 @@ class AuditResult:
         return cls(summary, training, synthetic)
 
 
-# schema versions of summary.json that AuditResult.load reads (1: before tau_mem/paper)
-_READABLE_SCHEMAS = (1, 2)
+# schema versions of summary.json that AuditResult.load reads (1: before tau_mem/paper;
+# 2: intervals.expected_chance_copies, read as intervals.expected_copies)
+_READABLE_SCHEMAS = (1, 2, 3)
 _FLOAT_COLUMNS = {"nearest_val_corr", "nearest_synthetic_corr", "nearest_train_corr"}
 _BOOL_COLUMNS = {"memorized", "memorized_paper", "copy", "copy_paper", "patient_memorized"}
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
@@ -1307,7 +1314,7 @@ def audit_embeddings(
             calibration,
             mem,
         )
-        summary["chance"]["expected_copies_ci"] = summary["intervals"]["expected_chance_copies"]
+        summary["chance"]["expected_copies_ci"] = summary["intervals"]["expected_copies"]
         summary["chance"]["excess_copies_ci"] = summary["intervals"]["excess_copies"]
     summary["timings_s"] = {"search_and_calibration": round(time.perf_counter() - t0, 3)}
     return AuditResult(summary=summary, training=training, synthetic=synthetic_df)
@@ -1316,13 +1323,7 @@ def audit_embeddings(
 def _check_datasets(train: Any, val: Any, synthetic: Any) -> None:
     sets = {"training": train, "validation": val, "synthetic": synthetic}
     for name, ds in sets.items():
-        if not hasattr(ds, "spatial_dims") or not hasattr(ds, "content_hash"):
-            raise InputError(
-                f"{name} set: expected a medmem dataset (medmem.load_dataset(...) or "
-                f"medmem.data.ArrayDataset), got {type(ds).__name__}."
-            )
-        if len(ds) == 0:
-            raise InputError(f"{name} set is empty: give at least one image.")
+        check_dataset(ds, f"{name} set", needs=("spatial_dims", "content_hash", "__len__"))
     dims = {name: ds.spatial_dims for name, ds in sets.items()}
     if len(set(dims.values())) > 1:
         detail = ", ".join(f"{k} {v}D" for k, v in dims.items())
@@ -1708,7 +1709,7 @@ def format_verdict(s: dict[str, Any]) -> str:
         c = s["chance"]
         lines.append(
             f"  expected by chance if none were copies: {c['expected_copies']:.1f}"
-            f"{rng('expected_chance_copies', '{:.1f}')}; excess {c['excess_copies']:+.1f}"
+            f"{rng('expected_copies', '{:.1f}')}; excess {c['excess_copies']:+.1f}"
             f"{rng('excess_copies', '{:+.1f}')}"
         )
     paper = s.get("paper")

@@ -88,6 +88,20 @@ def plot_histogram(
     save_figure(fig, path)
 
 
+def png_base64(image: np.ndarray) -> str:
+    """A 2D array in [0, 1] as a base64 grayscale PNG (NaN as 0; for data: URIs)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    arr = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+    u8 = np.round(np.clip(arr, 0.0, 1.0) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(u8).save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def save_figure(fig: Figure, path: str | os.PathLike, **kwargs: Any) -> None:
     """Write a figure as PNG atomically, marked as medmem's (``PNG_METADATA``)."""
     atomic_save(path, lambda p: fig.savefig(p, format="png", metadata=PNG_METADATA, **kwargs))
@@ -146,6 +160,7 @@ __all__ = [
     "draw_histogram",
     "plot_gallery",
     "plot_histogram",
+    "png_base64",
     "save_figure",
     "subplots",
 ]

@@ -38,6 +38,23 @@ def check_embeddings(x: Any, name: str, *, dim: int | None = None) -> np.ndarray
     return arr
 
 
+def check_dataset(
+    ds: Any,
+    name: str,
+    *,
+    needs: tuple[str, ...] = ("spatial_dims", "image_size", "__getitem__", "__len__"),
+) -> Any:
+    """A non-empty medmem dataset (has every attribute of ``needs``), else one InputError."""
+    if not all(hasattr(ds, a) for a in needs):
+        raise InputError(
+            f"{name}: expected a medmem dataset (medmem.load_dataset(...) or "
+            f"medmem.data.ArrayDataset), got {type(ds).__name__}."
+        )
+    if len(ds) == 0:
+        raise InputError(f"{name} is empty: give at least one image.")
+    return ds
+
+
 def check_seed(seed: int | np.random.Generator | None) -> np.random.Generator:
     """Return a NumPy Generator from an int seed, a Generator, or None (seed 0)."""
     if isinstance(seed, np.random.Generator):
@@ -164,6 +181,7 @@ def require_einops(where: str) -> None:
 __all__ = [
     "require_einops",
     "check_choice",
+    "check_dataset",
     "check_detector",
     "check_embeddings",
     "check_in_range",

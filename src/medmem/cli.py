@@ -1166,6 +1166,26 @@ def prompts_score_cmd(
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--steps", type=int, default=None, help="DDIM steps (default: the model's).")
+@click.option(
+    "--train",
+    "train_src",
+    default=None,
+    help="Training images (folder, glob or CSV; a CSV's 'text' column gives captions): "
+    "with --val and --detector, audit each mitigation's images for copies.",
+)
+@click.option("--val", "val_src", default=None, help="Validation images (other patients).")
+@click.option(
+    "--detector",
+    "detector_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Trained copy detector folder (medmem train-detector).",
+)
+@click.option(
+    "--patient-id-pattern",
+    default=None,
+    help="Regular expression taking the patient id from file names, e.g. '^(\\d+)_'.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.pass_context
 def prompts_mitigate_cmd(
@@ -1178,31 +1198,93 @@ def prompts_mitigate_cmd(
     n_per_prompt: int,
     seed: int,
     steps: int | None,
+    train_src: str | None,
+    val_src: str | None,
+    detector_dir: Path | None,
+    patient_id_pattern: str | None,
     overwrite: bool,
 ) -> None:
     """Measure inference-time mitigations on the prompts: d_t with and without each, from
-    the same initial noises; writes mitigations.csv.
+    the same initial noises; writes mitigations.csv. With --train, --val and --detector,
+    also the image copies of each mitigation (medmem.audit on its generations; a 'path'
+    column of --prompts names each prompt's own training image).
 
     \b
     Example:
       medmem prompts mitigate --model runs/t2i --prompts prompts.csv --out runs/t2i-mit \\
           --mitigation random_tokens --mitigation attention_rescale
+      medmem prompts mitigate --model runs/t2i --prompts prompts.csv --out runs/t2i-mit \\
+          --train pairs.csv --val val/ --detector detector/
     """
-    from medmem.text2image import MITIGATIONS, compare_mitigations
+    from medmem.text2image import MITIGATIONS, audit_mitigations, compare_mitigations
 
-    _claim(ctx, out, overwrite, inputs=[prompts_csv], keep=[model_dir])
-    model, prompts = _prompts_inputs(model_dir, prompts_csv, text_column)
-    frame = compare_mitigations(
-        model,
-        prompts,
+    given = [o for o, v in (("--train", train_src), ("--val", val_src)) if v]
+    given += ["--detector"] if detector_dir else []
+    if given and len(given) < 3:
+        raise click.UsageError("the copy audit needs all of --train, --val and --detector.")
+    _claim(
+        ctx,
         out,
-        kinds=kinds or MITIGATIONS,
-        n_per_prompt=n_per_prompt,
-        seed=seed,
-        steps=steps,
-        quiet=ctx.obj["quiet"],
+        overwrite,
+        inputs=[prompts_csv, train_src, val_src],
+        keep=[model_dir, detector_dir],
     )
-    click.echo(frame[["mitigation", "d_first", "relative_change_d_first"]].to_string(index=False))
+    model, prompts = _prompts_inputs(model_dir, prompts_csv, text_column)
+    quiet = ctx.obj["quiet"]
+    common: dict[str, Any] = dict(
+        kinds=kinds or MITIGATIONS, n_per_prompt=n_per_prompt, seed=seed, steps=steps, quiet=quiet
+    )
+    if not given:
+        frame = compare_mitigations(model, prompts, out, **common)
+        shown = ["mitigation", "d_first", "relative_change_d_first"]
+    else:
+        from medmem.detector import Detector
+
+        if "path" in prompts.columns:  # each prompt's own training image, CSV-relative
+            base = Path(prompts_csv).parent
+            prompts["path"] = [str((base / p).resolve()) if p else "" for p in prompts["path"]]
+        detector = Detector.load(detector_dir)
+        opts = {
+            "spatial_dims": None,
+            "image_size": None,
+            "patient_id_pattern": patient_id_pattern,
+            "skip_unreadable": False,
+        }
+        size = tuple(detector.config.image_size)
+        captions = _captions(str(train_src))
+        if captions is not None:  # text-image pairs repeat images: each image once
+            out.mkdir(parents=True, exist_ok=True)
+            train_src = str(out / "train-images.csv")
+            captions.drop_duplicates("path").to_csv(train_src, index=False)
+        train = _load(str(train_src), opts, image_size=size, quiet=quiet)
+        val = _load(str(val_src), opts, like=train, option="--val", quiet=quiet)
+        frame = audit_mitigations(
+            model,
+            prompts,
+            train,
+            val,
+            detector,
+            out,
+            captions=captions,
+            **common,
+        )
+        shown = ["mitigation", "d_first", *[c for c in frame.columns if c.startswith("copies_")]]
+    click.echo(frame[shown].to_string(index=False))
+
+
+def _captions(src: str) -> Any:
+    """A text-image pairs CSV's captions (``path`` made absolute, ``text``, optional
+    ``finding`` and ``patient_id``), else None."""
+    import pandas as pd
+
+    csv = Path(src)
+    if csv.suffix.lower() != ".csv" or not csv.is_file():
+        return None
+    frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    if not {"path", "text"} <= set(frame.columns):
+        return None
+    frame["path"] = [str((csv.parent / p).resolve()) for p in frame["path"]]
+    return frame[[c for c in ("path", "text", "finding", "patient_id") if c in frame.columns]]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import io
 import json
 import math
@@ -51,6 +50,7 @@ from medmem import __version__
 from medmem._errors import InputError, OutputExistsError
 from medmem._io import atomic_save, atomic_write_json, atomic_write_text
 from medmem._stats import auroc, wilson_interval
+from medmem._templates import asset, render, trusted
 from medmem._validation import check_positive_int, check_seed
 
 SCHEMA_VERSION = 1
@@ -194,15 +194,6 @@ def sample_pairs(
 # --------------------------------------------------------------------------- the page
 
 
-def _png_base64(view: np.ndarray) -> str:
-    from PIL import Image
-
-    arr = np.clip(np.nan_to_num(np.asarray(view, dtype=np.float32)), 0.0, 1.0)
-    buf = io.BytesIO()
-    Image.fromarray(np.round(arr * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _script_json(obj: Any) -> str:
     """JSON that is safe inside a <script> element: no '<', '>', '&' or line separators."""
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -221,7 +212,7 @@ def _load_images(
     src: Any, summary: dict[str, Any], which: str, option: str, wanted: list[str], quiet: bool
 ) -> dict[str, list[str]]:
     """The views (base64 PNG) of the images ``wanted`` from source ``src``."""
-    from medmem._plots import central_slices
+    from medmem._plots import central_slices, png_base64
     from medmem.data import load_dataset
 
     if src is None:
@@ -251,7 +242,7 @@ def _load_images(
     for image_id in dict.fromkeys(wanted):
         image = ds[index[image_id]]
         image = image.numpy() if hasattr(image, "numpy") else np.asarray(image)
-        out[image_id] = [_png_base64(v) for v in central_slices(image)]
+        out[image_id] = [png_base64(v) for v in central_slices(image)]
     return out
 
 
@@ -327,14 +318,15 @@ def make_labeling_page(
         ],
     }
     sizes = _view_sizes(_view_shapes(next(iter(train_views.values()))), n_views)
-    page = _PAGE.format(
+    page = render(
+        "label.html",
         n=len(pairs),
-        version=html.escape(__version__),
-        audit=html.escape(folder.resolve().name),
-        sizes=sizes,
-        css=_CSS,
-        data=_script_json(data),
-        js=_JS,
+        version=__version__,
+        audit=folder.resolve().name,
+        sizes=trusted(sizes),  # CSS from integers (_view_sizes)
+        css=asset("label.css"),
+        data=trusted(_script_json(data)),  # JSON made safe for a <script> element
+        js=asset("label.js"),
     )
     atomic_save(pairs_path, lambda p: pairs.to_csv(p, index=False))
     atomic_write_text(out_html, page)
@@ -364,243 +356,6 @@ def _view_sizes(shapes: list[tuple[int, int]], n_views: int) -> str:
             f"image-rendering: {pixelated}; }}"
         )
     return "\n".join(rules)
-
-
-_CSS = """
-:root { color-scheme: dark; }
-body { font: 15px/1.4 system-ui, sans-serif; margin: 0; background: #111; color: #eee; }
-header, main, footer { max-width: 1000px; margin: 0 auto; padding: 8px 16px; }
-h1 { font-size: 20px; margin: 8px 0; }
-.help { color: #bbb; font-size: 14px; }
-kbd { border: 1px solid #666; border-radius: 3px; padding: 0 4px; background: #222; }
-#status { display: flex; gap: 24px; align-items: baseline; flex-wrap: wrap; }
-#pair-number { font-size: 22px; font-weight: 600; }
-progress { width: 240px; }
-table.pair { border-collapse: separate; border-spacing: 12px 6px; margin: 4px auto; }
-table.pair th { font-weight: 600; color: #ccc; }
-table.pair td { text-align: center; vertical-align: middle; }
-table.pair td.view-name { color: #888; font-size: 12px; text-align: right; }
-table.pair img { background: #000; display: block; }
-#label-line { text-align: center; font-size: 18px; margin: 6px 0; }
-#current-label.copy { color: #ff8a80; } #current-label.novel { color: #8fd18f; }
-#current-label.unsure { color: #ffd166; }
-.buttons { display: flex; gap: 8px; justify-content: center; flex-wrap: wrap; }
-button { font: inherit; padding: 6px 14px; border-radius: 6px; border: 1px solid #555;
-  background: #2a2a2a; color: #eee; cursor: pointer; }
-button:hover { background: #383838; }
-button[aria-pressed="true"] { outline: 2px solid #9ecbff; background: #1f3a5a; }
-#save { background: #1f4d2b; }
-#message { text-align: center; color: #9ecbff; min-height: 1.4em; }
-footer { color: #777; font-size: 12px; }
-"""
-
-_JS = r"""
-(function () {
-  "use strict";
-  var data = JSON.parse(document.getElementById("medmem-data").textContent);
-  var pairs = data.pairs;
-  var storeKey = "medmem-labels:" + data.token;
-  var KEYS = {c: "copy", n: "novel", u: "unsure"};
-  var labels = {};
-  var pos = 0;
-  var el = function (id) { return document.getElementById(id); };
-
-  function loadStored() {
-    try {
-      var raw = window.localStorage.getItem(storeKey);
-      if (!raw) { return; }
-      var saved = JSON.parse(raw);
-      var known = {};
-      pairs.forEach(function (p) { known[p.pair_id] = true; });
-      Object.keys(saved.labels || {}).forEach(function (k) {
-        var v = saved.labels[k];
-        if (known[k] && (v === "copy" || v === "novel" || v === "unsure")) { labels[k] = v; }
-      });
-      if (typeof saved.pos === "number" && saved.pos >= 0 && saved.pos < pairs.length) {
-        pos = saved.pos;
-      }
-    } catch (e) { /* no storage: labels live in this page until saved */ }
-  }
-
-  function store() {
-    try {
-      window.localStorage.setItem(storeKey, JSON.stringify({labels: labels, pos: pos}));
-    } catch (e) {
-      el("message").textContent = "This browser does not keep labels across reloads: " +
-        "save labels.csv before closing the page.";
-    }
-  }
-
-  function buildViews() {
-    var body = el("views");
-    data.views.forEach(function (name, v) {
-      var tr = document.createElement("tr");
-      tr.className = "view-" + v;
-      var th = document.createElement("td");
-      th.className = "view-name";
-      th.textContent = data.views.length > 1 ? name : "";
-      tr.appendChild(th);
-      ["train", "synthetic"].forEach(function (side) {
-        var td = document.createElement("td");
-        var img = document.createElement("img");
-        img.id = side + "-" + v;
-        img.alt = side === "train" ? "training image" : "synthetic image";
-        td.appendChild(img);
-        tr.appendChild(td);
-      });
-      body.appendChild(tr);
-    });
-  }
-
-  function counts() {
-    var c = {copy: 0, novel: 0, unsure: 0, done: 0};
-    pairs.forEach(function (p) {
-      var v = labels[p.pair_id];
-      if (v) { c[v] += 1; c.done += 1; }
-    });
-    return c;
-  }
-
-  function render() {
-    var p = pairs[pos];
-    el("pair-number").textContent = "Pair " + p.pair_id + " of " + pairs.length;
-    data.views.forEach(function (name, v) {
-      el("train-" + v).src = "data:image/png;base64," + p.train[v];
-      el("synthetic-" + v).src = "data:image/png;base64," + p.synthetic[v];
-    });
-    var label = labels[p.pair_id] || "";
-    var cur = el("current-label");
-    cur.textContent = label || "not labelled";
-    cur.className = label;
-    ["copy", "novel", "unsure"].forEach(function (v) {
-      el("btn-" + v).setAttribute("aria-pressed", label === v ? "true" : "false");
-    });
-    var c = counts();
-    el("progress-text").textContent = c.done + " of " + pairs.length + " labelled (" +
-      c.copy + " copy, " + c.novel + " novel, " + c.unsure + " unsure)";
-    el("progress-bar").value = c.done;
-    el("prev").disabled = pos === 0;
-    el("next").disabled = pos === pairs.length - 1;
-  }
-
-  function move(step) {
-    pos = Math.max(0, Math.min(pairs.length - 1, pos + step));
-    store();
-    render();
-  }
-
-  function setLabel(value) {
-    labels[pairs[pos].pair_id] = value;
-    el("message").textContent = "";
-    if (pos < pairs.length - 1) { pos += 1; }
-    else if (counts().done === pairs.length) {
-      el("message").textContent = "All pairs labelled: press Save labels.csv.";
-    }
-    store();
-    render();
-  }
-
-  function csvField(value) {
-    var s = String(value);
-    return /[",\r\n]/.test(s) ? "\"" + s.replace(/"/g, "\"\"") + "\"" : s;
-  }
-
-  function toCsv() {
-    var lines = ["pair_id,train_id,synthetic_id,label"];
-    pairs.forEach(function (p) {
-      lines.push([p.pair_id, p.train_id, p.synthetic_id, labels[p.pair_id] || ""]
-        .map(csvField).join(","));
-    });
-    return lines.join("\n") + "\n";
-  }
-
-  function save() {
-    var blob = new Blob([toCsv()], {type: "text/csv;charset=utf-8"});
-    var url = URL.createObjectURL(blob);
-    var a = document.createElement("a");
-    a.href = url;
-    a.download = "labels.csv";
-    a.style.display = "none";
-    document.body.appendChild(a);
-    a.click();
-    setTimeout(function () { URL.revokeObjectURL(url); a.remove(); }, 2000);
-    el("message").textContent = "labels.csv saved (" + counts().done + " of " +
-      pairs.length + " labelled) to your downloads folder.";
-  }
-
-  document.addEventListener("keydown", function (e) {
-    if (e.ctrlKey || e.metaKey || e.altKey) { return; }
-    var k = e.key.length === 1 ? e.key.toLowerCase() : e.key;
-    if (KEYS[k]) { setLabel(KEYS[k]); }
-    else if (k === "ArrowRight" || k === "ArrowDown" || k === "j") { move(1); }
-    else if (k === "ArrowLeft" || k === "ArrowUp" || k === "k") { move(-1); }
-    else { return; }
-    e.preventDefault();
-  });
-  ["copy", "novel", "unsure"].forEach(function (v) {
-    el("btn-" + v).addEventListener("click", function () { setLabel(v); });
-  });
-  el("prev").addEventListener("click", function () { move(-1); });
-  el("next").addEventListener("click", function () { move(1); });
-  el("save").addEventListener("click", save);
-  // after a mouse click, give the keys back to the shortcuts (Space would re-press the button)
-  Array.prototype.forEach.call(document.querySelectorAll("button"), function (b) {
-    b.addEventListener("click", function (e) { if (e.detail > 0) { b.blur(); } });
-  });
-
-  loadStored();
-  buildViews();
-  el("progress-bar").max = pairs.length;
-  render();
-  document.body.setAttribute("data-ready", "1");
-})();
-"""
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; \
-style-src 'unsafe-inline'; script-src 'unsafe-inline'; base-uri 'none'; form-action 'none'">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>medmem: copy or novel? ({n} pairs)</title>
-<style>{css}
-{sizes}
-</style>
-</head>
-<body>
-<header>
-<h1>Copy or novel?</h1>
-<p class="help">Each pair shows a training image (left) and a synthetic image (right). Is the
-synthetic image a <b>copy</b> of that training image (the same patient's image, up to small
-changes), or <b>novel</b>? Judge by eye only. Keys: <kbd>c</kbd> copy, <kbd>n</kbd> novel,
-<kbd>u</kbd> unsure (each moves to the next pair); <kbd>&larr;</kbd> <kbd>&rarr;</kbd> or
-<kbd>k</kbd> <kbd>j</kbd> move. Labels are kept in this browser; press <b>Save labels.csv</b>
-to download them.</p>
-</header>
-<main>
-<div id="status"><span id="pair-number"></span>
-<span><progress id="progress-bar" value="0" max="{n}"></progress>
-<span id="progress-text"></span></span></div>
-<table class="pair"><thead><tr><th></th><th>Training image</th><th>Synthetic image</th></tr>
-</thead><tbody id="views"></tbody></table>
-<div id="label-line">Your label: <b id="current-label"></b></div>
-<div class="buttons">
-<button id="prev" type="button">&larr; Previous</button>
-<button id="btn-copy" type="button">Copy (c)</button>
-<button id="btn-novel" type="button">Novel (n)</button>
-<button id="btn-unsure" type="button">Unsure (u)</button>
-<button id="next" type="button">Next &rarr;</button>
-<button id="save" type="button">Save labels.csv</button>
-</div>
-<p id="message" role="status"></p>
-</main>
-<footer>medmem {version} &middot; blind labelling of {n} pairs from audit {audit}</footer>
-<script type="application/json" id="medmem-data">{data}</script>
-<script>{js}</script>
-</body>
-</html>
-"""
 
 
 # --------------------------------------------------------------------------- validate

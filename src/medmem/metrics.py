@@ -37,7 +37,7 @@ from medmem._errors import InputError
 from medmem._io import file_sha256
 from medmem._progress import progress
 from medmem._stats import auroc, wilson_interval
-from medmem._validation import check_positive_int, check_seed
+from medmem._validation import check_dataset, check_positive_int, check_seed
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +73,6 @@ def _check_pair(real: Any, synthetic: Any) -> tuple[np.ndarray, np.ndarray]:
             "extract both with the same extractor."
         )
     return r, s
-
-
-def _check_image_dataset(ds: Any, name: str) -> None:
-    if not all(hasattr(ds, a) for a in ("spatial_dims", "image_size", "__getitem__", "__len__")):
-        raise InputError(
-            f"{name}: expected a medmem dataset (medmem.load_dataset(...) or "
-            f"medmem.data.ArrayDataset), got {type(ds).__name__}."
-        )
-    if len(ds) == 0:
-        raise InputError(f"{name} is empty: give at least one image.")
 
 
 # ---------------------------------------------------------------------------- FID
@@ -361,7 +351,7 @@ def extract_features(
     Example:
         >>> feats = extract_features(ds, "inception_like.pt")  # doctest: +SKIP
     """
-    _check_image_dataset(dataset, "dataset")
+    check_dataset(dataset, "dataset")
     batch_size = check_positive_int(batch_size, "batch_size")
     ext = as_extractor(extractor, device=device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -466,7 +456,7 @@ def ms_ssim_diversity(
         >>> ms_ssim_diversity(ArrayDataset(np.ones((4, 32, 32)) * 0.5))  # doctest: +SKIP
         1.0
     """
-    _check_image_dataset(dataset, "dataset")
+    check_dataset(dataset, "dataset")
     n = len(dataset)
     if n < 2:
         raise InputError(f"MS-SSIM diversity needs at least 2 images, got {n}.")
@@ -533,8 +523,8 @@ def quality(
         >>> q = quality(val, synthetic, extractor=detector)  # doctest: +SKIP
         >>> q["fid"], q["extractor"]  # doctest: +SKIP
     """
-    _check_image_dataset(real, "real")
-    _check_image_dataset(synthetic, "synthetic")
+    check_dataset(real, "real")
+    check_dataset(synthetic, "synthetic")
     if int(real.spatial_dims) != int(synthetic.spatial_dims) or tuple(real.image_size) != tuple(
         synthetic.image_size
     ):

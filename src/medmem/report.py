@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import tempfile
 from collections.abc import Sequence
@@ -27,7 +26,8 @@ import numpy as np
 from medmem import __version__
 from medmem._audit import calibration_sentence, low_sensitivity_warning
 from medmem._io import atomic_write_text
-from medmem._plots import central_slices, plot_histogram
+from medmem._plots import central_slices, plot_histogram, png_base64
+from medmem._templates import asset, render, trusted
 
 # Element ids of the verdict numbers (and the summary keys they show). Documented for tools
 # and tests that read the page back.
@@ -66,39 +66,6 @@ VERDICT_IDS = {
     "q_<key>": "quality[key], key in fid, precision, recall, density, coverage, "
     "ms_ssim_synthetic, ms_ssim_real; q_extractor: quality['extractor']",
 }
-
-_CSS = """
-*{box-sizing:border-box}
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
- color:#1d2330;background:#f5f6f8;margin:0}
-main{max-width:1100px;margin:0 auto;padding:20px 24px 48px}
-h1{font-size:1.5em;margin:.2em 0}h2{font-size:1.2em;margin:1.6em 0 .5em;
- border-bottom:1px solid #d5d9e0;padding-bottom:.2em}
-.sub{color:#5a6272;font-size:.9em}
-.card{background:#fff;border:1px solid #d5d9e0;border-radius:8px;padding:14px 18px;margin:12px 0}
-.verdict{border-left:6px solid #6b7280}
-.verdict.none,.verdict.within_chance{border-left-color:#1f8a4c}
-.verdict.copies{border-left-color:#c27c0e}.verdict.above_chance{border-left-color:#c0392b}
-.headline{font-size:1.15em;font-weight:600;margin:0 0 .6em}
-.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(240px,1fr));gap:10px}
-.stat{background:#f8f9fb;border:1px solid #e3e6eb;border-radius:6px;padding:8px 12px}
-.stat .label{font-size:.82em;color:#5a6272;text-transform:uppercase;letter-spacing:.03em}
-.stat .big{font-size:1.6em;font-weight:650}
-.stat .detail{font-size:.88em;color:#3b4252}
-.warn{background:#fff8e6;border:1px solid #f0d48a;border-radius:6px;padding:8px 12px}
-table{border-collapse:collapse;width:100%;font-size:.9em}
-th,td{border-bottom:1px solid #e3e6eb;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f0f2f5;font-weight:600}
-td.id,code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.86em;
- word-break:break-all}
-.gallery img{width:112px;height:112px;object-fit:contain;image-rendering:pixelated;
- background:#000;margin:1px;border-radius:2px}
-.tag{display:inline-block;padding:0 6px;border-radius:4px;font-size:.8em;font-weight:600}
-.tag.copy{background:#fde2e0;color:#a93226}.tag.novel{background:#e1f3e8;color:#1f6e3f}
-img.figure{max-width:100%;height:auto;background:#fff}
-dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;margin:0}
-dl.kv dt{color:#5a6272}dl.kv dd{margin:0;overflow-wrap:anywhere}
-"""
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -160,17 +127,6 @@ def _count_ci(count_key: str, pct_key: str, ci: dict[str, Any]) -> str:
             f"{_num(pct_key + '_ci_high', pcts[1], '.1f')}%)"
         )
     return out
-
-
-def _png_b64(image: np.ndarray) -> str:
-    """A 2D array in [0, 1] as a base64 grayscale PNG."""
-    from PIL import Image
-
-    arr = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
-    u8 = np.round(np.clip(arr, 0.0, 1.0) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(u8).save(buf, format="PNG", optimize=True)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _img(b64: str, alt: str, cls: str = "") -> str:
@@ -468,9 +424,11 @@ def _gallery(result: Any, n: int) -> str:
     for rank, p in enumerate(pairs, 1):
         flag = "copy" if p.corr >= tau else "novel"
         syn = "".join(
-            _img(_png_b64(v), f"synthetic {p.synthetic_id}") for v in central_slices(p.synthetic)
+            _img(png_base64(v), f"synthetic {p.synthetic_id}") for v in central_slices(p.synthetic)
         )
-        tra = "".join(_img(_png_b64(v), f"training {p.train_id}") for v in central_slices(p.train))
+        tra = "".join(
+            _img(png_base64(v), f"training {p.train_id}") for v in central_slices(p.train)
+        )
         rows.append(
             f'<tr class="pair" data-copy="{flag == "copy"}"><td>{rank}</td><td>{syn}<br>'
             f'<span class="id">{_e(p.synthetic_id)}</span></td><td>{tra}<br>'
@@ -599,13 +557,8 @@ def _settings(s: dict[str, Any]) -> str:
 def render_report(result: Any, *, quality: dict[str, Any] | None = None, n_gallery: int = 8) -> str:
     """The report as an HTML string (see :func:`write_report`)."""
     s = result.summary
-    title = "medmem audit report"
-    body = "".join(
+    sections = "".join(
         [
-            f"<header><h1>{title}</h1><p class='sub'>medmem "
-            f"{_e(s.get('medmem_version', __version__))} &middot; {_e(s['n_train'])} training, "
-            f"{_e(s.get('n_val', 'n/a'))} validation, {_e(s['n_synthetic'])} synthetic images"
-            f"</p></header>",
             _verdict(s),
             _explanation(s),
             _histogram(result),
@@ -615,13 +568,14 @@ def render_report(result: Any, *, quality: dict[str, Any] | None = None, n_galle
             _settings(s),
         ]
     )
-    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-    return (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>{title}</title><style>{_CSS}</style></head>"
-        f"<body><main>{body}</main></body></html>\n"
+    return render(
+        "report.html",
+        css=asset("report.css"),
+        version=s.get("medmem_version", __version__),
+        n_train=s["n_train"],
+        n_val=s.get("n_val", "n/a"),
+        n_synthetic=s["n_synthetic"],
+        sections=trusted(sections),  # built by the helpers above, every value escaped by _e
     )
 
 
@@ -666,4 +620,39 @@ def write_report(
     return path
 
 
-__all__ = ["VERDICT_IDS", "render_report", "write_report"]
+def screenshot(
+    page: str | Path,
+    png: str | Path,
+    *,
+    window_size: tuple[int, int] = (1280, 1900),
+    timeout: float = 120.0,
+) -> Path:
+    """A PNG screenshot of an HTML page (e.g. an audit's report.html) in headless Chromium.
+
+    Example:
+        >>> screenshot("audit/report.html", "docs/images/report.png")  # doctest: +SKIP
+    """
+    import subprocess
+
+    from medmem._browser import chromium_available, headless_command
+    from medmem._errors import InputError
+
+    page, png = Path(page).resolve(), Path(png).resolve()
+    if not page.is_file():
+        raise InputError(f"{page}: no such HTML page.")
+    if not chromium_available():
+        raise InputError("screenshot needs Chromium (apt-get install chromium).")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = headless_command(
+            profile,
+            "--hide-scrollbars",
+            f"--window-size={window_size[0]},{window_size[1]}",
+            f"--screenshot={png}",
+            page.as_uri(),
+        )
+        subprocess.run(cmd, check=True, capture_output=True, timeout=timeout)
+    return png
+
+
+__all__ = ["VERDICT_IDS", "render_report", "screenshot", "write_report"]

@@ -31,8 +31,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -79,6 +77,11 @@ logger = logging.getLogger(__name__)
 
 FACTORS = ("model", "n_train", "iterations", "augment", "seed")
 DESIGNS = ("one_at_a_time", "factorial")
+# study table columns renamed to the audit's names (summary.json patients.*)
+OLD_COLUMN_NAMES = {
+    "patients_memorized": "n_patients_mem",
+    "pct_patients_memorized": "pct_patients_mem",
+}
 COLUMNS = (
     "cell",
     "model",
@@ -96,8 +99,8 @@ COLUMNS = (
     "pct_copies",
     "expected_copies",
     "excess_copies",
-    "patients_memorized",
-    "pct_patients_memorized",
+    "n_patients_mem",
+    "pct_patients_mem",
     "fid",
     "fid_train_val",
     "ms_ssim",
@@ -386,7 +389,12 @@ def _read_row(folder: Path, settings: str) -> dict[str, Any] | None:
         row = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return row if row.get("settings_hash") == settings else None
+    if row.get("settings_hash") != settings:
+        return None
+    for old, new in OLD_COLUMN_NAMES.items():  # rows written before the rename
+        if old in row:
+            row[new] = row.pop(old)
+    return row
 
 
 def _train_to(cell: Cell, runs: Path, quiet: bool) -> tuple[GenerativeModel, float, str]:
@@ -513,8 +521,8 @@ def _run_cell(
         "pct_copies": s["pct_copies"],
         "expected_copies": chance.get("expected_copies", math.nan),
         "excess_copies": chance.get("excess_copies", math.nan),
-        "patients_memorized": patients.get("n_patients_mem", math.nan),
-        "pct_patients_memorized": patients.get("pct_patients_mem", math.nan),
+        "n_patients_mem": patients.get("n_patients_mem", math.nan),
+        "pct_patients_mem": patients.get("pct_patients_mem", math.nan),
         **_quality_row(q),
         "train_seconds": gen_meta["train_seconds"],
         "sample_seconds": gen_meta["sample_seconds"],
@@ -536,45 +544,22 @@ def _run_cell(
 @contextlib.contextmanager
 def _cell_lock(folder: Path) -> Iterator[bool]:
     """Claim a cell, so that processes sharing a study folder never run the same cell;
-    yields False when another live process (or another machine) holds it. A lock left by
-    a dead process of this machine is taken over."""
+    yields False when another process holds it. An OS file lock (``filelock``) on
+    ``running.lock``: the operating system releases it when its process dies, so there
+    is no stale lock to take over and no race in taking one over. The file stays."""
+    import filelock
+
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "running.lock"
-    me = {"host": socket.gethostname(), "pid": os.getpid()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                held = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                held = {}
-            alive = held.get("host") != me["host"] or _pid_alive(int(held.get("pid", -1)))
-            if alive:
-                yield False
-                return
-            path.unlink(missing_ok=True)  # stale: its process died
-            continue
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
-        try:
-            yield True
-        finally:
-            path.unlink(missing_ok=True)
-        return
-    yield False
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
+    lock = filelock.FileLock(folder / "running.lock", timeout=0)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        lock.acquire()
+    except filelock.Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def run_study(
@@ -856,6 +841,7 @@ def plot_study(
 __all__ = [
     "COLUMNS",
     "FACTORS",
+    "OLD_COLUMN_NAMES",
     "Cell",
     "StudyConfig",
     "StudyResult",

@@ -6,11 +6,16 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
 import yaml
 from click.testing import CliRunner
+from PIL import Image
 
 from medmem.cli import main
+from medmem.data import load_dataset
+from medmem.detector import Detector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_text2image import (  # noqa: E402
@@ -21,6 +26,9 @@ from test_text2image import (  # noqa: E402
 )
 
 
+# the one-epoch detector and four images only exercise the plumbing of the copy audit
+@pytest.mark.filterwarnings("ignore:tau = .*collapsed:UserWarning")
+@pytest.mark.filterwarnings("ignore:FID from .* singular:UserWarning")
 def test_prompts_train_score_mitigate(tmp_path: Path) -> None:
     config = {
         "data": str(make_pairs(tmp_path / "data")),
@@ -121,6 +129,54 @@ def test_prompts_train_score_mitigate(tmp_path: Path) -> None:
     mit = pd.read_csv(tmp_path / "mit" / "mitigations.csv")
     assert list(mit["mitigation"]) == ["none", "random_tokens(4)", "attention_rescale(1.25)"]
     assert (mit["mean_abs_pixel_change"].iloc[1:] > 0).all()
+
+    # the copy audit of each mitigation's images: training pairs, other patients, a detector
+    data = tmp_path / "data"
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        img = rng.integers(0, 255, (16, 16), dtype=np.uint8)
+        Image.fromarray(img).save(data / f"val{i}.png")
+    train = load_dataset(sorted(data.glob("[0-9].png")), image_size=(16, 16), quiet=True)
+    with pytest.warns(UserWarning, match="did not learn"):  # one epoch: enough for the plumbing
+        det = Detector.train(
+            train, resnet_channels=(8, 8, 8, 8), embed_dim=8, epochs=1, batch_size=4, quiet=True
+        )
+    det.save(tmp_path / "det")
+    pd.DataFrame({"path": [f"val{i}.png" for i in range(40)]}).to_csv(data / "val.csv")
+    res = runner.invoke(
+        main,
+        [
+            "--quiet",
+            "prompts",
+            "mitigate",
+            "--model",
+            str(tmp_path / "run"),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(tmp_path / "mit-audit"),
+            "--mitigation",
+            "random_tokens",
+            "--n-per-prompt",
+            "1",
+            "--train",
+            str(data / "pairs.csv"),
+            "--val",
+            str(data / "val.csv"),
+            "--detector",
+            str(tmp_path / "det"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    mit = pd.read_csv(tmp_path / "mit-audit" / "mitigations.csv")
+    assert {"copies_memorized", "copies_other", "fid_detector", "caption_cosine"} <= set(mit)
+    assert "copies_memorized" in res.output
+    res = runner.invoke(
+        main,
+        ["prompts", "mitigate", "--model", str(tmp_path / "run"), "--prompts", str(prompts)]
+        + ["--out", str(tmp_path / "mit-bad"), "--train", str(data / "pairs.csv")],
+    )
+    assert res.exit_code == 2 and "needs all of --train, --val and --detector" in res.output
 
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"prompt": ["x"]}).to_csv(bad, index=False)

@@ -179,3 +179,17 @@ def test_report_in_headless_chromium(report, tmp_path) -> None:
     run = _chromium([f"--screenshot={shot}", "--window-size=1280,2000", url], tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def test_screenshot_of_a_page(tmp_path: Path) -> None:
+    from medmem._errors import InputError
+    from medmem.report import screenshot
+
+    with pytest.raises(InputError, match="no such HTML page"):
+        screenshot(tmp_path / "missing.html", tmp_path / "shot.png")
+    if not chromium_available():
+        pytest.skip("Chromium is not installed")
+    page = tmp_path / "page.html"
+    page.write_text("<!doctype html><title>t</title><h1>medmem</h1>")
+    png = screenshot(page, tmp_path / "out" / "shot.png", window_size=(320, 200))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -198,7 +198,7 @@ def test_save_writes_all_outputs_and_refuses_existing_folder(tmp_path) -> None:
     ]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_copies"] == r.summary["n_copies"]
-    assert summary["schema_version"] == 2 and summary["calibration"] == "conformal"
+    assert summary["schema_version"] == 3 and summary["calibration"] == "conformal"
     assert pd.read_csv(out / "training.csv").columns.tolist() == TRAINING_COLUMNS
     syn_csv = pd.read_csv(out / "synthetic.csv")
     assert syn_csv.columns.tolist() == SYNTHETIC_COLUMNS
@@ -405,6 +405,17 @@ def test_load_reads_schema_version_1(tmp_path) -> None:
     assert r.training["memorized"].tolist() == [True, False]
     assert r.training["memorized_paper"].dtype == bool
     assert r.synthetic["copy_paper"].tolist() == [True, False]
+
+
+def test_load_reads_schema_version_2_interval_names(tmp_path) -> None:
+    """Version 2 named the chance interval intervals.expected_chance_copies; one name now."""
+    r, out = _saved_audit(tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["schema_version"] = 2
+    summary["intervals"] = {"expected_chance_copies": [1.0, 2.0], "n_copies": [0, 3]}
+    (out / "summary.json").write_text(json.dumps(summary))
+    loaded = AuditResult.load(out)
+    assert loaded.summary["intervals"] == {"expected_copies": [1.0, 2.0], "n_copies": [0, 3]}
 
 
 def test_load_errors_name_the_file(tmp_path) -> None:

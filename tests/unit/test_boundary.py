@@ -216,3 +216,19 @@ def test_figures_are_drawn_without_pyplot(tmp_path) -> None:
 
     with Image.open(path) as im:
         assert im.info.get("Software") == "medmem"
+
+
+def test_one_dataset_check_for_the_audit_and_the_metrics() -> None:
+    """``_validation.check_dataset`` serves medmem.audit and medmem.metrics alike."""
+    import torch
+
+    from medmem.data import ArrayDataset
+    from medmem.metrics import extract_features, quality
+
+    full = ArrayDataset(np.zeros((2, 1, 8, 8), np.float32))
+    with pytest.raises(InputError, match=r"training set: expected a medmem dataset.*list"):
+        medmem.audit([1, 2], full, full, detector=None)
+    with pytest.raises(InputError, match=r"^dataset: expected a medmem dataset.*str"):
+        extract_features("images/", torch.nn.Identity())
+    with pytest.raises(InputError, match=r"^synthetic: expected a medmem dataset"):
+        quality(full, np.zeros((2, 1, 8, 8)), extractor=torch.nn.Identity())

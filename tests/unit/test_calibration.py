@@ -267,7 +267,7 @@ def _old_bootstrap(rho_val, rho_syn, rho_copy, rho_chance, q, n_boot, conf, seed
         "tau": list(np.percentile(t, qs)),
         "n_mem": list(np.percentile(n_mem, qs)),
         "n_copies": list(np.percentile(n_copies, qs)),
-        "expected_chance_copies": list(np.percentile(chance * n_syn, qs)),
+        "expected_copies": list(np.percentile(chance * n_syn, qs)),
     }
 
 
@@ -331,7 +331,7 @@ def test_small_validation_set_warning_depends_on_the_calibration() -> None:
 
 def test_summary_reports_both_calibrations(result) -> None:
     s = result.summary
-    assert s["schema_version"] == 2
+    assert s["schema_version"] == 3
     assert s["calibration"] == "conformal" and s["alpha"] == pytest.approx(0.05)
     for key in ("tau", "tau_mem", "n_mem", "n_copies", "pct_mem", "pct_copies", "percentile"):
         assert key in s

@@ -362,3 +362,45 @@ def test_label_and_validate_commands(audit_2d, tmp_path) -> None:
         main, ["validate", "--audit", str(tmp_path), "--labels", str(tmp_path / "labels.csv")]
     )
     assert r.exit_code == 2 and "medmem: error:" in r.output
+
+
+def test_page_from_templates_escapes_file_and_folder_names(tmp_path, pixel_detector) -> None:
+    """The page is built from medmem/_assets templates; names from the data are escaped."""
+    from PIL import Image
+
+    import medmem
+
+    rng = np.random.default_rng(0)
+    sets = {"t": 12, "v": 30, "s": 6}
+    for name, n in sets.items():
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            stem = f"<script>alert({i})" if name == "s" else str(i)
+            img = rng.integers(0, 255, (16, 16), dtype=np.uint8)
+            Image.fromarray(img).save(tmp_path / name / f"{stem}.png")
+    train, val, syn = (load_dataset(tmp_path / k, image_size=(16, 16), quiet=True) for k in sets)
+    result = medmem.audit(
+        train, val, syn, detector=pixel_detector, n_bootstrap=0, n_controls=0, quiet=True,
+        percentile=80, calibration="paper",
+    )  # fmt: skip
+    audit_dir = result.save(tmp_path / "audit<script>", figures=False, report=False)
+    page = make_labeling_page(
+        audit_dir, tmp_path / "label.html", n=4, train=train, synthetic=syn, quiet=True
+    ).read_text()
+    assert page.count("<script") == 2  # the data block and the page's own script only
+    assert "<script>alert(" not in page and "\\u003cscript\\u003ealert(" in page
+    assert "audit&lt;script&gt;" in page and "audit<script>" not in page
+    assert ":root { color-scheme: dark; }" in page  # label.css
+    assert 'document.body.setAttribute("data-ready", "1")' in page  # label.js
+
+
+def test_templates_are_package_data() -> None:
+    from medmem._templates import TEMPLATES
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "pyproject.toml").read_text()
+    section = text.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
+    globs = re.findall(r'"([^"]+)"', section.split("medmem =", 1)[1].split("]", 1)[0])
+    shipped = {p.name for g in globs for p in (root / "src" / "medmem").glob(g)}
+    assert shipped == {p.name for p in TEMPLATES.iterdir() if p.is_file()}
+    assert {"label.html", "label.css", "label.js", "report.html", "report.css"} <= shipped

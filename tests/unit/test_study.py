@@ -155,16 +155,29 @@ def test_bad_study_configs_name_the_problem(tmp_path):
 
 
 def test_a_cell_claimed_by_a_live_process_is_left_to_it(tmp_path):
-    import os
-    import socket
+    import filelock
 
     study = load_study(TINY)
     out = tmp_path / "s"
-    lock = out / "cells" / "gan_n12_aug0_it4_s0" / "running.lock"
-    lock.parent.mkdir(parents=True)
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-    held = _run(study, out, only=["gan_n12_aug0_it4_s0"])
-    assert held.computed == [] and lock.exists()
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345}))  # dead
+    lock_path = out / "cells" / "gan_n12_aug0_it4_s0" / "running.lock"
+    lock_path.parent.mkdir(parents=True)
+    held_lock = filelock.FileLock(lock_path, timeout=0)
+    with held_lock:  # another process (here: another lock object) runs the cell
+        held = _run(study, out, only=["gan_n12_aug0_it4_s0"])
+        assert held.computed == []
+    lock_path.write_text('{"host": "old", "pid": 1}')  # a file left by a dead run: no claim
     taken = _run(study, out, only=["gan_n12_aug0_it4_s0"])
-    assert taken.computed == ["gan_n12_aug0_it4_s0"] and not lock.exists()
+    assert taken.computed == ["gan_n12_aug0_it4_s0"]
+    with held_lock:  # released after the cell: free again
+        pass
+
+
+def test_rows_written_before_the_column_rename_read_with_the_audit_names(tmp_path) -> None:
+    from medmem.study import OLD_COLUMN_NAMES, _read_row
+
+    row = {"settings_hash": "h", "n_mem": 1, "patients_memorized": 2, "pct_patients_memorized": 5.0}
+    (tmp_path / "row.json").write_text(json.dumps(row))
+    got = _read_row(tmp_path, "h")
+    assert got is not None and got["n_patients_mem"] == 2 and got["pct_patients_mem"] == 5.0
+    assert not set(OLD_COLUMN_NAMES) & set(got) and set(OLD_COLUMN_NAMES.values()) <= set(COLUMNS)
+    assert _read_row(tmp_path, "other") is None

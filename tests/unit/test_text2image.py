@@ -330,3 +330,90 @@ def test_default_encoder_is_bundled_minilm() -> None:
 def test_training_mitigation_settings_are_validated(section: dict, message: str) -> None:
     with pytest.raises(InputError, match=message):
         Text2ImageConfig.from_dict(section, "config")
+
+
+def test_audit_mitigations_counts_copies_of_training_images(
+    tiny: TextToImageModel, tmp_path: Path, pixel_detector: object
+) -> None:
+    from medmem.data import load_dataset
+    from medmem.text2image import audit_mitigations
+
+    pairs = make_pairs(tmp_path / "data")
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        img = rng.integers(0, 255, (16, 16), dtype=np.uint8)
+        Image.fromarray(img).save(tmp_path / "data" / f"val{i}.png")
+    data = tmp_path / "data"
+    train = load_dataset([data / f"{i}.png" for i in range(4)], image_size=(16, 16), quiet=True)
+    val = load_dataset([data / f"val{i}.png" for i in range(40)], image_size=(16, 16), quiet=True)
+    captions = pd.read_csv(pairs).assign(
+        path=lambda f: [str(tmp_path / "data" / p) for p in f["path"]],
+        finding=["a", "a", "a", "b", "b", "b"],
+    )
+    prompts = pd.DataFrame(
+        {
+            "text": PROMPTS,
+            "path": [str(tmp_path / "data" / f"{i}.png") for i in range(4)],
+            "memorized": [True, False, False, False],
+            "finding": ["a", "a", "b", "b"],
+        }
+    )
+    frame = audit_mitigations(
+        tiny,
+        prompts,
+        train,
+        val,
+        pixel_detector,
+        tmp_path / "mit",
+        captions=captions,
+        kinds=["random_tokens"],
+        n_per_prompt=2,
+        percentile=80,
+        n_bootstrap=10,
+        n_controls=0,
+        fid=False,
+        quiet=True,
+    )
+    assert list(frame["mitigation"]) == ["none", "random_tokens(4)"]
+    for col in ("copies_memorized", "own_copies_other", "caption_cosine", "finding_agreement"):
+        assert (
+            frame[col].between(0, 1).all() if col != "caption_cosine" else frame[col].notna().all()
+        )
+    assert (frame["n_images"] == 8).all() and frame["auroc_d_first"].notna().all()
+    assert (tmp_path / "mit" / "mitigations.csv").is_file()
+    assert (tmp_path / "mit" / "mitigation-none-images.safetensors").is_file()
+
+
+def test_copy_judge_flags_an_exact_copy_as_its_own_copy(
+    tmp_path: Path, pixel_detector: object
+) -> None:
+    from medmem.data import load_dataset
+    from medmem.text2image import CopyJudge
+
+    rng = np.random.default_rng(2)
+    files = []
+    for i in range(44):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(files[-1])
+    train = load_dataset(files[:4], image_size=(16, 16), quiet=True)
+    val = load_dataset(files[4:], image_size=(16, 16), quiet=True)
+    prompts = pd.DataFrame({"text": ["a", "b"], "path": [str(files[1]), str(files[2])]})
+    judge = CopyJudge(
+        train, val, pixel_detector, prompts, percentile=80, n_bootstrap=10, n_controls=0, fid=False
+    )
+    copy_of_1 = torch.as_tensor(np.asarray(train[1]), dtype=torch.float32)
+    noise = torch.rand(1, 1, *copy_of_1.shape)
+    images = torch.stack([copy_of_1[None], copy_of_1[None]])  # prompt "b" copies 1, not 2
+    images = torch.cat([images[:, :1], noise.expand(2, 1, *copy_of_1.shape)], dim=1)
+    flags = judge.flags(images, prompts["path"].tolist())
+    assert flags.copy.tolist() == [True, False, True, False]
+    assert flags.own_copy.tolist() == [True, False, False, False]
+    assert flags.nearest[0] == str(files[1].resolve())
+
+
+def test_resume_refuses_other_settings_naming_them(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    train_t2i(cfg, tmp_path / "run", stop_after=1, quiet=True)
+    other = cfg.replace(train=cfg.train.replace(seed=1))
+    with pytest.raises(InputError, match=r"other settings \(train\.seed: 0 saved vs 1 now\)"):
+        train_t2i(other, tmp_path / "run", resume=True, quiet=True)

@@ -27,6 +27,7 @@ import medmem
 from medmem._errors import InputError, MedmemError, NotFittedError, OutputExistsError
 from medmem._io import atomic_save, atomic_write_json
 from medmem._progress import progress
+from medmem._seeds import derive_seed
 from medmem._validation import check_positive_int
 from medmem.detector import _checkpoint
 from medmem.detector._cache import EmbeddingCache
@@ -60,11 +61,6 @@ def build_encoder(config: DetectorConfig) -> ContrastiveEncoder:
         hidden_dim=config.hidden_dim,
         dropout=config.dropout,
     )
-
-
-def _derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (e.g. (seed, epoch)), independent across parts."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> 1)
 
 
 def _draw_view(
@@ -442,7 +438,7 @@ class Detector:
             bar.update(start_epoch * steps_per_epoch)
             epoch = start_epoch
             while epoch < cfg.epochs and not stopped:
-                epoch_seed = _derive_seed(cfg.seed, epoch)
+                epoch_seed = derive_seed(cfg.seed, epoch)
                 torch.manual_seed(epoch_seed)  # dropout
                 loader = DataLoader(
                     _ContrastivePairs(source, cfg, epoch),

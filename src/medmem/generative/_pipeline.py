@@ -256,9 +256,29 @@ class GenerativeModel:
         )
 
 
+def diffusion_loss(
+    scheduler: Any,
+    prediction_type: str,
+    z: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    pred: torch.Tensor,
+    *,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Squared error of the UNet's ``pred`` against its target, the noise ("epsilon") or
+    the velocity ("v_prediction"), in float32: "mean", "sum" or "sample" (per sample, (B,))."""
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(z, noise, t)
+    pred, target = pred.float(), target.float()
+    if reduction == "sample":
+        return (pred - target).pow(2).flatten(1).mean(1)
+    return torch.nn.functional.mse_loss(pred, target, reduction=reduction)
+
+
 __all__ = [
     "GenerativeModel",
     "autocast",
+    "diffusion_loss",
     "derive_seed",
     "latent_shape",
     "make_scheduler",

@@ -48,6 +48,7 @@ from medmem.generative._networks import (
 from medmem.generative._pipeline import (
     GenerativeModel,
     autocast,
+    diffusion_loss,
     make_scheduler,
     resolve_device,
 )
@@ -269,12 +270,9 @@ class _DiffusionStage(_Stage):
         with run.autocast():
             noisy = self.scheduler.add_noise(original_samples=z, noise=noise, timesteps=t)
             pred = self.unet(noisy, timesteps=t)
-            target = (
-                noise
-                if self.cfg.diffusion.prediction_type == "epsilon"
-                else (self.scheduler.get_velocity(z, noise, t))
+            loss = diffusion_loss(
+                self.scheduler, self.cfg.diffusion.prediction_type, z, noise, t, pred
             )
-            loss = F.mse_loss(pred.float(), target.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -299,12 +297,8 @@ class _DiffusionStage(_Stage):
             )
             with run.autocast():
                 pred = unet(self.scheduler.add_noise(z, noise, t), timesteps=t)
-            target = (
-                noise
-                if self.cfg.diffusion.prediction_type == "epsilon"
-                else (self.scheduler.get_velocity(z, noise, t))
-            )
-            total += F.mse_loss(pred.float(), target, reduction="sum").item()
+            kind = self.cfg.diffusion.prediction_type
+            total += diffusion_loss(self.scheduler, kind, z, noise, t, pred, reduction="sum").item()
             count += z.numel()
         return total / count
 
@@ -713,33 +707,18 @@ def _check_resume(
     out: Path, meta: dict[str, Any], config: GenerativeConfig, fp: str, n: int
 ) -> None:
     """Refuse to resume with other data or settings that change the weights."""
-    path = out / _checkpoint.CHECKPOINT_NAME
-    if meta.get("train_fingerprint") != fp or meta.get("n_train") != n:
-        raise InputError(
-            f"{path} was written while training on other images (n_train={meta.get('n_train')}, "
-            f"now {n}). Resume with the same data, or use another --out folder."
-        )
-    saved, now = meta.get("config", {}), config.identity_dict()
-    diff = []
-    for sec in sorted(set(saved) | set(now)):
-        a, b = saved.get(sec), now.get(sec)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diff += [
-                f"{sec}.{k}: {a.get(k)!r} saved vs {b.get(k)!r} now"
-                for k in sorted(set(a) | set(b))
-                if a.get(k) != b.get(k)
-            ]
-        elif a != b:
-            diff.append(f"{sec}: {a!r} saved vs {b!r} now")
     # a stage not yet finished may be given more (or fewer) iterations: training longer
     # continues exactly where the checkpoint stopped (the learning rate is constant)
     open_stages = config.stages[int(meta.get("stage", 0)) :]
-    diff = [d for d in diff if not any(d.startswith(f"{s}.iterations:") for s in open_stages)]
-    if diff:
-        raise InputError(
-            f"{path} was written with other settings ({'; '.join(diff)}). Resume with the same "
-            "settings, or use another --out folder."
-        )
+    _checkpoint.check_resume(
+        out / _checkpoint.CHECKPOINT_NAME,
+        meta,
+        data={"train_fingerprint": fp, "n_train": n},
+        saved_settings=meta.get("config", {}),
+        settings=config.identity_dict(),
+        elsewhere="another --out folder",
+        may_change=lambda d: any(d.startswith(f"{s}.iterations:") for s in open_stages),
+    )
 
 
 __all__ = ["TrainResult", "train"]

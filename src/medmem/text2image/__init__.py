@@ -34,6 +34,7 @@ from medmem.text2image._config import (
     TextConfig,
     load_t2i_config,
 )
+from medmem.text2image._copies import CopyFlags, CopyJudge
 from medmem.text2image._encoder import (
     MARKER_RE,
     EncodedText,
@@ -62,7 +63,12 @@ from medmem.text2image._scores import (
     token_significance,
 )
 from medmem.text2image._train import Pairs, T2ITrainResult, read_pairs, train_t2i, treat_markers
-from medmem.text2image._workflow import compare_mitigations, read_prompts, score_prompts
+from medmem.text2image._workflow import (
+    audit_mitigations,
+    compare_mitigations,
+    read_prompts,
+    score_prompts,
+)
 
 __all__ = [
     "DEFAULT_STRENGTH",
@@ -73,6 +79,8 @@ __all__ = [
     "MID_WINDOW",
     "SCORES",
     "AttentionControl",
+    "CopyFlags",
+    "CopyJudge",
     "EncodedText",
     "Generation",
     "Mitigation",
@@ -83,6 +91,7 @@ __all__ = [
     "TextConfig",
     "TextEncoder",
     "TextToImageModel",
+    "audit_mitigations",
     "build_conditional_unet",
     "compare_mitigations",
     "default_encoder_path",

@@ -19,12 +19,19 @@ from typing import Any
 import pandas as pd
 import torch
 
-from medmem._checkpoint import read_checkpoint, restore, save_checkpoint
+from medmem._checkpoint import (
+    CHECKPOINT_NAME,
+    check_resume,
+    read_checkpoint,
+    restore,
+    save_checkpoint,
+)
 from medmem._errors import InputError, OutputExistsError
 from medmem._io import atomic_save, atomic_write_json
 from medmem._progress import progress
 from medmem._seeds import batch_indices, derive_seed
 from medmem.data import load_dataset
+from medmem.generative._pipeline import diffusion_loss
 from medmem.text2image._config import Text2ImageConfig
 from medmem.text2image._encoder import MARKER_RE, TextEncoder
 from medmem.text2image._model import TextToImageModel
@@ -147,16 +154,17 @@ def train_t2i(
         image_size=model.first_stage.image_size,
         quiet=quiet,
     )
-    images = torch.stack([ds[i] for i in range(len(ds))]).float()
-    with torch.no_grad():
-        raw = torch.cat([model.autoencoder.encode(b)[0] for b in images.split(32)]).float()
+    raw = _encode_streamed(model, ds)
     if found is not None:
         meta = found[0]
-        if meta.get("identity") != _identity(config) or meta.get("n_pairs") != len(pairs.paths):
-            raise InputError(
-                f"{out}: the checkpoint was written with other settings or pairs; resume with "
-                "the same config (only diffusion.iterations may change) or use a new folder."
-            )
+        check_resume(  # diffusion.iterations may change (not part of the identity)
+            out / CHECKPOINT_NAME,
+            meta,
+            data={"n_pairs": len(pairs.paths)},
+            saved_settings=meta.get("identity") or {},
+            settings=_identity(config),
+            elsewhere="a new folder",
+        )
         scale = float(meta["scale_factor"])
     else:
         scale = 1.0 / float(raw.std())
@@ -248,12 +256,8 @@ def train_t2i(
         t = torch.randint(0, scheduler.num_train_timesteps, (len(idx),), generator=gen)
         noisy = scheduler.add_noise(original_samples=z, noise=noise, timesteps=t)
         pred = unet(noisy, timesteps=t, context=ctx)
-        target = (
-            noise
-            if config.diffusion.prediction_type == "epsilon"
-            else (scheduler.get_velocity(z, noise, t))
-        )
-        per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
+        kind = config.diffusion.prediction_type
+        per_sample = diffusion_loss(scheduler, kind, z, noise, t, pred, reduction="sample")
         if dropper is not None:
             with torch.no_grad():
                 empty = model.empty.states.expand(len(idx), -1, -1)
@@ -380,6 +384,16 @@ def _checkpoint(
         frame.index.name = "row"
         atomic_save(out / "drops.csv", lambda tmp: frame.to_csv(tmp))
     save_checkpoint(out, networks={"unet": unet}, optimizers={"unet": opt}, info=info)
+
+
+def _encode_streamed(model: TextToImageModel, ds: Any, batch: int = 32) -> torch.Tensor:
+    """Latent means of every image, read ``batch`` images at a time (only latents kept)."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(ds), batch):
+            x = torch.stack([ds[i] for i in range(start, min(len(ds), start + batch))]).float()
+            out.append(model.autoencoder.encode(x)[0])
+    return torch.cat(out).float()
 
 
 def _read_losses(path: Path, upto: int) -> list[dict[str, Any]]:

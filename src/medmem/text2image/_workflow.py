@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from medmem.text2image._analysis import (
     write_html,
     write_table,
 )
+from medmem.text2image._copies import CopyJudge
 from medmem.text2image._mitigations import MITIGATIONS, Mitigation, mitigated_generate
 from medmem.text2image._model import TextToImageModel
 from medmem.text2image._scores import SCORES, detection, generate, token_significance
@@ -159,14 +161,95 @@ def compare_mitigations(
     images move from the unmitigated ones; writes ``mitigations.csv``.
 
     Image copies, FID and faithfulness need the training images and a detector: see
-    ``benchmarks/text2image_study.py`` (``medmem.audit`` on each mitigation's images).
+    :func:`audit_mitigations`.
     """
+    return _mitigation_table(
+        model, prompts, out, None, kinds, strength, n_per_prompt, seed, steps, batch_size, quiet
+    )
+
+
+def audit_mitigations(
+    model: TextToImageModel,
+    prompts: pd.DataFrame,
+    train: Any,
+    val: Any,
+    detector: Any,
+    out: str | Path,
+    *,
+    captions: pd.DataFrame | None = None,
+    kinds: Sequence[str] = MITIGATIONS,
+    strength: dict[str, float] | None = None,
+    n_per_prompt: int = 4,
+    seed: int = 0,
+    steps: int | None = None,
+    batch_size: int = 32,
+    percentile: float = 95.0,
+    n_bootstrap: int = 200,
+    n_controls: int = 50,
+    cache_dir: str | Path | None = None,
+    fid: bool = True,
+    quiet: bool = False,
+) -> pd.DataFrame:
+    """:func:`compare_mitigations` plus the image copy audit of every mitigation's images.
+
+    Each mitigation's generations are audited against ``train`` (``medmem.audit``, tau
+    calibrated on ``val``, the copy ``detector``): per prompt group (``group`` column, else
+    ``memorized``), the share of images that copy a training image (``copies_*``) and their
+    own paired image (``own_copies_*``, from a ``path`` column), FID in the detector's
+    features, and with ``captions`` (``path``, ``text``, ``finding``) prompt faithfulness.
+    Writes ``mitigations.csv`` (after every mitigation) and the unmitigated images
+    (``mitigation-none-images.safetensors``).
+
+    Example:
+        >>> audit_mitigations(model, prompts, train, val, det, "runs/mit")  # doctest: +SKIP
+    """
+    size = tuple(model.first_stage.image_size)
+    if tuple(train.image_size) != size:
+        raise InputError(
+            f"the model generates {size} images but the training images are loaded at "
+            f"{tuple(train.image_size)}: load train and val with image_size={size} "
+            "(and a detector trained at that size)."
+        )
+    judge = CopyJudge(
+        train,
+        val,
+        detector,
+        prompts,
+        captions=captions,
+        encoder=model.encoder,
+        percentile=percentile,
+        seed=seed,
+        n_bootstrap=n_bootstrap,
+        n_controls=n_controls,
+        cache_dir=cache_dir,
+        fid=fid,
+    )
+    return _mitigation_table(
+        model, prompts, out, judge, kinds, strength, n_per_prompt, seed, steps, batch_size, quiet
+    )
+
+
+def _mitigation_table(
+    model: TextToImageModel,
+    prompts: pd.DataFrame,
+    out: str | Path,
+    judge: CopyJudge | None,
+    kinds: Sequence[str],
+    strength: dict[str, float] | None,
+    n_per_prompt: int,
+    seed: int,
+    steps: int | None,
+    batch_size: int,
+    quiet: bool,
+) -> pd.DataFrame:
+    """One row per mitigation ("none" first); with ``judge``, its copy columns too."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     texts = prompts["text"].astype(str).tolist()
     kinds = ["none", *[k for k in kinds if k != "none"]]
     rows, base = [], None
     for kind in kinds:
+        t0 = time.perf_counter()
         m = Mitigation(kind, (strength or {}).get(kind), seed=seed)
         gen = mitigated_generate(
             model,
@@ -178,6 +261,7 @@ def compare_mitigations(
             batch_size=batch_size,
             quiet=quiet,
         )
+        seconds = time.perf_counter() - t0
         sc = gen.scores()
         if base is None:
             base = (gen, sc)
@@ -196,10 +280,18 @@ def compare_mitigations(
             mem = prompts["memorized"].to_numpy(bool)
             if mem.any():
                 row["d_first_memorized"] = float(sc["d_first"][mem].mean())
+        if judge is not None:
+            row |= judge.row(gen.images, sc)
+            row["seconds"] = round(seconds, 1)
+            if kind == "none":
+                save_tensors(
+                    out / "mitigation-none-images.safetensors",
+                    {"images": gen.images.contiguous()},
+                    {"texts": texts},
+                )
         rows.append(row)
-    frame = pd.DataFrame(rows)
-    write_table(frame, out / "mitigations.csv")
-    return frame
+        write_table(pd.DataFrame(rows), out / "mitigations.csv")
+    return pd.DataFrame(rows)
 
 
-__all__ = ["compare_mitigations", "read_prompts", "score_prompts"]
+__all__ = ["audit_mitigations", "compare_mitigations", "read_prompts", "score_prompts"]

@@ -11,8 +11,11 @@ and whether inference-time mitigations help.
 Resumable: every stage writes its output under ``out`` and is skipped when that exists; the
 training stages resume from their checkpoints. Run at low priority on one thread:
 
-    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/text2image_study.py \
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python experiments/text2image_study.py \
         configs/text2image/study-cpu.yaml [--stages pairs,autoencoder,t2i,...]
+
+Public medmem API only: the copy audit of generations is ``medmem.text2image.CopyJudge`` and
+``audit_mitigations`` (``medmem prompts mitigate --train --val --detector``).
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,27 +34,24 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from matplotlib.figure import Figure
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-import medmem  # noqa: E402
-from medmem import metrics  # noqa: E402
-from medmem._io import atomic_write_json, load_tensors, save_tensors  # noqa: E402
-from medmem._plots import save_figure, subplots  # noqa: E402
-from medmem.generative import load_config, train  # noqa: E402
-from medmem.text2image import (  # noqa: E402
+import medmem
+from medmem.generative import load_config, train
+from medmem.text2image import (
     MARKER_GROUP,
     MARKER_RE,
     MID_WINDOW,
-    MITIGATIONS,
     SCORES,
-    Mitigation,
+    CopyJudge,
+    EncodedText,
     TextToImageModel,
+    audit_mitigations,
     detection,
     generate,
     load_t2i_config,
-    mitigated_generate,
     plot_bars,
     plot_score_histogram,
     pool_tokens,
@@ -64,6 +64,7 @@ from medmem.text2image import (  # noqa: E402
     write_table,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("text2image_study")
 STAGES = (
     "pairs",
@@ -87,6 +88,45 @@ PNEUMONIA_MESH = r"pneumonia|consolidation|opacity|infiltrat"
 
 def _timed(timings: dict, name: str, t0: float) -> None:
     timings[name] = round(time.perf_counter() - t0, 1)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Indented JSON, written to a temporary file and renamed over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False, default=_plain) + "\n")
+    os.replace(tmp, path)
+
+
+def _plain(x: Any) -> Any:
+    """NumPy scalars and arrays, paths: as JSON values."""
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON-able: {type(x).__name__}")
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Tensors and a JSON ``meta`` in one safetensors file (medmem's layout)."""
+    save_file(tensors, str(path), metadata={"medmem": json.dumps(meta, sort_keys=True)})
+
+
+def load_tensors(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(meta, tensors)`` of :func:`save_tensors`."""
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads((fh.metadata() or {})["medmem"])
+        return meta, {k: fh.get_tensor(k) for k in fh.keys()}
+
+
+def subplots(nrows: int = 1, ncols: int = 1, **kw: Any) -> tuple[Figure, Any]:
+    """A stand-alone Figure (no pyplot state) and its axes."""
+    fig = Figure(figsize=kw.pop("figsize", None))
+    return fig, fig.subplots(nrows, ncols, **kw)
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
 
 
 # ---------------------------------------------------------------------------- stages
@@ -230,42 +270,21 @@ def stage_variants(cfg: dict, out: Path, only: list[str] | None = None) -> None:
         )
 
 
-def _copy_flags(images: torch.Tensor, sel: pd.DataFrame, out: Path, seed: int) -> dict:
-    """Per image: copy (medmem.audit) and own-copy (nearest training image = its pair)."""
-    from medmem.data import ArrayDataset
-
+def _judge(cfg: dict, out: Path, prompts: pd.DataFrame, model: Any = None) -> CopyJudge:
+    """The copy audit of generations for ``prompts`` (medmem.text2image.CopyJudge)."""
     train_ds, val_ds, pairs = _datasets(out)
-    det = medmem.Detector.load(out / "detector")
-    P, G = images.shape[:2]
-    syn = ArrayDataset(
-        images.reshape(P * G, *images.shape[2:]),
-        ids=[f"p{p:03d}_g{g}" for p in range(P) for g in range(G)],
-    )
-    res = medmem.audit(
+    return CopyJudge(
         train_ds,
         val_ds,
-        syn,
-        detector=det,
-        n_bootstrap=200,
-        n_controls=50,
-        seed=seed,
+        medmem.Detector.load(out / "detector"),
+        prompts.assign(memorized=prompts["group"] == "duplicated")
+        if "group" in prompts.columns
+        else prompts,
+        captions=pairs[["path", "text", "finding"]],
+        encoder=model.encoder if model is not None else None,
+        seed=cfg["seed"],
         cache_dir=out / "embedding-cache",
-        quiet=True,
     )
-    s = res.synthetic.set_index("synthetic_id").loc[syn.ids]
-    path_of_id = dict(
-        zip(train_ds.ids, [str(Path(p).resolve()) for p in pairs["path"]], strict=True)
-    )
-    near = np.array([path_of_id[i] for i in s["nearest_train_id"]])
-    own = np.array([str(Path(p).resolve()) for p in sel["path"]])[np.repeat(np.arange(P), G)]
-    copy = s["copy"].to_numpy().astype(bool)
-    return {
-        "copy": copy,
-        "own_copy": copy & (near == own),
-        "nearest": near,
-        "tau": float(res.summary["tau"]),
-        "synthetic": syn,
-    }
 
 
 def stage_fix_eval(cfg: dict, out: Path) -> None:
@@ -287,10 +306,11 @@ def stage_fix_eval(cfg: dict, out: Path) -> None:
         ]
     )
     G = ev["n_per_prompt"]
-    _, base_t = load_tensors(out / "mitigation-none-images.safetensors", fix="Rerun mitigations.")
-    base_flags = _copy_flags(base_t["images"], sel, out, cfg["seed"])
+    _, base_t = load_tensors(out / "mitigation-none-images.safetensors")
+    judge = _judge(cfg, out, sel)
+    base_flags = judge.flags(base_t["images"], sel["path"].tolist())
     fix_images = gen.images[torch.tensor(sel.index.to_numpy().copy())]
-    fix_flags = _copy_flags(fix_images, sel, out, cfg["seed"])
+    fix_flags = judge.flags(fix_images, sel["path"].tolist())
     rows = []
     group = np.repeat(sel["group"].to_numpy(), G)
     marker = np.repeat(sel["n_markers"].to_numpy() > 0, G)
@@ -304,8 +324,8 @@ def stage_fix_eval(cfg: dict, out: Path) -> None:
                         "group": g,
                         "has_marker": m,
                         "n_images": int(k.sum()),
-                        "copies": float(flags["copy"][k].mean()) if k.any() else None,
-                        "own_copies": float(flags["own_copy"][k].mean()) if k.any() else None,
+                        "copies": float(flags.copy[k].mean()) if k.any() else None,
+                        "own_copies": float(flags.own_copy[k].mean()) if k.any() else None,
                     }
                 )
     write_table(pd.DataFrame(rows), out / "fix-copies.csv")
@@ -313,8 +333,6 @@ def stage_fix_eval(cfg: dict, out: Path) -> None:
 
 def stage_unconditional(cfg: dict, out: Path) -> None:
     """Diagnostic: do unconditional samples (empty prompt) copy the duplicated images?"""
-    from medmem.text2image import EncodedText
-
     model, _, _ = _load(out)
     n = cfg["eval"].get("n_unconditional", 64)
     e = model.empty
@@ -327,26 +345,24 @@ def stage_unconditional(cfg: dict, out: Path) -> None:
         model, cond, n_per_prompt=1, seed=cfg["seed"] + 1, batch_size=cfg["eval"]["batch_size"]
     )
     pairs = pd.read_csv(out / "pairs-unique.csv", dtype={"patient_id": str})
-    flags = _copy_flags(
-        gen.images, pairs.iloc[:0].reindex(range(n)).assign(path="none"), out, cfg["seed"]
-    )
+    flags = _judge(cfg, out, pd.DataFrame({"text": [""] * n})).flags(gen.images)
     train_ds, _, _ = _datasets(out)
     dup_paths = {str(Path(p).resolve()) for p in pairs.loc[pairs["duplicated"], "path"]}
-    near = flags["nearest"]
+    near = flags.nearest
     is_dup = np.array([p in dup_paths for p in near])
     atomic_write_json(
         out / "unconditional.json",
         {
             "n_samples": n,
-            "copies": int(flags["copy"].sum()),
-            "copies_of_duplicated_images": int((flags["copy"] & is_dup).sum()),
+            "copies": int(flags.copy.sum()),
+            "copies_of_duplicated_images": int((flags.copy & is_dup).sum()),
             "nearest_is_duplicated_image": int(is_dup.sum()),
             "distinct_duplicated_images_copied": int(
-                len({p for p, c, d in zip(near, flags["copy"], is_dup, strict=True) if c and d})
+                len({p for p, c, d in zip(near, flags.copy, is_dup, strict=True) if c and d})
             ),
             "n_duplicated_images": len(dup_paths),
             "n_training_images": len(train_ds),
-            "tau": flags["tau"],
+            "tau": flags.tau,
             "d_mean_unconditional": float(gen.d.mean()),
         },
     )
@@ -356,13 +372,13 @@ def stage_labels(cfg: dict, out: Path) -> None:
     """Audit-judged memorization of every scored training prompt: an own copy (its paired
     training image, by medmem.audit) among its generations of the scores stage."""
     prompts = pd.read_csv(out / "prompts-scored.csv")
-    _, t = load_tensors(out / "scores.safetensors", fix="Rerun the scores stage.")
+    _, t = load_tensors(out / "scores.safetensors")
     train = prompts[prompts["group"] != "unseen"]
     images = t["images"][torch.tensor(train.index.to_numpy().copy())]
-    flags = _copy_flags(images, train, out, cfg["seed"])
+    flags = _judge(cfg, out, train).flags(images, train["path"].tolist())
     G = images.shape[1]
-    own = flags["own_copy"].reshape(-1, G).sum(1)
-    copy = flags["copy"].reshape(-1, G).sum(1)
+    own = flags.own_copy.reshape(-1, G).sum(1)
+    copy = flags.copy.reshape(-1, G).sum(1)
     write_table(train.assign(own_copies=own, copies=copy, n_generations=G), out / "labels.csv")
 
 
@@ -558,89 +574,26 @@ def _mitigation_selection(cfg: dict, out: Path) -> pd.DataFrame:
     )
 
 
-class ImageJudge:
-    """Copies, own copies, FID in the detector's feature space and prompt faithfulness of
-    the images generated for the mitigation prompts (one row of the mitigation table)."""
-
-    def __init__(self, cfg: dict, out: Path, model: TextToImageModel) -> None:
-        self.cfg, self.out = cfg, out
-        train_ds, _, pairs = _datasets(out)
-        self.det = medmem.Detector.load(out / "detector")
-        self.train_feat = metrics.extract_features(train_ds, self.det, quiet=True)
-        self.sel = _mitigation_selection(cfg, out)
-        paths = [str(Path(p).resolve()) for p in pairs["path"]]
-        self.finding_of = dict(zip(paths, pairs["finding"], strict=True))
-        self.caption_of = dict(zip(paths, pairs["text"], strict=True))
-        self.encoder = model.encoder
-        self.prompt_emb = model.encoder.sentence_embedding(self.sel["text"].tolist())
-
-    def row(self, images: torch.Tensor, scores: dict[str, np.ndarray]) -> dict[str, Any]:
-        """``images`` (P, G, 1, H, W) and per-prompt ``scores`` of the selected prompts."""
-        sel = self.sel
-        P, G = images.shape[:2]
-        flags = _copy_flags(images, sel, self.out, self.cfg["seed"])
-        near, copy, own_copy = flags["nearest"], flags["copy"], flags["own_copy"]
-        prompt_idx = np.repeat(np.arange(P), G)
-        syn_feat = metrics.extract_features(flags["synthetic"], self.det, quiet=True)
-        fid = metrics.fid(self.train_feat, syn_feat)
-        agree = (
-            np.array([self.finding_of[n] for n in near]) == sel["finding"].to_numpy()[prompt_idx]
-        )
-        cap_emb = self.encoder.sentence_embedding([self.caption_of[n] for n in near])
-        cosine = (cap_emb * self.prompt_emb[prompt_idx]).sum(1).numpy()
-        dup = sel["group"].to_numpy()[prompt_idx] == "duplicated"
-        pdup = sel["group"].to_numpy() == "duplicated"
-        return {
-            "d_first_duplicated": float(scores["d_first"][pdup].mean()),
-            "d_first_single": float(scores["d_first"][~pdup].mean()),
-            "d_mean_duplicated": float(scores["d_mean"][pdup].mean()),
-            "auroc_d_first": detection(scores["d_first"][pdup], scores["d_first"][~pdup])["auroc"],
-            "copies_duplicated": float(copy[dup].mean()),
-            "own_copies_duplicated": float(own_copy[dup].mean()),
-            "copies_single": float(copy[~dup].mean()),
-            "own_copies_single": float(own_copy[~dup].mean()),
-            "fid_detector": float(fid),
-            "finding_agreement": float(agree.mean()),
-            "caption_cosine": float(cosine.mean()),
-            "tau": flags["tau"],
-            "n_images": int(P * G),
-        }
-
-
 def stage_mitigations(cfg: dict, out: Path) -> None:
     """Each inference-time mitigation on the duplicated and some single prompts: d_t, image
     copies (medmem.audit), FID in the detector's feature space, prompt faithfulness."""
     ev = cfg["eval"]
     model, _, _ = _load(out)
-    judge = ImageJudge(cfg, out, model)
-    texts = judge.sel["text"].tolist()
-    rows = []
-    for kind in MITIGATIONS:
-        t0 = time.perf_counter()
-        gen = mitigated_generate(
-            model,
-            texts,
-            Mitigation(kind, seed=cfg["seed"]),
-            n_per_prompt=ev["n_per_prompt"],
-            seed=cfg["seed"],
-            batch_size=ev["batch_size"],
-        )
-        seconds = time.perf_counter() - t0
-        rows.append(
-            {
-                "mitigation": Mitigation(kind).label,
-                **judge.row(gen.images, gen.scores()),
-                "seconds": round(seconds, 1),
-            }
-        )
-        log.info("mitigation %s: %s", kind, rows[-1])
-        write_table(pd.DataFrame(rows), out / "mitigations.csv")
-        if kind == "none":
-            save_tensors(
-                out / "mitigation-none-images.safetensors",
-                {"images": gen.images.contiguous()},
-                {"texts_group": list(judge.sel["group"])},
-            )
+    sel = _mitigation_selection(cfg, out)
+    train_ds, val_ds, pairs = _datasets(out)
+    audit_mitigations(
+        model,
+        sel.assign(memorized=sel["group"] == "duplicated"),
+        train_ds,
+        val_ds,
+        medmem.Detector.load(out / "detector"),
+        out,
+        captions=pairs[["path", "text", "finding"]],
+        n_per_prompt=ev["n_per_prompt"],
+        seed=cfg["seed"],
+        batch_size=ev["batch_size"],
+        cache_dir=out / "embedding-cache",
+    )
 
 
 def _models(cfg: dict, out: Path) -> dict[str, Path]:
@@ -675,7 +628,7 @@ def stage_variants_eval(cfg: dict, out: Path) -> None:
             missing.append(name)
             continue
         model = TextToImageModel.load(run / "model")
-        judge = judge or ImageJudge(cfg, out, model)
+        judge = judge or _judge(cfg, out, _mitigation_selection(cfg, out), model)
         t0 = time.perf_counter()
         gen = generate(
             model,
@@ -728,7 +681,7 @@ def stage_variants_eval(cfg: dict, out: Path) -> None:
 def stage_report(cfg: dict, out: Path) -> None:
     """docs/results/text2image.json and docs/figures/text2image-*.png (aggregates only)."""
     prompts = pd.read_csv(out / "prompts-scored.csv")
-    meta, tensors = load_tensors(out / "scores.safetensors", fix="Rerun the scores stage.")
+    meta, tensors = load_tensors(out / "scores.safetensors")
     det = detection_table(prompts)
     groups_arr = prompts["group"].to_numpy()
     d_steps = tensors["d"].mean(1).numpy()  # (P, S): mean over generations
@@ -929,7 +882,7 @@ def stage_report(cfg: dict, out: Path) -> None:
         "timings_s": timings,
         "machine": {
             "cpu": _cpu(),
-            "cores": __import__("os").cpu_count(),
+            "cores": os.cpu_count(),
             "python": platform.python_version(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
