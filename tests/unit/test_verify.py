@@ -56,7 +56,7 @@ def test_changed_copies_outscore_unrelated_images(dims: int) -> None:
         "flip": torch.flip(train[:4], dims=[-1]),
         "shift": zero_shift(train[:4], n // 12),
         "zoom": F.interpolate(
-            train[:4, :, *[slice(n // 10, n - n // 10)] * dims],
+            train[(slice(0, 4), slice(None), *[slice(n // 10, n - n // 10)] * dims)],
             size=shape,
             mode="bilinear" if dims == 2 else "trilinear",
             align_corners=False,
