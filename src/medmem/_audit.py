@@ -64,7 +64,7 @@ from medmem._validation import (
     check_seed_int,
 )
 from medmem.search import DEFAULT_BLOCK_SIZE, nearest, standardize
-from medmem.verify import SCORES, AlignConfig, AlignedScorer, stack_images
+from medmem.verify import SCORES, AlignConfig, AlignedScorer, AlignedSearch, stack_images
 
 SCHEMA_VERSION = 3  # 3: intervals.expected_copies (was expected_chance_copies)
 TRAINING_COLUMNS = [
@@ -1049,53 +1049,6 @@ def _calibration_info(
     return info
 
 
-class _AlignedSearch:
-    """``nearest`` over aligned scores (:mod:`medmem.verify`) for the audit's sets.
-
-    Candidates of each row come from the embeddings (and the pixels); each candidate pair
-    is scored by the aligned NCC with the non-training image as the query, so a pair has
-    one score whichever direction it is searched in. Sets: train, val, synthetic, controls.
-    """
-
-    def __init__(
-        self, scorer: AlignedScorer, small: dict[str, Any], emb: dict[str, np.ndarray]
-    ) -> None:
-        self.scorer, self.small, self.emb = scorer, small, emb
-        self.n_pairs = 0
-
-    def __call__(self, a: str, b: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if (a == "train") == (b == "train"):
-            raise ValueError("one side of an aligned search must be the training set")
-        cfg = self.scorer.config
-        ea, eb = self.emb[a], self.emb[b]
-        n_a, n_b = len(ea), len(eb)
-        k = min(k, n_b)
-        cols = [nearest(ea, eb, k=min(n_b, max(k, cfg.n_candidates)))[1]]
-        if cfg.n_pixel_candidates > 0:
-            pa = self.small[a].flatten(1).numpy()
-            pb = self.small[b].flatten(1).numpy()
-            cols.append(nearest(pa, pb, k=min(n_b, cfg.n_pixel_candidates))[1])
-        cand = np.concatenate(cols, axis=1)
-        rows = np.repeat(np.arange(n_a), cand.shape[1])
-        _, first = np.unique(rows * n_b + cand.ravel(), return_index=True)
-        rows, cand = rows[first], cand.ravel()[first]
-        if a == "train":
-            sc = self.scorer.score_pairs(self.small[b], cand, rows)
-        else:
-            sc = self.scorer.score_pairs(self.small[a], rows, cand)
-        self.n_pairs += len(sc)
-        order = np.lexsort((cand, -sc, rows))  # by row; score descending; lower index first
-        rows, cand, sc = rows[order], cand[order], sc[order]
-        starts = np.searchsorted(rows, np.arange(n_a))
-        rank = np.arange(len(rows)) - starts[rows]
-        keep = rank < k
-        top = np.full((n_a, k), -np.inf)
-        idx = np.zeros((n_a, k), dtype=np.int64)
-        top[rows[keep], rank[keep]] = sc[keep]
-        idx[rows[keep], rank[keep]] = cand[keep]
-        return top, idx
-
-
 def audit_embeddings(
     train: np.ndarray,
     val: np.ndarray,
@@ -1504,7 +1457,7 @@ def audit(
         if ctrl_img is not None and e_ctrl is not None:
             small["controls"] = scorer.small(torch.from_numpy(ctrl_img))
             emb["controls"] = e_ctrl
-        search = _AlignedSearch(scorer, small, emb)
+        search = AlignedSearch(scorer, small, emb)
         timings["verification_setup"] = round(time.perf_counter() - t, 3)
     result = audit_embeddings(
         e_tr,
@@ -1565,7 +1518,7 @@ def audit(
 
 
 def _score_summary(
-    score: str, align: AlignConfig | None, search: _AlignedSearch | None
+    score: str, align: AlignConfig | None, search: AlignedSearch | None
 ) -> dict[str, Any]:
     """What the correlations in the tables are (summary.json["score"])."""
     if score == "embedding" or align is None:

@@ -289,6 +289,61 @@ class AlignedScorer:
         return np.concatenate(cols, axis=1)
 
 
+class AlignedSearch:
+    """``nearest`` over aligned scores for named sets of images (the audit's search).
+
+    Candidates of each row come from the embeddings (and the pixels); each candidate pair
+    is scored by the aligned NCC with the non-training image as the query, so a pair has
+    one score whichever direction it is searched in. ``small`` holds each set's images at
+    the scorer's working size (:meth:`AlignedScorer.small`), ``emb`` their embeddings; one
+    set must be named ``train``, the scorer's training images.
+
+    Example:
+        >>> search = AlignedSearch(scorer, small, emb)  # doctest: +SKIP
+        >>> scores, rows = search("synthetic", "train", 1)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, scorer: AlignedScorer, small: dict[str, torch.Tensor], emb: dict[str, np.ndarray]
+    ) -> None:
+        self.scorer, self.small, self.emb = scorer, small, emb
+        self.n_pairs = 0
+
+    def __call__(self, a: str, b: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if (a == "train") == (b == "train"):
+            raise InputError(
+                f"an aligned search needs the set 'train' on one side, got {a!r}, {b!r}."
+            )
+        cfg = self.scorer.config
+        ea, eb = self.emb[a], self.emb[b]
+        n_a, n_b = len(ea), len(eb)
+        k = min(k, n_b)
+        cols = [nearest(ea, eb, k=min(n_b, max(k, cfg.n_candidates)))[1]]
+        if cfg.n_pixel_candidates > 0:
+            pa = self.small[a].flatten(1).numpy()
+            pb = self.small[b].flatten(1).numpy()
+            cols.append(nearest(pa, pb, k=min(n_b, cfg.n_pixel_candidates))[1])
+        cand = np.concatenate(cols, axis=1)
+        rows = np.repeat(np.arange(n_a), cand.shape[1])
+        _, first = np.unique(rows * n_b + cand.ravel(), return_index=True)
+        rows, cand = rows[first], cand.ravel()[first]
+        if a == "train":
+            sc = self.scorer.score_pairs(self.small[b], cand, rows)
+        else:
+            sc = self.scorer.score_pairs(self.small[a], rows, cand)
+        self.n_pairs += len(sc)
+        order = np.lexsort((cand, -sc, rows))  # by row; score descending; lower index first
+        rows, cand, sc = rows[order], cand[order], sc[order]
+        starts = np.searchsorted(rows, np.arange(n_a))
+        rank = np.arange(len(rows)) - starts[rows]
+        keep = rank < k
+        top = np.full((n_a, k), -np.inf)
+        idx = np.zeros((n_a, k), dtype=np.int64)
+        top[rows[keep], rank[keep]] = sc[keep]
+        idx[rows[keep], rank[keep]] = cand[keep]
+        return top, idx
+
+
 def stack_images(dataset: object, size: int) -> torch.Tensor:
     """Every image of a medmem dataset, channels averaged, resized to ``size`` per side:
     (n, 1, *size). Read one at a time, so memory is that of the small images only."""
@@ -302,4 +357,11 @@ def stack_images(dataset: object, size: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-__all__ = ["SCORES", "AlignConfig", "AlignedScorer", "alignment_matrices", "stack_images"]
+__all__ = [
+    "SCORES",
+    "AlignConfig",
+    "AlignedScorer",
+    "AlignedSearch",
+    "alignment_matrices",
+    "stack_images",
+]

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 
 import medmem
 from medmem import InputError
-from medmem._audit import _AlignedSearch
 from medmem.data import ArrayDataset
-from medmem.verify import AlignConfig, AlignedScorer, alignment_matrices
+from medmem.verify import AlignConfig, AlignedScorer, AlignedSearch, alignment_matrices
 
 
 def smooth(n: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -90,7 +89,7 @@ def test_aligned_search_is_one_score_per_pair_ranked_like_nearest() -> None:
     rng = np.random.default_rng(0)
     emb = {"train": rng.normal(size=(10, 6)), "synthetic": rng.normal(size=(7, 6))}
     scorer = AlignedScorer(train, AlignConfig(n_candidates=10))
-    search = _AlignedSearch(
+    search = AlignedSearch(
         scorer, {"train": scorer.small(train), "synthetic": scorer.small(syn)}, emb
     )
     top, idx = search("synthetic", "train", 3)
