@@ -16,7 +16,7 @@ are drawn from the pool (``--draws`` times) and the audit's thresholds computed:
 Rates are pooled over draws and splits; the interval is a t interval over the split means
 (splits are the independent units). Nominal rate: 5%.
 
-Usage: python benchmarks/calibration.py [--splits 5] [--draws 20]
+Usage: python -m benchmarks.calibration [--splits 5] [--draws 20]
 Writes docs/results/calibration.{json,md}.
 """
 
@@ -32,10 +32,8 @@ import numpy as np
 import pandas as pd
 
 import medmem
+from benchmarks._common import NIH, load_nih, machine, read_manifest
 from medmem.search import nearest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import NIH, load_nih, machine, read_manifest  # noqa: E402
 
 RATIOS = (0.1, 0.2, 0.33, 0.5, 0.75, 1.0, 1.5)
 
@@ -169,7 +167,7 @@ def main() -> int:
         "table": table,
         "seconds": seconds,
         "machine": machine(),
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python", "-m", "benchmarks.calibration", *sys.argv[1:]]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")

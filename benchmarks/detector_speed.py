@@ -8,7 +8,7 @@ the full image size, every epoch of the 200 trained: ``input_size = image_size``
 ``early_stopping = False``) is timed for a few epochs and its full run extrapolated from the
 measured time per epoch (stated as an extrapolation).
 
-Run it on an otherwise idle machine. Usage: python benchmarks/detector_speed.py
+Run it on an otherwise idle machine. Usage: python -m benchmarks.detector_speed
 Writes docs/benchmarks/detector-speed.{json,md}.
 """
 
@@ -24,9 +24,7 @@ import numpy as np
 import pandas as pd
 
 import medmem
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import DATA_ROOT, NIH, machine, read_manifest  # noqa: E402
+from benchmarks._common import DATA_ROOT, NIH, machine, read_manifest
 
 BUDGET_S = {2: 180.0, 3: 600.0}
 
@@ -92,7 +90,11 @@ def main() -> int:
             }
         )
         print(rows[-1], flush=True)
-    report = {"rows": rows, "machine": machine(), "command": " ".join(["python", *sys.argv])}
+    report = {
+        "rows": rows,
+        "machine": machine(),
+        "command": " ".join(["python", "-m", "benchmarks.detector_speed", *sys.argv[1:]]),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "detector-speed.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "detector-speed.md").write_text(render(report))

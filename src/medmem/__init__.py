@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from medmem import search
+from medmem import search, verify
 from medmem._audit import (
     CALIBRATIONS,
     AuditResult,
@@ -19,6 +19,7 @@ from medmem._audit import (
     audit_embeddings,
     calibrate,
     check_patient_overlap,
+    control_images,
     format_verdict,
     make_controls,
     min_calibration_size,
@@ -46,9 +47,11 @@ __all__ = [
     "audit_embeddings",
     "calibrate",
     "check_patient_overlap",
+    "control_images",
     "format_verdict",
     "load_dataset",
     "make_controls",
     "min_calibration_size",
     "search",
+    "verify",
 ]

@@ -1640,6 +1640,14 @@ def format_verdict(s: dict[str, Any]) -> str:
     name = s.get("calibration", "paper")
     paper_def = f"{s['percentile']:g}th percentile of train->nearest-val correlations, the paper's"
     lines = [f"calibration: {name}: {calibration_sentence(s)}"]
+    score = s.get("score")
+    if isinstance(score, dict) and score.get("method") == "aligned":
+        lines.append(
+            "score: aligned (correlation after the best flip/rotation/zoom/shift of each "
+            "candidate training image, tile by tile; --score embedding for the paper's)"
+        )
+    elif isinstance(score, dict):
+        lines.append("score: embedding correlation (the paper's)")
     if name == "paper":
         lines.append(
             f"tau = tau_mem = {s['tau']:.4f} ({paper_def}){rng('tau', '{:.4f}')}: copies "

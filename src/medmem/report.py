@@ -278,6 +278,12 @@ def _verdict(s: dict[str, Any]) -> str:
         f"<b>{_e(name)}</b></span> (alpha = {_num('alpha', _alpha_of(s), 'g')}): "
         f'<span id="calibration_sentence">{_e(calibration_sentence(s))}</span>.</p>'
     )
+    score = s.get("score")
+    if isinstance(score, dict) and score.get("method"):
+        calib += (
+            f'<p id="score-line">Score: <b>{_e(score["method"])}</b>: '
+            f"{_e(score.get('description', ''))}.</p>"
+        )
     warning = low_sensitivity_warning(s)
     low = f'<p class="warn" id="low-sensitivity">{_e(warning)}</p>' if warning else ""
     return (

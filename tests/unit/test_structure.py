@@ -140,11 +140,7 @@ SCRIPTS = sorted(
 )
 # Still to change by their owner (their sibling imports, as ``from benchmarks._common
 # import ...``, run as ``python -m benchmarks.<name>``); remove each name once done.
-PENDING_SYS_PATH = {
-    "benchmarks/calibration.py",
-    "benchmarks/detection.py",
-    "benchmarks/detector_speed.py",
-}
+PENDING_SYS_PATH: set[str] = set()
 
 
 def _private_medmem_uses(tree: ast.AST) -> list[str]:
