@@ -30,10 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 import medmem
 from benchmarks._common import NIH, load_nih, machine, read_manifest
 from medmem.search import nearest
+from medmem.verify import AlignConfig, AlignedScorer, AlignedSearch
 
 RATIOS = (0.1, 0.2, 0.33, 0.5, 0.75, 1.0, 1.5)
 
@@ -58,6 +60,10 @@ def split(manifest: pd.DataFrame, seed: int, n_train: int, n_val_pool: int) -> d
     return {k: manifest[pid.isin(set(v))].reset_index(drop=True) for k, v in parts.items()}
 
 
+def _stack(ds: medmem.ImageDataset) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(ds[i]) for i in range(len(ds))])
+
+
 def t_interval(values: list[float]) -> list[float]:
     """95% t interval of the mean of independent values."""
     from math import sqrt
@@ -78,6 +84,12 @@ def main() -> int:
     ap.add_argument("--n-train", type=int, default=200)
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--percentile", type=float, default=95.0)
+    ap.add_argument(
+        "--score",
+        choices=("aligned", "embedding"),
+        default="aligned",
+        help="the audit's score (default: aligned, as medmem audit)",
+    )
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
     ap.add_argument("--checkpoint-dir", type=Path, default=Path("runs/calibration-benchmark"))
     args = ap.parse_args()
@@ -99,7 +111,22 @@ def main() -> int:
         )
         seconds[f"detector split {sp}"] = round(time.perf_counter() - t, 1)
         e_tr, e_vp, e_nv = (det.embed(ds, quiet=True) for ds in (train, val_pool, novel))
-        novel_scores = nearest(e_nv, e_tr)[0][:, 0]
+        t = time.perf_counter()
+        pool = None
+        if args.score == "aligned":
+            scorer = AlignedScorer(_stack(train), AlignConfig())
+            small = {
+                "train": scorer.small(_stack(train)),
+                "val": scorer.small(_stack(val_pool)),
+                "synthetic": scorer.small(_stack(novel)),
+            }
+            emb = {"train": e_tr, "val": e_vp, "synthetic": e_nv}
+            ids = {"val": [f"v{i}" for i in range(len(val_pool))]}
+            ids["synthetic"] = [f"n{i}" for i in range(len(novel))]
+            pool = AlignedSearch(scorer, small, emb, ids=ids)
+            novel_scores = pool("synthetic", "train", 1)[0][:, 0]
+        else:
+            novel_scores = nearest(e_nv, e_tr)[0][:, 0]
         n_tr = len(train)
         print(
             f"split {sp}: train {n_tr}, val pool {len(val_pool)}, novel {len(novel)}, detector "
@@ -114,6 +141,22 @@ def main() -> int:
                 vi = rng.choice(len(val_pool), size=n_val, replace=False)
                 si = rng.choice(len(novel), size=min(n_tr, len(novel)), replace=False)
                 row = {"ratio": ratio, "n_val": n_val, "draw": d}
+                search = None
+                if pool is not None:  # this draw's sets, scores shared with the pool's
+                    search = AlignedSearch(
+                        pool.scorer,
+                        {
+                            "train": pool.small["train"],
+                            "val": pool.small["val"][vi],
+                            "synthetic": pool.small["synthetic"][si],
+                        },
+                        {"train": e_tr, "val": e_vp[vi], "synthetic": e_nv[si]},
+                        ids={
+                            "val": [pool.ids["val"][i] for i in vi],
+                            "synthetic": [pool.ids["synthetic"][i] for i in si],
+                        },
+                        cache=pool.cache,
+                    )
                 for cal in ("conformal", "paper"):
                     try:
                         r = medmem.audit_embeddings(
@@ -123,6 +166,7 @@ def main() -> int:
                             percentile=args.percentile,
                             calibration=cal,
                             n_bootstrap=0,
+                            search=search,
                         )
                     except medmem.InputError as exc:  # too few validation images for the rate
                         row[f"{cal}_error"] = str(exc).split(".")[0]
@@ -138,6 +182,7 @@ def main() -> int:
                     )
                 rows.append(row)
         per_split.append(pd.DataFrame(rows).assign(split=sp, n_train=n_tr, n_novel=len(novel)))
+        seconds[f"scoring split {sp}"] = round(time.perf_counter() - t, 1)
     df = pd.concat(per_split, ignore_index=True)
     table = []
     for ratio in RATIOS:
@@ -159,6 +204,7 @@ def main() -> int:
     seconds["total"] = round(time.perf_counter() - t0, 1)
     report = {
         "data": "NIH ChestX-ray14 subset (../shared/data/nih-cxr), no copies",
+        "score": args.score,
         "nominal_rate": (100 - args.percentile) / 100,
         "splits": args.splits,
         "draws": args.draws,
@@ -195,6 +241,9 @@ def render(r: dict) -> str:
         "novel-pool images (patients in neither set) whose nearest training image correlates "
         ">= tau. False-memorized rate: the share of training images whose nearest image in a "
         "novel 'synthetic' set of |train| images correlates >= tau_mem.",
+        f"- Score: {r.get('score', 'embedding')} (`--score {r.get('score', 'embedding')}`; "
+        "docs/scoring.md). Detector seconds are loading time when a split's detector "
+        "resumed from a finished checkpoint in runs/calibration-benchmark/.",
         "- Brackets: 95% t interval over the split means (splits are the independent units).",
         f"- Machine: {r['machine']}. Seconds: {r['seconds']}.",
         "",

@@ -298,16 +298,49 @@ class AlignedSearch:
     the scorer's working size (:meth:`AlignedScorer.small`), ``emb`` their embeddings; one
     set must be named ``train``, the scorer's training images.
 
+    Every scored pair is cached, so a pair searched again (from the other side, or with a
+    larger k) is not scored twice. ``ids`` names each set's rows (default: the set name and
+    row number); searches that share ``cache`` and name their rows by the same ids reuse
+    each other's scores (subsets of one pool, as in a benchmark).
+
     Example:
         >>> search = AlignedSearch(scorer, small, emb)  # doctest: +SKIP
         >>> scores, rows = search("synthetic", "train", 1)  # doctest: +SKIP
     """
 
     def __init__(
-        self, scorer: AlignedScorer, small: dict[str, torch.Tensor], emb: dict[str, np.ndarray]
+        self,
+        scorer: AlignedScorer,
+        small: dict[str, torch.Tensor],
+        emb: dict[str, np.ndarray],
+        *,
+        ids: dict[str, Sequence[object]] | None = None,
+        cache: dict[tuple[object, object], float] | None = None,
     ) -> None:
         self.scorer, self.small, self.emb = scorer, small, emb
+        self.ids = ids
+        self.cache: dict[tuple[object, object], float] = {} if cache is None else cache
         self.n_pairs = 0
+
+    def _key(self, name: str, row: int) -> object:
+        if self.ids is not None and name in self.ids:
+            return self.ids[name][row]
+        return (name, row)
+
+    def _scores(self, q_set: str, q_rows: np.ndarray, t_rows: np.ndarray) -> np.ndarray:
+        """Aligned scores of pairs (q_set row, train row), from the cache where known."""
+        keys = [
+            (self._key(q_set, int(q)), self._key("train", int(t)))
+            for q, t in zip(q_rows, t_rows, strict=True)
+        ]
+        out = np.array([self.cache.get(key, np.nan) for key in keys], dtype=np.float64)
+        new = np.flatnonzero(np.isnan(out))
+        if len(new):
+            out[new] = self.scorer.score_pairs(self.small[q_set], q_rows[new], t_rows[new])
+            self.n_pairs += len(new)
+            for j in new:
+                self.cache[keys[j]] = float(out[j])
+        return out
 
     def __call__(self, a: str, b: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         if (a == "train") == (b == "train"):
@@ -327,11 +360,7 @@ class AlignedSearch:
         rows = np.repeat(np.arange(n_a), cand.shape[1])
         _, first = np.unique(rows * n_b + cand.ravel(), return_index=True)
         rows, cand = rows[first], cand.ravel()[first]
-        if a == "train":
-            sc = self.scorer.score_pairs(self.small[b], cand, rows)
-        else:
-            sc = self.scorer.score_pairs(self.small[a], rows, cand)
-        self.n_pairs += len(sc)
+        sc = self._scores(b, cand, rows) if a == "train" else self._scores(a, rows, cand)
         order = np.lexsort((cand, -sc, rows))  # by row; score descending; lower index first
         rows, cand, sc = rows[order], cand[order], sc[order]
         starts = np.searchsorted(rows, np.arange(n_a))

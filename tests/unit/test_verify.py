@@ -96,6 +96,9 @@ def test_aligned_search_is_one_score_per_pair_ranked_like_nearest() -> None:
     assert top.shape == idx.shape == (7, 3)
     assert (np.diff(top, axis=1) <= 0).all()
     np.testing.assert_array_equal(idx[:3, 0], [0, 1, 2])  # every training image a candidate
+    n_scored = search.n_pairs
+    search("synthetic", "train", 3)  # again: every pair from the cache
+    assert search.n_pairs == n_scored
     back, back_idx = search("train", "synthetic", 1)
     # the same pair has the same score whichever direction it is searched in
     for t in range(3):
