@@ -29,7 +29,7 @@ from medmem._io import atomic_save, atomic_write_json
 from medmem._progress import progress
 from medmem._validation import check_positive_int
 from medmem.detector import _checkpoint
-from medmem.detector._cache import EmbeddingCache
+from medmem.detector._cache import EmbeddingCache, embed_in_shards
 from medmem.detector._config import RUNTIME_FIELDS, DetectorConfig
 from medmem.detector._encoder import ContrastiveEncoder, resample
 from medmem.detector._loss import nt_xent
@@ -563,24 +563,16 @@ class Detector:
                 "same preprocessing as the training set)."
             )
         n = len(dataset)  # type: ignore[arg-type]
-        out = np.zeros((n, cfg.embed_dim), dtype=np.float32)
-        todo = np.arange(n)
         cache = keys = None
         if cache_dir is not None:
             cache = EmbeddingCache(cache_dir, self.fingerprint, cfg.embed_dim)
             keys = [dataset.item_key(i) for i in range(n)]  # type: ignore[attr-defined]
-            found, cached = cache.get(keys)
-            out[found] = cached[found]
-            todo = np.flatnonzero(~found)
-            if found.any():
-                logger.info("embedding cache: %d of %d images found", int(found.sum()), n)
-        if len(todo):
-            out[todo] = self._forward(
-                Subset(dataset, todo.tolist()), batch_size, num_workers, quiet
-            )
-            if cache is not None and keys is not None:
-                cache.put([keys[i] for i in todo], out[todo])
-        return out
+
+        # sharded (resumable) and, under torchrun, split across ranks: medmem.detector._cache
+        def compute(idx: np.ndarray) -> np.ndarray:
+            return self._forward(Subset(dataset, idx.tolist()), batch_size, num_workers, quiet)
+
+        return embed_in_shards(compute, n, cfg.embed_dim, cache, keys)
 
     def _forward(
         self, dataset: Dataset, batch_size: int, num_workers: int, quiet: bool
