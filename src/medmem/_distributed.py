@@ -97,20 +97,7 @@ def gather_rows(local: np.ndarray) -> np.ndarray:
     return np.concatenate(rows, axis=0).astype(local.dtype, copy=False)
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` from every rank, in rank order, with gradients flowing back to this
-    rank's own rows (the other ranks' rows are constants here, as in SimCLR). Every rank
-    must pass the same shape."""
-    if not is_distributed():
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[rank()] = x
-    return torch.cat(parts, dim=0)
-
-
 __all__ = [
-    "all_gather_with_grad",
     "barrier",
     "gather_rows",
     "init_from_env",

@@ -65,6 +65,11 @@ def _size(value: str | None) -> tuple[int, ...] | None:
     return parts
 
 
+def _is_writer() -> bool:
+    """False on torchrun ranks other than 0: they compute alongside rank 0, write nothing."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _claim(
     ctx: click.Context,
     out: Path,
@@ -78,7 +83,10 @@ def _claim(
     """Claim ``--out`` for the whole command, before any work (medmem._io.claim_output):
     not an input, writable, not being written by another medmem run. ``inputs`` are image
     sources (``--out`` may not be, hold or lie in them); ``keep`` are folders read whole
-    (a model, a detector, a cache: ``--out`` may not be or hold them)."""
+    (a model, a detector, a cache: ``--out`` may not be or hold them). Under torchrun only
+    rank 0 claims (and writes)."""
+    if not _is_writer():
+        return
     from medmem._io import claim_output
     from medmem.data._sources import input_roots
 
@@ -110,6 +118,10 @@ def main(ctx: click.Context, quiet: bool, debug: bool) -> None:
     # the flag reaches each command through ctx.obj and then the API's quiet= arguments;
     # the process environment is left alone
     ctx.obj.update(quiet=quiet, debug=debug)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
+        from medmem._distributed import init_from_env
+
+        init_from_env()
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(message)s",
@@ -312,6 +324,8 @@ def train_detector(
         ),
         **settings,
     )
+    if not _is_writer():
+        return
     det.save(out, overwrite=overwrite)
     click.echo(f"detector saved to {out} (fingerprint {det.fingerprint[:12]})")
 
@@ -457,6 +471,8 @@ def audit_cmd(
         )
         | settings,
     )
+    if not _is_writer():
+        return
     result.save(out, overwrite=overwrite)
     click.echo(format_verdict(result.summary))
     click.echo(f"results in {out}")
