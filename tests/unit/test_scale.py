@@ -32,7 +32,7 @@ def _images(n: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def det() -> Detector:
-    return Detector.train(ArrayDataset(_images(8, 1)), quiet=True, **TINY)
+    return Detector.train(ArrayDataset(_images(8, 1)), quiet=True, **TINY)  # 2 steps of 4
 
 
 # ---------------------------------------------------------------- sharded, resumable
@@ -125,11 +125,14 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     assert _distributed.init_from_env()
     import medmem
 
+    # DDP training: each rank forwards half of each batch, NT-Xent over the global batch
+    trained = Detector.train(ArrayDataset(np.load(Path(tmp) / "det_train.npy")), quiet=True, **TINY)
     det = Detector.load(Path(tmp) / "det")
     sets = {k: ArrayDataset(np.load(Path(tmp) / f"{k}.npy")) for k in ("tr", "va", "sy")}
     emb = det.embed(sets["sy"], batch_size=3, cache_dir=Path(tmp) / "cache", quiet=True)
     result = medmem.audit(sets["tr"], sets["va"], sets["sy"], detector=det, **AUDIT)
     if _distributed.is_main():  # rank 0 alone writes
+        trained.save(Path(tmp) / "det_2")
         np.save(Path(tmp) / "emb_2.npy", emb)
         (Path(tmp) / "audit_2.json").write_text(json.dumps(_audit_numbers(result)))
     torch.distributed.destroy_process_group()
@@ -143,12 +146,26 @@ def test_two_gloo_processes_match_one(det, tmp_path):
     for k, v in sets.items():
         np.save(tmp_path / f"{k}.npy", v)
     det.save(tmp_path / "det")
+    np.save(tmp_path / "det_train.npy", _images(8, 1))
     one = Detector.load(tmp_path / "det")
     data = {k: ArrayDataset(v) for k, v in sets.items()}
     emb_1 = one.embed(data["sy"], batch_size=3, quiet=True)
     result_1 = medmem.audit(data["tr"], data["va"], data["sy"], detector=one, **AUDIT)
 
     torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    # training: the same losses and weights as one process, up to float order
+    ddp = Detector.load(tmp_path / "det_2")
+    np.testing.assert_allclose(ddp.loss_history_, det.loss_history_, rtol=1e-5)
+    # Conv biases just before a batch norm have zero gradient (the norm removes them): Adam
+    # turns their float-order noise into lr-sized steps, and the norms' running means follow
+    # them. Every other weight agrees to float order; embeddings to ~1e-3.
+    weights = ddp.model_.state_dict()
+    far = {k: float((weights[k] - w).abs().max()) for k, w in det.model_.state_dict().items()}
+    far = {k for k, v in far.items() if v > 1e-4}
+    assert all(k.endswith(("downsample.0.bias", "downsample.1.running_mean")) for k in far), far
+    np.testing.assert_allclose(
+        ddp.embed(data["tr"], quiet=True), det.embed(data["tr"], quiet=True), atol=1e-2
+    )
     np.testing.assert_allclose(np.load(tmp_path / "emb_2.npy"), emb_1, rtol=1e-5, atol=1e-6)
     # each rank wrote its own shards to the cache, merged by rank 0 only when many
     assert len(list((tmp_path / "cache").rglob("shard-*.safetensors"))) == 2
@@ -156,3 +173,14 @@ def test_two_gloo_processes_match_one(det, tmp_path):
     one_numbers = _audit_numbers(result_1)
     assert one_numbers["summary"]["n_copies"] >= 2  # the planted copies are found
     _assert_close(one_numbers, two)
+
+
+def test_only_rank_0_claims_the_output(tmp_path, monkeypatch):
+    from medmem import cli
+
+    monkeypatch.setenv("RANK", "1")
+    assert not cli._is_writer()
+    cli._claim(None, tmp_path / "out", inputs=[str(tmp_path)])  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("RANK", "0")
+    assert cli._is_writer()

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset
 
 import medmem
+from medmem import _distributed
 from medmem._errors import InputError, MedmemError, NotFittedError, OutputExistsError
 from medmem._io import atomic_save, atomic_write_json
 from medmem._progress import progress
@@ -396,6 +397,7 @@ class Detector:
         n = len(dataset)  # type: ignore[arg-type]
         fingerprint = dataset.fingerprint()  # type: ignore[attr-defined]
         batch_size = min(cfg.batch_size, n)
+        _distributed.check_batch_size(batch_size)
         steps_per_epoch = n // batch_size  # the last incomplete batch is dropped
         total_steps = cfg.epochs * steps_per_epoch
         device = self._device
@@ -405,7 +407,8 @@ class Detector:
         rng_devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices):  # leave the caller's RNG alone
             torch.manual_seed(cfg.seed)
-            model = build_encoder(cfg).to(device)
+            # under torchrun batch norm uses the global batch's statistics (_distributed)
+            model = _distributed.global_batchnorm(build_encoder(cfg)).to(device)
             optimizer = torch.optim.AdamW(
                 model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
             )
@@ -443,13 +446,16 @@ class Detector:
             while epoch < cfg.epochs and not stopped:
                 epoch_seed = _derive_seed(cfg.seed, epoch)
                 torch.manual_seed(epoch_seed)  # dropout
+                pairs = _ContrastivePairs(source, cfg, epoch)
+                gen = torch.Generator().manual_seed(epoch_seed)  # shuffle and worker seeds
                 loader = DataLoader(
-                    _ContrastivePairs(source, cfg, epoch),
-                    batch_size=batch_size,
-                    shuffle=True,
-                    drop_last=True,
+                    pairs,
+                    # under torchrun: this rank's slice of each global batch (_distributed)
+                    batch_sampler=_distributed.RankBatches(
+                        BatchSampler(RandomSampler(pairs, generator=gen), batch_size, True)
+                    ),
                     num_workers=cfg.num_workers,
-                    generator=torch.Generator().manual_seed(epoch_seed),
+                    generator=gen,
                     persistent_workers=False,
                 )
                 model.train()
@@ -458,7 +464,10 @@ class Detector:
                     y = y.to(device, non_blocking=True)  # (K, C, *image_size)
                     y_var = y_var.to(device, non_blocking=True)
                     z = model.net(torch.cat([y, y_var]))  # (2K, embed_dim), at input size
-                    loss = nt_xent(z[: len(y)], z[len(y) :], cfg.temperature)
+                    # K = the global batch: embeddings gathered across ranks (_distributed)
+                    z1 = _distributed.all_gather_with_grad(z[: len(y)])
+                    z2 = _distributed.all_gather_with_grad(z[len(y) :])
+                    loss = nt_xent(z1, z2, cfg.temperature)
                     if not torch.isfinite(loss):
                         raise MedmemError(
                             f"detector training diverged at epoch {epoch + 1}, step {step + 1} "
@@ -467,6 +476,7 @@ class Detector:
                         )
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    _distributed.sum_gradients(model)
                     optimizer.step()
                     scheduler.step()
                     running += loss.item()
@@ -495,7 +505,7 @@ class Detector:
                             epoch,
                             cfg.epochs,
                         )
-                if ckpt_dir is not None:
+                if ckpt_dir is not None and _distributed.is_main():
                     _checkpoint.save_checkpoint(
                         ckpt_dir,
                         model=model,
