@@ -190,6 +190,15 @@ def matmul_rate() -> dict:
             cpu = min(cpu, (time.process_time() - p) / reps)
         res[name] = 2 * a * b * c / wall / 1e9
         res[name + "_cpu"] = 2 * a * b * c / cpu / 1e9
+    # NumPy's BLAS, for comparison: on some CPUs (AMD with torch's MKL) it is faster
+    x = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)
+    out = np.empty_like(x)
+    cpu = float("inf")
+    for _ in range(3):
+        p = time.process_time()
+        np.matmul(x, x, out=out)
+        cpu = min(cpu, time.process_time() - p)
+    res["square_2048_numpy_cpu"] = 2 * 2048**3 / cpu / 1e9
     return res
 
 
@@ -326,8 +335,14 @@ def render_markdown(info: dict) -> str:
         f"{mm['square_2048']:.1f} GFLOP/s wall, {mm['square_2048_cpu']:.1f} GFLOP/s per CPU "
         f"second (float32 2048^3); {mm['block_1024x128x1024']:.1f} GFLOP/s for the "
         "search's own block shape (1024 x 128 x 1024). Each share below divides a run's "
-        "rate by the 2048^3 matmul rate measured in the same process just before and just "
-        "after it (their mean), so that both see the same load.",
+        "rate by torch's 2048^3 matmul rate measured in the same process just before and "
+        "just after it (their mean), so that both see the same load."
+        + (
+            f" NumPy's BLAS ran 2048^3 at {mm['square_2048_numpy_cpu']:.1f} GFLOP/s per CPU "
+            "second in the same run."
+            if "square_2048_numpy_cpu" in mm
+            else ""
+        ),
         f"- Embeddings: d = {info['d']}, float32, standardised; k = 1; `nearest` block size "
         f"{info['default_block_size']}. Rate = 2 N M d / time. Peak memory = peak RSS above "
         "the RSS with the inputs loaded, each run in a fresh process.",
@@ -388,8 +403,10 @@ def render_markdown(info: dict) -> str:
             f"GPU estimate (not measured; no GPU here): one 10^6 x {n_tr:,} x "
             f"{info['d']} search is {flops / 1e12:.1f} TFLOP. At half of an A100's "
             f"19.5 TFLOP/s float32 peak (the search does not use TF32) that is about "
-            f"{flops / 9.75e12:.1f} s on one GPU and {flops / 9.75e12 / 8:.2f} s on eight "
-            "(queries split across ranks), plus copying the embeddings to the GPU.",
+            f"{flops / 9.75e12:.1f} s on one GPU, plus copying the embeddings to it; eight "
+            f"GPUs would take {flops / 9.75e12 / 8:.2f} s if the queries were split across "
+            "ranks, which `nearest` does not do yet (under torchrun every rank runs the "
+            "whole search).",
             "",
         ]
     if info["block_sweep"]:
