@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check src tests benchmarks
 
 bench: $(STAMP)
-	$(PY) benchmarks/search.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/search.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache
