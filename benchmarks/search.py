@@ -226,7 +226,7 @@ def _line(r: dict, mm: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1000,10000,30000")
-    ap.add_argument("--blocks", default="512,1024,2048,4096")
+    ap.add_argument("--blocks", default="256,512,1024,2048")
     ap.add_argument("--audit-synthetic", type=int, default=100_000)
     ap.add_argument("--audit-train", type=int, default=100_000)
     ap.add_argument("--out", default="docs/benchmarks")
@@ -334,7 +334,7 @@ def render_markdown(info: dict) -> str:
         f"- Matrix-multiply rate measured in the same run (best of the start and the end): "
         f"{mm['square_2048']:.1f} GFLOP/s wall, {mm['square_2048_cpu']:.1f} GFLOP/s per CPU "
         f"second (float32 2048^3); {mm['block_1024x128x1024']:.1f} GFLOP/s for the "
-        "search's own block shape (1024 x 128 x 1024). Each share below divides a run's "
+        "block shape 1024 x 128 x 1024. Each share below divides a run's "
         "rate by torch's 2048^3 matmul rate measured in the same process just before and "
         "just after it (their mean), so that both see the same load."
         + (

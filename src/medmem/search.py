@@ -22,8 +22,9 @@ import torch
 from medmem._errors import InputError
 from medmem._validation import check_embeddings, check_positive_int
 
-# A (1024, 1024) float32 block (4 MiB) stays in cache; see benchmarks/search.py.
-DEFAULT_BLOCK_SIZE = 1024
+# A (512, 512) float32 block (1 MiB) stays in cache: on one CPU thread 512 ran faster than
+# 1024 (docs/benchmarks/search.md, block-size sweep). On a GPU pass a larger block_size.
+DEFAULT_BLOCK_SIZE = 512
 BACKENDS = ("torch", "faiss")
 _STANDARDIZE_ROWS = 65536  # rows standardised at a time: bounded float64 scratch memory
 
@@ -199,7 +200,8 @@ def nearest(
         base: (n_base, d) embeddings.
         k: how many neighbours to return per query (at most n_base).
         block_size: rows of queries and of base per block; peak extra memory is about
-            ``block_size**2 * 4`` bytes, whatever the sizes of the inputs.
+            ``block_size**2 * 4`` bytes, whatever the sizes of the inputs (on a GPU, 8192
+            or more keeps it busy).
         standardized: the inputs are already standardised (skip that step).
         exclude_self: queries and base are the same set; a row is not its own neighbour.
         backend: "torch" (default) or "faiss" (exact ``IndexFlatIP``, on the CPU).
