@@ -403,10 +403,9 @@ def render_markdown(info: dict) -> str:
             f"GPU estimate (not measured; no GPU here): one 10^6 x {n_tr:,} x "
             f"{info['d']} search is {flops / 1e12:.1f} TFLOP. At half of an A100's "
             f"19.5 TFLOP/s float32 peak (the search does not use TF32) that is about "
-            f"{flops / 9.75e12:.1f} s on one GPU, plus copying the embeddings to it; eight "
-            f"GPUs would take {flops / 9.75e12 / 8:.2f} s if the queries were split across "
-            "ranks, which `nearest` does not do yet (under torchrun every rank runs the "
-            "whole search).",
+            f"{flops / 9.75e12:.1f} s on one GPU, plus copying the embeddings to it, and "
+            f"{flops / 9.75e12 / 8:.2f} s on eight under torchrun (each rank searches its "
+            "eighth of the queries), plus gathering the results.",
             "",
         ]
     if info["block_sweep"]:

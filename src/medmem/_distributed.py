@@ -5,8 +5,9 @@
 group (NCCL when CUDA is present, else gloo). Embedding splits the images into one
 contiguous part per rank (:func:`split`) and gathers the embeddings back in the original
 order (:func:`gather_rows`), so every rank holds the same arrays as a single process would,
-and everything after embedding (search, thresholds, bootstrap) runs identically on every
-rank. Rank 0 alone writes outputs (:func:`is_main`).
+and everything after embedding runs on every rank on the same arrays: the search splits
+its queries across ranks the same way (``medmem.search.nearest``), thresholds and bootstrap
+are repeated. Rank 0 alone writes outputs (:func:`is_main`).
 
 Detector training is data-parallel the SimCLR way: every rank draws the same global batch
 order, forwards its contiguous slice of each batch (:class:`RankBatches`), the embeddings
@@ -99,12 +100,13 @@ def gather_rows(local: np.ndarray) -> np.ndarray:
     counts[rank()] = len(local)
     dist.all_reduce(counts)
     width = int(counts.max())
-    padded = torch.zeros((width, *local.shape[1:]), dtype=torch.float32, device=dev)
-    padded[: len(local)] = torch.from_numpy(np.ascontiguousarray(local, dtype=np.float32))
+    mine = torch.from_numpy(np.ascontiguousarray(local))  # dtype kept (float32, int64)
+    padded = torch.zeros((width, *local.shape[1:]), dtype=mine.dtype, device=dev)
+    padded[: len(local)] = mine
     parts = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(parts, padded)
     rows = [p[: int(c)].cpu().numpy() for p, c in zip(parts, counts.tolist(), strict=True)]
-    return np.concatenate(rows, axis=0).astype(local.dtype, copy=False)
+    return np.concatenate(rows, axis=0)
 
 
 class RankBatches:

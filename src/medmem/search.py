@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from medmem import _distributed
 from medmem._errors import InputError
 from medmem._validation import check_embeddings, check_positive_int
 
@@ -144,7 +145,7 @@ def _import_faiss():  # noqa: ANN202 - faiss has no type stubs
 
 
 def _search_faiss(
-    q: np.ndarray, b: np.ndarray, k: int, block_size: int, exclude_self: bool
+    q: np.ndarray, b: np.ndarray, k: int, block_size: int, own: np.ndarray | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k with FAISS's brute-force ``IndexFlatIP``, then the torch tie rule.
 
@@ -156,24 +157,23 @@ def _search_faiss(
     n_q, n_b = q.shape[0], b.shape[0]
     index = faiss.IndexFlatIP(b.shape[1])
     index.add(b)
-    kk = min(n_b, k + 1 + int(exclude_self))
+    kk = min(n_b, k + 1 + int(own is not None))
     out_v = torch.empty((n_q, k), dtype=torch.float32)
     out_i = torch.empty((n_q, k), dtype=torch.int64)
     step = max(block_size, 16384)  # queries per FAISS call: bounds the (step, kk) results
     for qs in range(0, n_q, step):
         dist, ids = index.search(q[qs : qs + step], kk)
         v, i = torch.from_numpy(dist), torch.from_numpy(ids)
-        if exclude_self:
-            own = torch.arange(qs, qs + len(v))[:, None]
-            v = v.masked_fill(i == own, -torch.inf)
+        if own is not None:
+            v = v.masked_fill(i == torch.from_numpy(own[qs : qs + len(v)])[:, None], -torch.inf)
         v, i = _sorted_candidates(v, i, kk)
         if kk < n_b:  # a tie at the k-th place may hide rows FAISS did not return
             tied = torch.nonzero(v[:, k - 1] == v[:, k]).flatten()
             if tied.numel():
                 rows = (tied + qs).numpy()
-                own = torch.from_numpy(rows) if exclude_self else None
+                own_t = torch.from_numpy(own[rows]) if own is not None else None
                 tv, ti = _search_torch(
-                    torch.from_numpy(q[rows]), torch.from_numpy(b), k, block_size, own
+                    torch.from_numpy(q[rows]), torch.from_numpy(b), k, block_size, own_t
                 )
                 v[tied, :k], i[tied, :k] = tv, ti
         out_v[qs : qs + len(v)] = v[:, :k]
@@ -208,6 +208,9 @@ def nearest(
         device: where the torch backend computes; default the device of ``queries`` when it
             is a tensor (a CUDA tensor is searched on its GPU), else the CPU.
 
+    Under torchrun every rank must call ``nearest`` with the same inputs: each searches its
+    contiguous share of the queries, and every rank returns the whole result.
+
     Returns:
         ``(values, indices)``, both (n_queries, k): correlations in descending order and the
         base rows they belong to. Ties go to the lower base index, so results are
@@ -241,14 +244,18 @@ def nearest(
     if exclude_self and q.shape[0] != b.shape[0]:
         raise InputError("exclude_self=True needs queries and base to be the same set.")
 
+    # under torchrun each rank searches its contiguous share of the queries (_distributed)
+    rows = _distributed.split(np.arange(q.shape[0]))
+    part = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) else slice(0, 0)
+    own = rows if exclude_self else None  # the base row each query may not match
     if backend == "faiss":
-        v, i = _search_faiss(q, b, k, block_size, exclude_self)
+        v, i = _search_faiss(q[part], b, k, block_size, own)
     else:
         dev = torch.device(device)
-        own = torch.arange(q.shape[0], device=dev) if exclude_self else None
-        qt, bt = torch.from_numpy(q).to(dev), torch.from_numpy(b).to(dev)
-        v, i = _search_torch(qt, bt, k, block_size, own)
-    return v.cpu().numpy(), i.cpu().numpy()
+        qt, bt = torch.from_numpy(q[part]).to(dev), torch.from_numpy(b).to(dev)
+        own_t = torch.from_numpy(own).to(dev) if own is not None else None
+        v, i = _search_torch(qt, bt, k, block_size, own_t)
+    return _distributed.gather_rows(v.cpu().numpy()), _distributed.gather_rows(i.cpu().numpy())
 
 
 __all__ = ["BACKENDS", "DEFAULT_BLOCK_SIZE", "nearest", "pearson", "standardize"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -115,6 +116,20 @@ def _assert_close(a, b, path: str = "") -> None:  # noqa: ANN001
         assert a == b, path
 
 
+def _searches() -> dict[str, np.ndarray]:
+    """Exact searches (self excluded, k = 3, small blocks), with every installed backend."""
+    from medmem.search import nearest
+
+    x = np.random.default_rng(0).standard_normal((23, 8)).astype(np.float32)
+    x[15] = x[3]  # an exact tie
+    backends = ["torch"] + (["faiss"] if importlib.util.find_spec("faiss") else [])
+    out = {}
+    for backend in backends:
+        v, i = nearest(x, x, k=3, exclude_self=True, block_size=4, backend=backend)
+        out |= {f"{backend}_v": v, f"{backend}_i": i}
+    return out
+
+
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     """One rank: torchrun's environment, then the same calls as the 1-process reference."""
     os.environ.update(
@@ -131,7 +146,9 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     sets = {k: ArrayDataset(np.load(Path(tmp) / f"{k}.npy")) for k in ("tr", "va", "sy")}
     emb = det.embed(sets["sy"], batch_size=3, cache_dir=Path(tmp) / "cache", quiet=True)
     result = medmem.audit(sets["tr"], sets["va"], sets["sy"], detector=det, **AUDIT)
+    searches = _searches()  # each rank searches its share of the queries
     if _distributed.is_main():  # rank 0 alone writes
+        np.savez(Path(tmp) / "search_2.npz", **searches)
         trained.save(Path(tmp) / "det_2")
         np.save(Path(tmp) / "emb_2.npy", emb)
         (Path(tmp) / "audit_2.json").write_text(json.dumps(_audit_numbers(result)))
@@ -167,6 +184,9 @@ def test_two_gloo_processes_match_one(det, tmp_path):
         ddp.embed(data["tr"], quiet=True), det.embed(data["tr"], quiet=True), atol=1e-2
     )
     np.testing.assert_allclose(np.load(tmp_path / "emb_2.npy"), emb_1, rtol=1e-5, atol=1e-6)
+    with np.load(tmp_path / "search_2.npz") as two_searches:
+        for name, value in _searches().items():
+            np.testing.assert_allclose(two_searches[name], value, rtol=1e-6, atol=1e-6)
     # each rank wrote its own shards to the cache, merged by rank 0 only when many
     assert len(list((tmp_path / "cache").rglob("shard-*.safetensors"))) == 2
     two = json.loads((tmp_path / "audit_2.json").read_text())
