@@ -94,8 +94,12 @@ def _planted_rows() -> np.ndarray:
 def _worker(method: str, n: int, m: int, block: int) -> dict:
     """Run one measurement in this (fresh) process and return its figures.
 
-    ``method``: "nearest" (torch backend), "faiss" or "dense"."""
+    ``method``: "nearest" (torch backend), "faiss" or "dense". Under torchrun every rank
+    runs this and ``nearest`` splits the queries; rank 0's figures are returned."""
+    from medmem import _distributed
     from medmem.search import nearest, standardize
+
+    _distributed.init_from_env()
 
     q, b = _inputs(n, m)
     qs, bs = standardize(q), standardize(b)  # both methods get standardised inputs
@@ -103,6 +107,7 @@ def _worker(method: str, n: int, m: int, block: int) -> dict:
     if method != "dense":
         nearest(qs[:64], bs[:256], k=1, standardized=True, block_size=block, backend=backend)
     before = _square_rate()
+    _distributed.barrier()
     _reset_peak()
     base = _peak_rss_mb()
     t = time.perf_counter()
@@ -118,6 +123,7 @@ def _worker(method: str, n: int, m: int, block: int) -> dict:
     dt = time.perf_counter() - t
     cpu = time.process_time() - c
     peak = _peak_rss_mb() - base
+    world = _distributed.world_size()
     after = _square_rate()
     found = None
     if n >= 10 * N_PLANTED and m >= 997 * N_PLANTED:
@@ -131,12 +137,12 @@ def _worker(method: str, n: int, m: int, block: int) -> dict:
         "seconds": dt,
         "cpu_seconds": cpu,
         "gflops": 2 * n * m * D / dt / 1e9,
-        "cpu_gflops": 2 * n * m * D / cpu / 1e9,
+        "cpu_gflops": 2 * n * m * D / world / cpu / 1e9,  # this rank's share of the work
         "peak_extra_mb": peak,
         "planted_found": found,
         # the 2048^3 matmul rate in this process just before and after (mean): the load
         # of a shared machine changes over a run, so each share uses its own neighbours
-        "matmul_gflops": (before[0] + after[0]) / 2,
+        "matmul_gflops": (before[0] + after[0]) / 2 * world,  # all processes together
         "matmul_cpu_gflops": (before[1] + after[1]) / 2,
         "checksum": float(np.asarray(v, dtype=np.float64).sum()),
         "argmax_checksum": int(np.asarray(i).astype(np.int64).sum()),
@@ -159,14 +165,19 @@ def _square_rate() -> tuple[float, float]:
     return flops / wall / 1e9, flops / cpu / 1e9
 
 
-def _run(method: str, n: int, m: int, block: int) -> dict:
+def _run(method: str, n: int, m: int, block: int, processes: int = 1) -> dict:
+    """One measurement in fresh processes (``processes`` > 1: under torchrun, gloo)."""
+    launch = [sys.executable]
+    if processes > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+        launch += [str(processes)]
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", method, str(n), str(m), str(block)],
+        [*launch, __file__, "--worker", method, str(n), str(m), str(block)],
         capture_output=True,
         text=True,
         check=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1]) | {"processes": processes}
 
 
 def matmul_rate() -> dict:
@@ -216,7 +227,8 @@ def _load() -> list[float]:
 
 def _line(r: dict, mm: dict) -> str:
     return (
-        f"{r['method']:<8} {r['n']:>7} x {r['m']:<7} {r['seconds']:8.2f} s "
+        f"{r['method']:<8} x{r.get('processes', 1)} {r['n']:>7} x {r['m']:<7} "
+        f"{r['seconds']:8.2f} s "
         f"{r['gflops']:6.1f} GFLOP/s ({r['gflops'] / r['matmul_gflops']:4.0%} of matmul; "
         f"CPU time {r['cpu_gflops'] / r['matmul_cpu_gflops']:4.0%})  "
         f"peak +{r['peak_extra_mb']:.0f} MB"
@@ -268,8 +280,8 @@ def main() -> None:
         sweep.append(r)
         print(f"block {bs:>5}: " + _line(r, mm), flush=True)
     audit = []
-    for method in methods:
-        r = _run(method, args.audit_synthetic, args.audit_train, DEFAULT_BLOCK_SIZE)
+    for method, procs in [(m, 1) for m in methods] + [("nearest", 2)]:
+        r = _run(method, args.audit_synthetic, args.audit_train, DEFAULT_BLOCK_SIZE, procs)
         audit.append(r)
         print("audit case: " + _line(r, mm) + f"  planted found {r['planted_found']}", flush=True)
     mm_end = matmul_rate()
@@ -303,9 +315,14 @@ def main() -> None:
 _NAMES = {"nearest": "nearest (torch)", "faiss": "nearest (FAISS)", "dense": "dense"}
 
 
+def _name(r: dict) -> str:
+    procs = r.get("processes", 1)
+    return _NAMES[r["method"]] + (f", {procs} processes" if procs > 1 else "")
+
+
 def _row(r: dict, mm: dict) -> str:
     return (
-        f"| {r['n']:,} x {r['m']:,} | {_NAMES[r['method']]} | {r['seconds']:.2f} | "
+        f"| {r['n']:,} x {r['m']:,} | {_name(r)} | {r['seconds']:.2f} | "
         f"{r['gflops']:.1f} | {r['gflops'] / r['matmul_gflops']:.0%} | "
         f"{r['cpu_gflops'] / r['matmul_cpu_gflops']:.0%} | {r['peak_extra_mb']:.0f} MB |"
     )
@@ -375,7 +392,10 @@ def render_markdown(info: dict) -> str:
             f"Random embeddings plus {info['n_planted']} synthetic rows planted as near-copies "
             "of training rows (noise 0.1 per coordinate); k = 1, synthetic rows as queries "
             "(the copy search of `medmem audit`; the audit also searches training against "
-            f"synthetic, the same cost again). Measured with {n_syn:,} synthetic rows"
+            "synthetic, the same cost again). With 2 processes (torchrun, gloo, one thread "
+            "each) each searches half of the queries; its shares are of both processes' "
+            "matmul rate (wall) and of one process's (CPU time, per rank); peak memory is "
+            f"rank 0's. Measured with {n_syn:,} synthetic rows"
             + (
                 f"; the 10^6 time is extrapolated x {factor:.0f} (the cost is linear in the "
                 "number of synthetic rows, and memory does not grow with it)."
@@ -391,7 +411,7 @@ def render_markdown(info: dict) -> str:
         for r in audit:
             est = r["seconds"] * factor
             lines.append(
-                f"| {_NAMES[r['method']]} | {r['n']:,} x {r['m']:,} | {r['seconds']:.1f} | "
+                f"| {_name(r)} | {r['n']:,} x {r['m']:,} | {r['seconds']:.1f} | "
                 f"{r['gflops']:.1f} | {r['gflops'] / r['matmul_gflops']:.0%} | "
                 f"{r['cpu_gflops'] / r['matmul_cpu_gflops']:.0%} | {r['peak_extra_mb']:.0f} MB "
                 f"| {r['planted_found']} / {info['n_planted']} | "
@@ -427,6 +447,8 @@ def render_markdown(info: dict) -> str:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         _, _, method, n, m, block = sys.argv
-        print(json.dumps(_worker(method, int(n), int(m), int(block))))
+        figures = _worker(method, int(n), int(m), int(block))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(figures))
     else:
         main()
