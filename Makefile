@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check src tests benchmarks experiments
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.search
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.search
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache

@@ -1,17 +1,24 @@
-"""Benchmark medmem.search.nearest against a dense correlation matrix.
+"""Benchmark medmem.search.nearest (torch and FAISS backends) against a dense matrix.
 
 The paper's Algorithm 1 computes the dense (N_train x N_syn) correlation matrix, then takes
 row maxima. ``nearest`` computes the same exact result block by block. This script measures,
 in one run on this machine:
 
-- the machine's matrix-multiply rate (torch.mm of 2048^3 float32, and of the block shape);
-- ``nearest`` (k=1) and the dense method at growing sizes, d = 128: time, GFLOP/s
-  (2*N*M*d flops), the rate as a fraction of the matmul rate, and the peak extra memory
-  of each run (peak RSS above the RSS with the inputs loaded; each run in its own process).
+- the machine's matrix-multiply rate (torch.mm of 2048^3 float32, and of the block shape),
+  at the start and at the end of the run (the larger is used);
+- ``nearest`` (k=1) with the torch and the FAISS backend, and the dense method, at growing
+  sizes, d = 128: time, GFLOP/s (2*N*M*d flops), the rate as a share of the matmul rate,
+  and the peak extra memory of each run (peak RSS above the RSS with the inputs loaded;
+  each run in its own process). Rates use CPU time as well as wall time, because this
+  machine is shared: CPU time is what the run got of the cores.
+- the audit case: N_syn synthetic x 10^5 training embeddings (random, plus planted
+  near-copies of training rows), time, peak memory, and whether every planted copy is
+  found; when N_syn < 10^6 the time for 10^6 is extrapolated (the cost is linear in N_syn).
 
 Dense runs are skipped where the N x M float32 matrix would not fit in 60% of RAM.
 
-Usage: python benchmarks/search.py [--sizes 1000,10000,30000,100000] [--out docs/benchmarks]
+Usage: OMP_NUM_THREADS=1 python benchmarks/search.py [--sizes 1000,10000,30000]
+       [--audit-synthetic 100000] [--out docs/benchmarks]
 """
 
 from __future__ import annotations
@@ -66,26 +73,47 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+N_PLANTED = 100  # planted near-copies in the audit case
+
+
 def _inputs(n: int, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random queries (n, D) and base (m, D); the first N_PLANTED queries (when n is large)
+    are near-copies of base rows 7, 7 + 997, ... (noise 0.1 per coordinate)."""
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((n, D), dtype=np.float32)
     b = rng.standard_normal((m, D), dtype=np.float32)
+    if n >= 10 * N_PLANTED and m >= 997 * N_PLANTED:
+        q[:N_PLANTED] = b[_planted_rows()] + 0.1 * rng.standard_normal((N_PLANTED, D))
     return q, b
 
 
+def _planted_rows() -> np.ndarray:
+    return 7 + 997 * np.arange(N_PLANTED)
+
+
 def _worker(method: str, n: int, m: int, block: int) -> dict:
-    """Run one measurement in this (fresh) process and return its figures."""
+    """Run one measurement in this (fresh) process and return its figures.
+
+    ``method``: "nearest" (torch backend), "faiss" or "dense". Under torchrun every rank
+    runs this and ``nearest`` splits the queries; rank 0's figures are returned."""
+    from medmem import _distributed
     from medmem.search import nearest, standardize
+
+    _distributed.init_from_env()
 
     q, b = _inputs(n, m)
     qs, bs = standardize(q), standardize(b)  # both methods get standardised inputs
-    if method == "nearest":
-        nearest(qs[:64], bs[:256], k=1, standardized=True, block_size=block)  # warm-up
+    backend = "faiss" if method == "faiss" else "torch"
+    if method != "dense":
+        nearest(qs[:64], bs[:256], k=1, standardized=True, block_size=block, backend=backend)
+    before = _square_rate()
+    _distributed.barrier()
     _reset_peak()
     base = _peak_rss_mb()
     t = time.perf_counter()
-    if method == "nearest":
-        v, i = nearest(qs, bs, k=1, standardized=True, block_size=block)
+    c = time.process_time()
+    if method != "dense":
+        v, i = nearest(qs, bs, k=1, standardized=True, block_size=block, backend=backend)
     else:
         with torch.no_grad():
             dense = torch.from_numpy(qs) @ torch.from_numpy(bs).T  # (n, m)
@@ -93,7 +121,13 @@ def _worker(method: str, n: int, m: int, block: int) -> dict:
             v, i = vt.numpy(), it.numpy()
             del dense
     dt = time.perf_counter() - t
+    cpu = time.process_time() - c
     peak = _peak_rss_mb() - base
+    world = _distributed.world_size()
+    after = _square_rate()
+    found = None
+    if n >= 10 * N_PLANTED and m >= 997 * N_PLANTED:
+        found = int((np.asarray(i)[:N_PLANTED, 0] == _planted_rows()).sum())
     # checksum of the result to compare the methods
     return {
         "method": method,
@@ -101,25 +135,54 @@ def _worker(method: str, n: int, m: int, block: int) -> dict:
         "m": m,
         "block_size": block,
         "seconds": dt,
+        "cpu_seconds": cpu,
         "gflops": 2 * n * m * D / dt / 1e9,
+        "cpu_gflops": 2 * n * m * D / world / cpu / 1e9,  # this rank's share of the work
         "peak_extra_mb": peak,
+        "planted_found": found,
+        # the 2048^3 matmul rate in this process just before and after (mean): the load
+        # of a shared machine changes over a run, so each share uses its own neighbours
+        "matmul_gflops": (before[0] + after[0]) / 2 * world,  # all processes together
+        "matmul_cpu_gflops": (before[1] + after[1]) / 2,
         "checksum": float(np.asarray(v, dtype=np.float64).sum()),
         "argmax_checksum": int(np.asarray(i).astype(np.int64).sum()),
     }
 
 
-def _run(method: str, n: int, m: int, block: int) -> dict:
+def _square_rate() -> tuple[float, float]:
+    """Float32 2048^3 matmul rate (GFLOP/s by wall time, by CPU time), best of 3 x 2."""
+    x, y = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    out = torch.empty(2048, 2048)
+    torch.mm(x, y, out=out)
+    wall = cpu = float("inf")
+    for _ in range(3):
+        t, p = time.perf_counter(), time.process_time()
+        for _ in range(2):
+            torch.mm(x, y, out=out)
+        wall = min(wall, (time.perf_counter() - t) / 2)
+        cpu = min(cpu, (time.process_time() - p) / 2)
+    flops = 2 * 2048**3
+    return flops / wall / 1e9, flops / cpu / 1e9
+
+
+def _run(method: str, n: int, m: int, block: int, processes: int = 1) -> dict:
+    """One measurement in fresh processes (``processes`` > 1: under torchrun, gloo)."""
+    launch = [sys.executable]
+    if processes > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+        launch += [str(processes)]
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", method, str(n), str(m), str(block)],
+        [*launch, __file__, "--worker", method, str(n), str(m), str(block)],
         capture_output=True,
         text=True,
         check=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1]) | {"processes": processes}
 
 
 def matmul_rate() -> dict:
-    """Peak float32 GEMM rate (2048^3) and the rate of the search's own block shape."""
+    """Float32 GEMM rate (2048^3) and the rate of the search's own block shape, by wall
+    time and by CPU time (best of three runs of about a second each)."""
     res = {}
     for name, (a, b, c) in {
         "square_2048": (2048, 2048, 2048),
@@ -128,82 +191,118 @@ def matmul_rate() -> dict:
         x, y = torch.randn(a, b), torch.randn(b, c)
         out = torch.empty(a, c)
         torch.mm(x, y, out=out)
-        reps = max(3, int(2e10 / (2 * a * b * c)))
-        t = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(x, y, out=out)
-        dt = (time.perf_counter() - t) / reps
-        res[name] = 2 * a * b * c / dt / 1e9
+        reps = max(3, int(4e10 / (2 * a * b * c)))
+        wall = cpu = float("inf")
+        for _ in range(3):
+            t, p = time.perf_counter(), time.process_time()
+            for _ in range(reps):
+                torch.mm(x, y, out=out)
+            wall = min(wall, (time.perf_counter() - t) / reps)
+            cpu = min(cpu, (time.process_time() - p) / reps)
+        res[name] = 2 * a * b * c / wall / 1e9
+        res[name + "_cpu"] = 2 * a * b * c / cpu / 1e9
+    # NumPy's BLAS, for comparison: on some CPUs (AMD with torch's MKL) it is faster
+    x = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)
+    out = np.empty_like(x)
+    cpu = float("inf")
+    for _ in range(3):
+        p = time.process_time()
+        np.matmul(x, x, out=out)
+        cpu = min(cpu, time.process_time() - p)
+    res["square_2048_numpy_cpu"] = 2 * 2048**3 / cpu / 1e9
     return res
+
+
+def _faiss_version() -> str | None:
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return str(faiss.__version__)
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _line(r: dict, mm: dict) -> str:
+    return (
+        f"{r['method']:<8} x{r.get('processes', 1)} {r['n']:>7} x {r['m']:<7} "
+        f"{r['seconds']:8.2f} s "
+        f"{r['gflops']:6.1f} GFLOP/s ({r['gflops'] / r['matmul_gflops']:4.0%} of matmul; "
+        f"CPU time {r['cpu_gflops'] / r['matmul_cpu_gflops']:4.0%})  "
+        f"peak +{r['peak_extra_mb']:.0f} MB"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="1000,10000,30000,100000")
-    ap.add_argument("--blocks", default="256,512,1024,2048,4096")
+    ap.add_argument("--sizes", default="1000,10000,30000")
+    ap.add_argument("--blocks", default="256,512,1024,2048")
+    ap.add_argument("--audit-synthetic", type=int, default=100_000)
+    ap.add_argument("--audit-train", type=int, default=100_000)
     ap.add_argument("--out", default="docs/benchmarks")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     blocks = [int(s) for s in args.blocks.split(",")]
     from medmem.search import DEFAULT_BLOCK_SIZE
 
+    faiss_version = _faiss_version()
+    methods = ["nearest", "faiss"] if faiss_version else ["nearest"]
     ram_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     t0 = time.perf_counter()
+    load_start = _load()
     mm = matmul_rate()
-    print(
-        f"matmul rate: {mm['square_2048']:.1f} GFLOP/s (2048^3), "
-        f"{mm['block_1024x128x1024']:.1f} GFLOP/s (1024x128x1024)",
-        flush=True,
-    )
+    print(f"matmul rate: {mm}; load {load_start}", flush=True)
     rows = []
     for n in sizes:
-        r = _run("nearest", n, n, DEFAULT_BLOCK_SIZE)
-        rows.append(r)
-        print(
-            f"nearest  {n:>7} x {n:<7} {r['seconds']:8.2f} s {r['gflops']:7.1f} GFLOP/s "
-            f"{r['gflops'] / mm['square_2048']:6.1%} of matmul  peak +{r['peak_extra_mb']:.0f} MB",
-            flush=True,
-        )
+        ref = None
+        for method in methods:
+            r = _run(method, n, n, DEFAULT_BLOCK_SIZE)
+            rows.append(r)
+            print(_line(r, mm), flush=True)
+            ref = ref or r
         dense_mb = n * n * 4 / 2**20
         if dense_mb < 0.6 * ram_mb:
-            d = _run("dense", n, n, 0)
-            rows.append(d)
-            same = (
-                abs(d["checksum"] - r["checksum"]) < 1e-3 * n
-                and d["argmax_checksum"] == r["argmax_checksum"]
-            )
-            print(
-                f"dense    {n:>7} x {n:<7} {d['seconds']:8.2f} s {d['gflops']:7.1f} GFLOP/s "
-                f"{d['gflops'] / mm['square_2048']:6.1%} of matmul  "
-                f"peak +{d['peak_extra_mb']:.0f} MB"
-                f"  same result: {same}",
-                flush=True,
-            )
-        else:
-            print(
-                f"dense    {n:>7} x {n:<7} skipped: the matrix needs {dense_mb / 1024:.0f} GiB",
-                flush=True,
-            )
+            rows.append(_run("dense", n, n, 0))
+            print(_line(rows[-1], mm), flush=True)
+        same = [
+            abs(r["checksum"] - ref["checksum"]) < 1e-3 * n
+            and r["argmax_checksum"] == ref["argmax_checksum"]
+            for r in rows
+            if r["n"] == n
+        ]
+        print(f"  same result for every method: {all(same)}", flush=True)
     sweep = []
     n_sweep = min(20000, max(sizes))
     for bs in blocks:
         r = _run("nearest", n_sweep, n_sweep, bs)
         sweep.append(r)
-        print(
-            f"block {bs:>5} at {n_sweep}: {r['gflops']:.1f} GFLOP/s, "
-            f"peak +{r['peak_extra_mb']:.0f} MB",
-            flush=True,
-        )
+        print(f"block {bs:>5}: " + _line(r, mm), flush=True)
+    audit = []
+    for method, procs in [(m, 1) for m in methods] + [("nearest", 2)]:
+        r = _run(method, args.audit_synthetic, args.audit_train, DEFAULT_BLOCK_SIZE, procs)
+        audit.append(r)
+        print("audit case: " + _line(r, mm) + f"  planted found {r['planted_found']}", flush=True)
+    mm_end = matmul_rate()
+    # the larger of the two measurements: shares are not flattered by a slow moment
+    for key, value in mm_end.items():
+        mm[key] = max(mm[key], value)
     info = {
         "machine": f"{_cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, "
         f"{ram_mb / 1024:.0f} GiB RAM",
         "torch": torch.__version__,
+        "faiss": faiss_version,
         "threads": torch.get_num_threads(),
+        "load_average_start": load_start,
+        "load_average_end": _load(),
         "matmul_gflops": mm,
         "d": D,
         "default_block_size": DEFAULT_BLOCK_SIZE,
         "results": rows,
         "block_sweep": sweep,
+        "audit_case": audit,
+        "n_planted": N_PLANTED,
         "wall_seconds": time.perf_counter() - t0,
     }
     out = Path(args.out)
@@ -213,61 +312,143 @@ def main() -> None:
     print(f"wrote {out / 'search.json'} and search.md ({info['wall_seconds']:.0f} s)")
 
 
+_NAMES = {"nearest": "nearest (torch)", "faiss": "nearest (FAISS)", "dense": "dense"}
+
+
+def _name(r: dict) -> str:
+    procs = r.get("processes", 1)
+    return _NAMES[r["method"]] + (f", {procs} processes" if procs > 1 else "")
+
+
+def _row(r: dict, mm: dict) -> str:
+    return (
+        f"| {r['n']:,} x {r['m']:,} | {_name(r)} | {r['seconds']:.2f} | "
+        f"{r['gflops']:.1f} | {r['gflops'] / r['matmul_gflops']:.0%} | "
+        f"{r['cpu_gflops'] / r['matmul_cpu_gflops']:.0%} | {r['peak_extra_mb']:.0f} MB |"
+    )
+
+
 def render_markdown(info: dict) -> str:
     """The results as the Markdown page docs/benchmarks/search.md."""
-    mm = info["matmul_gflops"]["square_2048"]
+    mm = info["matmul_gflops"]
+    head = (
+        "| N x M | method | time (s) | GFLOP/s | share of matmul rate | share, CPU time "
+        "| peak extra memory |"
+    )
     lines = [
-        "# Exact nearest-neighbour search: blocked vs dense",
+        "# Exact nearest-neighbour search: torch and FAISS backends, blocked vs dense",
         "",
-        "Generated by `python benchmarks/search.py` (`make bench`); do not edit by hand.",
+        "Generated by `OMP_NUM_THREADS=1 python benchmarks/search.py` (`make bench`); do not "
+        "edit by hand.",
         "",
-        f"- Machine: {info['machine']}; torch {info['torch']} with {info['threads']} threads.",
+        f"- Machine: {info['machine']}; torch {info['torch']} with {info['threads']} "
+        f"thread(s); FAISS {info['faiss'] or 'not installed'}.",
+        f"- Load average (1, 5, 15 min) at the start {info['load_average_start']}, at the end "
+        f"{info['load_average_end']}: the machine is shared, so wall-clock rates vary from run "
+        "to run; the CPU-time share (rate per second of CPU the run actually got) is the "
+        "steadier figure.",
         f"- Whole run: {info['wall_seconds']:.0f} s.",
-        f"- Matrix-multiply rate measured in the same run: {mm:.1f} GFLOP/s (float32 "
-        f"2048^3); {info['matmul_gflops']['block_1024x128x1024']:.1f} GFLOP/s for the "
-        "search's own block shape (1024 x 128 x 1024).",
+        f"- Matrix-multiply rate measured in the same run (best of the start and the end): "
+        f"{mm['square_2048']:.1f} GFLOP/s wall, {mm['square_2048_cpu']:.1f} GFLOP/s per CPU "
+        f"second (float32 2048^3); {mm['block_1024x128x1024']:.1f} GFLOP/s for the "
+        "block shape 1024 x 128 x 1024. Each share below divides a run's "
+        "rate by torch's 2048^3 matmul rate measured in the same process just before and "
+        "just after it (their mean), so that both see the same load."
+        + (
+            f" NumPy's BLAS ran 2048^3 at {mm['square_2048_numpy_cpu']:.1f} GFLOP/s per CPU "
+            "second in the same run."
+            if "square_2048_numpy_cpu" in mm
+            else ""
+        ),
         f"- Embeddings: d = {info['d']}, float32, standardised; k = 1; `nearest` block size "
         f"{info['default_block_size']}. Rate = 2 N M d / time. Peak memory = peak RSS above "
         "the RSS with the inputs loaded, each run in a fresh process.",
         "",
-        "| N x M | method | time (s) | GFLOP/s | share of matmul rate | peak extra memory |",
-        "|---|---|---:|---:|---:|---:|",
+        head,
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for r in info["results"]:
-        lines.append(
-            f"| {r['n']:,} x {r['m']:,} | {r['method']} | {r['seconds']:.2f} | "
-            f"{r['gflops']:.1f} | {r['gflops'] / mm:.0%} | {r['peak_extra_mb']:.0f} MB |"
-        )
+    lines += [_row(r, mm) for r in info["results"]]
     sizes = {r["n"] for r in info["results"] if r["method"] == "dense"}
-    for r in info["results"]:
-        if r["method"] == "nearest" and r["n"] not in sizes:
-            lines.append(
-                f"| {r['n']:,} x {r['m']:,} | dense | not run: the matrix alone needs "
-                f"{r['n'] * r['m'] * 4 / 2**30:.0f} GiB | | | |"
-            )
+    for n in sorted({r["n"] for r in info["results"]} - sizes):
+        lines.append(
+            f"| {n:,} x {n:,} | dense | not run: the matrix alone needs "
+            f"{n * n * 4 / 2**30:.0f} GiB | | | | |"
+        )
     lines += [
         "",
-        "Both methods return the same maxima and the same indices wherever both ran (checked "
-        "in the run; `tests/unit/test_search.py` checks equality with a NumPy brute force).",
+        "Every method returns the same maxima and the same indices wherever they ran (checked "
+        "in the run; `tests/unit/test_search.py` checks equality with a NumPy brute force, "
+        "and FAISS against torch including ties).",
         "",
-        f"Block-size sweep (N = M = {info['block_sweep'][0]['n']:,} if any):"
-        if info["block_sweep"]
-        else "",
-        "",
-        "| block size | GFLOP/s | share of matmul rate | peak extra memory |",
-        "|---:|---:|---:|---:|",
     ]
-    for r in info["block_sweep"]:
-        lines.append(
-            f"| {r['block_size']} | {r['gflops']:.1f} | {r['gflops'] / mm:.0%} | "
-            f"{r['peak_extra_mb']:.0f} MB |"
-        )
+    audit = info["audit_case"]
+    if audit:
+        n_syn, n_tr = audit[0]["n"], audit[0]["m"]
+        factor = 1_000_000 / n_syn
+        flops = 2 * 1_000_000 * n_tr * info["d"]
+        lines += [
+            f"## Audit case: 10^6 synthetic x {n_tr:,} training embeddings",
+            "",
+            f"Random embeddings plus {info['n_planted']} synthetic rows planted as near-copies "
+            "of training rows (noise 0.1 per coordinate); k = 1, synthetic rows as queries "
+            "(the copy search of `medmem audit`; the audit also searches training against "
+            "synthetic, the same cost again). With 2 processes (torchrun, gloo, one thread "
+            "each) each searches half of the queries; its shares are of both processes' "
+            "matmul rate (wall) and of one process's (CPU time, per rank); peak memory is "
+            f"rank 0's. Measured with {n_syn:,} synthetic rows"
+            + (
+                f"; the 10^6 time is extrapolated x {factor:.0f} (the cost is linear in the "
+                "number of synthetic rows, and memory does not grow with it)."
+                if n_syn < 1_000_000
+                else "."
+            ),
+            "",
+            "| backend | synthetic x training | time (s) | GFLOP/s | share of matmul "
+            "rate | share, CPU time | peak extra memory | planted copies found | 10^6 x "
+            f"{n_tr:,}: time |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in audit:
+            est = r["seconds"] * factor
+            lines.append(
+                f"| {_name(r)} | {r['n']:,} x {r['m']:,} | {r['seconds']:.1f} | "
+                f"{r['gflops']:.1f} | {r['gflops'] / r['matmul_gflops']:.0%} | "
+                f"{r['cpu_gflops'] / r['matmul_cpu_gflops']:.0%} | {r['peak_extra_mb']:.0f} MB "
+                f"| {r['planted_found']} / {info['n_planted']} | "
+                + (f"{est:.0f} s (extrapolated)" if factor > 1 else f"{est:.0f} s")
+                + " |"
+            )
+        lines += [
+            "",
+            f"GPU estimate (not measured; no GPU here): one 10^6 x {n_tr:,} x "
+            f"{info['d']} search is {flops / 1e12:.1f} TFLOP. At half of an A100's "
+            f"19.5 TFLOP/s float32 peak (the search does not use TF32) that is about "
+            f"{flops / 9.75e12:.1f} s on one GPU, plus copying the embeddings to it, and "
+            f"{flops / 9.75e12 / 8:.2f} s on eight under torchrun (each rank searches its "
+            "eighth of the queries), plus gathering the results.",
+            "",
+        ]
+    if info["block_sweep"]:
+        lines += [
+            f"Block-size sweep, torch backend (N = M = {info['block_sweep'][0]['n']:,}):",
+            "",
+            "| block size | GFLOP/s | share of matmul rate | share, CPU time | peak extra memory |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for r in info["block_sweep"]:
+            lines.append(
+                f"| {r['block_size']} | {r['gflops']:.1f} | "
+                f"{r['gflops'] / r['matmul_gflops']:.0%} | "
+                f"{r['cpu_gflops'] / r['matmul_cpu_gflops']:.0%} | {r['peak_extra_mb']:.0f} MB |"
+            )
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         _, _, method, n, m, block = sys.argv
-        print(json.dumps(_worker(method, int(n), int(m), int(block))))
+        figures = _worker(method, int(n), int(m), int(block))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(figures))
     else:
         main()

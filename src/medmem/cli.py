@@ -86,6 +86,11 @@ def _size(value: str | None) -> tuple[int, ...] | None:
 _AUDIT_BYTES = 64 << 20  # an audit's tables, figures and report (medmem._io.MIN_FREE_BYTES)
 
 
+def _is_writer() -> bool:
+    """False on torchrun ranks other than 0: they compute alongside rank 0, write nothing."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _claim(
     ctx: click.Context,
     out: Path,
@@ -100,7 +105,10 @@ def _claim(
     """Claim ``--out`` for the whole command, before any work (medmem._io.claim_output):
     not an input, writable, not being written by another medmem run. ``inputs`` are image
     sources (``--out`` may not be, hold or lie in them); ``keep`` are folders read whole
-    (a model, a detector, a cache: ``--out`` may not be or hold them)."""
+    (a model, a detector, a cache: ``--out`` may not be or hold them). Under torchrun only
+    rank 0 claims (and writes)."""
+    if not _is_writer():
+        return
     from medmem._io import claim_output
     from medmem.data._sources import input_roots
 
@@ -133,6 +141,10 @@ def main(ctx: click.Context, quiet: bool, debug: bool) -> None:
     # the flag reaches each command through ctx.obj and then the API's quiet= arguments;
     # the process environment is left alone
     ctx.obj.update(quiet=quiet, debug=debug)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
+        from medmem._distributed import init_from_env
+
+        init_from_env()
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(message)s",
@@ -380,6 +392,8 @@ def train_detector(
         ),
         **settings,
     )
+    if not _is_writer():
+        return
     from medmem._io import atomic_dir
 
     with atomic_dir(out, overwrite=overwrite) as tmp:  # a kill -9 never leaves half a detector
@@ -556,6 +570,8 @@ def audit_cmd(
         checkpoint_dir=None if detector is not None else resume_root(out),
         score=score,
     )
+    if not _is_writer():
+        return
     result.save(out, overwrite=overwrite)
     remove_resume(out)
     click.echo(format_verdict(result.summary))

@@ -6,6 +6,11 @@ computes the correlations block by block with matrix products and keeps a runnin
 memory is bounded by the block size and never holds the dense N x M matrix that a direct
 implementation of the paper's Algorithm 1 would.
 
+``nearest`` runs where the embeddings are (a CUDA tensor is searched on its GPU), or with
+FAISS (``backend="faiss"``, ``pip install medmem[faiss]``): its exact ``IndexFlatIP`` only,
+so the verdict never depends on an approximate index. Both give the same neighbours and the
+same tie rule (ties go to the lower base index).
+
 This module needs only arrays: it knows nothing of images or detectors.
 """
 
@@ -14,11 +19,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from medmem import _distributed
 from medmem._errors import InputError
 from medmem._validation import check_embeddings, check_positive_int
 
-# A (1024, 1024) float32 block (4 MiB) stays in cache; see benchmarks/search.py.
-DEFAULT_BLOCK_SIZE = 1024
+# A (512, 512) float32 block (1 MiB) stays in cache: on one CPU thread 512 ran faster than
+# 1024 (docs/benchmarks/search.md, block-size sweep). On a GPU pass a larger block_size.
+DEFAULT_BLOCK_SIZE = 512
+BACKENDS = ("torch", "faiss")
+_STANDARDIZE_ROWS = 65536  # rows standardised at a time: bounded float64 scratch memory
 
 
 def standardize(x: np.ndarray | torch.Tensor, name: str = "embeddings") -> np.ndarray:
@@ -26,17 +35,21 @@ def standardize(x: np.ndarray | torch.Tensor, name: str = "embeddings") -> np.nd
 
     Raises ``InputError`` for a constant row, whose correlation is undefined.
     """
-    arr = check_embeddings(x, name).astype(np.float64)
-    arr -= arr.mean(axis=1, keepdims=True)
-    norms = np.linalg.norm(arr, axis=1, keepdims=True)
-    flat = norms[:, 0] <= 1e-12 * max(1.0, float(np.abs(arr).max(initial=0.0)))
-    if flat.any():
-        bad = int(np.flatnonzero(flat)[0])
-        raise InputError(
-            f"{name}: row {bad} is constant, so its Pearson correlation is undefined. "
-            "Check the image behind it (a blank or constant image?)."
-        )
-    return (arr / norms).astype(np.float32)
+    src = check_embeddings(x, name)
+    out = np.empty_like(src)
+    for start in range(0, len(src), _STANDARDIZE_ROWS):
+        arr = src[start : start + _STANDARDIZE_ROWS].astype(np.float64)
+        arr -= arr.mean(axis=1, keepdims=True)
+        norms = np.linalg.norm(arr, axis=1, keepdims=True)
+        flat = norms[:, 0] <= 1e-12 * max(1.0, float(np.abs(arr).max(initial=0.0)))
+        if flat.any():
+            bad = start + int(np.flatnonzero(flat)[0])
+            raise InputError(
+                f"{name}: row {bad} is constant, so its Pearson correlation is undefined. "
+                "Check the image behind it (a blank or constant image?)."
+            )
+        out[start : start + _STANDARDIZE_ROWS] = arr / norms
+    return out
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -76,6 +89,98 @@ def _block_topk(sims: torch.Tensor, k: int, offset: int) -> tuple[torch.Tensor, 
     return vals, idx + offset
 
 
+def _search_torch(
+    q: torch.Tensor, b: torch.Tensor, k: int, block_size: int, own: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocked exact top-k of ``q @ b.T`` on ``q``'s device; ``own[i]``: base row excluded
+    for query i (or None). Returns (values, indices) tensors (n_q, k)."""
+    n_q, n_b = q.shape[0], b.shape[0]
+    dev = q.device
+    out_v = torch.empty((n_q, k), dtype=torch.float32, device=dev)
+    out_i = torch.empty((n_q, k), dtype=torch.int64, device=dev)
+    buf = torch.empty(min(block_size, n_q) * min(block_size, n_b), device=dev)
+    for qs in range(0, n_q, block_size):
+        qblock = q[qs : qs + block_size]  # (bq, d)
+        n_rows = qblock.shape[0]
+        # running top-k; placeholders (-inf, index n_b) lose every tie to a real column
+        best_v = torch.full((n_rows, k), -torch.inf, device=dev)
+        best_i = torch.full((n_rows, k), n_b, dtype=torch.int64, device=dev)
+        for bs in range(0, n_b, block_size):
+            bblock = b[bs : bs + block_size]  # (bb, d)
+            # reuse one buffer: no allocation per block, and it stays in cache
+            sims = buf[: n_rows * bblock.shape[0]].view(n_rows, -1)
+            torch.mm(qblock, bblock.T, out=sims)  # (bq, bb)
+            if own is not None:
+                cols = own[qs : qs + n_rows] - bs
+                ok = (cols >= 0) & (cols < sims.shape[1])
+                sims[torch.nonzero(ok).flatten(), cols[ok]] = -torch.inf
+            # Only rows with a value above their k-th best so far can change (an equal value
+            # loses the tie to the earlier, lower index); after the first blocks that is a
+            # few rows, so the per-block cost beyond the matmul is one vectorised row max.
+            rows = torch.nonzero(sims.amax(dim=1) > best_v[:, -1]).flatten()
+            if rows.numel() == 0:
+                continue
+            sub = sims if rows.numel() == n_rows else sims.index_select(0, rows)
+            v, i = _block_topk(sub, k, bs)
+            if k > 1:
+                v, i = _sorted_candidates(
+                    torch.cat([best_v[rows], v], 1), torch.cat([best_i[rows], i], 1), k
+                )
+            best_v[rows] = v
+            best_i[rows] = i
+        out_v[qs : qs + n_rows] = best_v
+        out_i[qs : qs + n_rows] = best_i
+    return out_v, out_i
+
+
+def _import_faiss():  # noqa: ANN202 - faiss has no type stubs
+    try:
+        import faiss
+    except ImportError as exc:
+        raise InputError(
+            'backend="faiss" needs the faiss package: pip install "medmem[faiss]" '
+            '(or faiss-cpu); the default backend="torch" needs nothing more.'
+        ) from exc
+    return faiss
+
+
+def _search_faiss(
+    q: np.ndarray, b: np.ndarray, k: int, block_size: int, own: np.ndarray | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k with FAISS's brute-force ``IndexFlatIP``, then the torch tie rule.
+
+    FAISS returns one or two extra candidates per query; candidates are ordered by value
+    then lower index, and a query whose k-th value ties the next candidate (so more tied
+    rows may exist than FAISS returned) is searched again with the torch backend.
+    """
+    faiss = _import_faiss()
+    n_q, n_b = q.shape[0], b.shape[0]
+    index = faiss.IndexFlatIP(b.shape[1])
+    index.add(b)
+    kk = min(n_b, k + 1 + int(own is not None))
+    out_v = torch.empty((n_q, k), dtype=torch.float32)
+    out_i = torch.empty((n_q, k), dtype=torch.int64)
+    step = max(block_size, 16384)  # queries per FAISS call: bounds the (step, kk) results
+    for qs in range(0, n_q, step):
+        dist, ids = index.search(q[qs : qs + step], kk)
+        v, i = torch.from_numpy(dist), torch.from_numpy(ids)
+        if own is not None:
+            v = v.masked_fill(i == torch.from_numpy(own[qs : qs + len(v)])[:, None], -torch.inf)
+        v, i = _sorted_candidates(v, i, kk)
+        if kk < n_b:  # a tie at the k-th place may hide rows FAISS did not return
+            tied = torch.nonzero(v[:, k - 1] == v[:, k]).flatten()
+            if tied.numel():
+                rows = (tied + qs).numpy()
+                own_t = torch.from_numpy(own[rows]) if own is not None else None
+                tv, ti = _search_torch(
+                    torch.from_numpy(q[rows]), torch.from_numpy(b), k, block_size, own_t
+                )
+                v[tied, :k], i[tied, :k] = tv, ti
+        out_v[qs : qs + len(v)] = v[:, :k]
+        out_i[qs : qs + len(v)] = i[:, :k]
+    return out_v, out_i
+
+
 @torch.no_grad()
 def nearest(
     queries: np.ndarray | torch.Tensor,
@@ -85,6 +190,8 @@ def nearest(
     block_size: int = DEFAULT_BLOCK_SIZE,
     standardized: bool = False,
     exclude_self: bool = False,
+    backend: str = "torch",
+    device: str | torch.device | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k Pearson correlations of each query row against the rows of ``base``.
 
@@ -93,9 +200,16 @@ def nearest(
         base: (n_base, d) embeddings.
         k: how many neighbours to return per query (at most n_base).
         block_size: rows of queries and of base per block; peak extra memory is about
-            ``block_size**2 * 4`` bytes, whatever the sizes of the inputs.
+            ``block_size**2 * 4`` bytes, whatever the sizes of the inputs (on a GPU, 8192
+            or more keeps it busy).
         standardized: the inputs are already standardised (skip that step).
         exclude_self: queries and base are the same set; a row is not its own neighbour.
+        backend: "torch" (default) or "faiss" (exact ``IndexFlatIP``, on the CPU).
+        device: where the torch backend computes; default the device of ``queries`` when it
+            is a tensor (a CUDA tensor is searched on its GPU), else the CPU.
+
+    Under torchrun every rank must call ``nearest`` with the same inputs: each searches its
+    contiguous share of the queries, and every rank returns the whole result.
 
     Returns:
         ``(values, indices)``, both (n_queries, k): correlations in descending order and the
@@ -109,6 +223,10 @@ def nearest(
     """
     k = check_positive_int(k, "k")
     block_size = check_positive_int(block_size, "block_size")
+    if backend not in BACKENDS:
+        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    if device is None:
+        device = queries.device if isinstance(queries, torch.Tensor) else "cpu"
     if standardized:
         q = check_embeddings(queries, "queries")
         b = check_embeddings(base, "base", dim=q.shape[1])
@@ -126,40 +244,18 @@ def nearest(
     if exclude_self and q.shape[0] != b.shape[0]:
         raise InputError("exclude_self=True needs queries and base to be the same set.")
 
-    qt = torch.from_numpy(q)
-    bt = torch.from_numpy(b)
-    n_q, n_b = qt.shape[0], bt.shape[0]
-    out_v = np.empty((n_q, k), dtype=np.float32)
-    out_i = np.empty((n_q, k), dtype=np.int64)
-    buf = torch.empty(min(block_size, n_q) * min(block_size, n_b), dtype=torch.float32)
-    for qs in range(0, n_q, block_size):
-        qblock = qt[qs : qs + block_size]  # (bq, d)
-        best_v: torch.Tensor | None = None
-        best_i: torch.Tensor | None = None
-        for bs in range(0, n_b, block_size):
-            bblock = bt[bs : bs + block_size]  # (bb, d)
-            # reuse one buffer: no allocation per block, and it stays in cache
-            sims = buf[: qblock.shape[0] * bblock.shape[0]].view(qblock.shape[0], -1)
-            torch.mm(qblock, bblock.T, out=sims)  # (bq, bb)
-            if exclude_self:
-                rows = torch.arange(qblock.shape[0])
-                cols = rows + qs - bs
-                ok = (cols >= 0) & (cols < sims.shape[1])
-                sims[rows[ok], cols[ok]] = -torch.inf
-            v, i = _block_topk(sims, k, bs)
-            if best_v is None:
-                best_v, best_i = v, i
-            elif k == 1:
-                better = v > best_v  # strict: earlier (lower-index) block wins ties
-                best_v = torch.where(better, v, best_v)
-                best_i = torch.where(better, i, best_i)
-            else:
-                best_v, best_i = _sorted_candidates(
-                    torch.cat([best_v, v], 1), torch.cat([best_i, i], 1), k
-                )
-        out_v[qs : qs + block_size] = best_v.numpy()
-        out_i[qs : qs + block_size] = best_i.numpy()
-    return out_v, out_i
+    # under torchrun each rank searches its contiguous share of the queries (_distributed)
+    rows = _distributed.split(np.arange(q.shape[0]))
+    part = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) else slice(0, 0)
+    own = rows if exclude_self else None  # the base row each query may not match
+    if backend == "faiss":
+        v, i = _search_faiss(q[part], b, k, block_size, own)
+    else:
+        dev = torch.device(device)
+        qt, bt = torch.from_numpy(q[part]).to(dev), torch.from_numpy(b).to(dev)
+        own_t = torch.from_numpy(own).to(dev) if own is not None else None
+        v, i = _search_torch(qt, bt, k, block_size, own_t)
+    return _distributed.gather_rows(v.cpu().numpy()), _distributed.gather_rows(i.cpu().numpy())
 
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "nearest", "pearson", "standardize"]
+__all__ = ["BACKENDS", "DEFAULT_BLOCK_SIZE", "nearest", "pearson", "standardize"]

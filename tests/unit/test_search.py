@@ -106,3 +106,85 @@ def test_standardize_rows_have_zero_mean_unit_norm() -> None:
 def test_bad_inputs_raise_clear_errors(q, b, kwargs, match) -> None:
     with pytest.raises(InputError, match=match):
         nearest(q, b, **kwargs)
+
+
+# ---------------------------------------------------------------- backends and devices
+def _faiss_or_skip() -> None:
+    pytest.importorskip("faiss", reason="faiss not installed (pip install medmem[faiss])")
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_faiss_backend_equals_torch(k: int, exclude_self: bool) -> None:
+    _faiss_or_skip()
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    q = x if exclude_self else x[:120]
+    tv, ti = nearest(q, x, k=k, block_size=64, exclude_self=exclude_self)
+    fv, fi = nearest(q, x, k=k, block_size=64, exclude_self=exclude_self, backend="faiss")
+    np.testing.assert_array_equal(fi, ti)
+    np.testing.assert_allclose(fv, tv, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_faiss_backend_keeps_the_tie_rule(k: int) -> None:
+    _faiss_or_skip()
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((5, 6)).astype(np.float32)
+    filler = rng.standard_normal((3, 6)).astype(np.float32)
+    # each query five times in base: more exact ties than FAISS returns candidates
+    base = np.concatenate([filler, q, filler, q, q, q, q], 0)
+    _, ti = nearest(q, base, k=k, block_size=4)
+    fv, fi = nearest(q, base, k=k, block_size=4, backend="faiss")
+    np.testing.assert_array_equal(fi, ti)
+    np.testing.assert_array_equal(fi[:, 0], 3 + np.arange(5))
+    np.testing.assert_allclose(fv, 1.0, atol=1e-5)
+
+
+def test_faiss_backend_ties_many_duplicates() -> None:
+    _faiss_or_skip()
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 3, size=(60, 4)).astype(np.float32)  # many exact ties
+    base[:, 0] += np.arange(60) % 2
+    q = base[::3].copy()
+    for k in (1, 4):
+        np.testing.assert_array_equal(
+            nearest(q, base, k=k, backend="faiss")[1], nearest(q, base, k=k)[1]
+        )
+
+
+def test_unknown_backend_and_missing_faiss(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    with pytest.raises(InputError, match="backend must be one of"):
+        nearest(x, x, backend="annoy")
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
+    with pytest.raises(InputError, match=r"medmem\[faiss\]"):
+        nearest(x, x, backend="faiss")
+
+
+def test_device_argument_and_tensor_device() -> None:
+    import torch
+
+    rng = np.random.default_rng(4)
+    q, b = rng.standard_normal((20, 8)), rng.standard_normal((30, 8))
+    ref = nearest(q, b, k=2)
+    for dev in ("cpu", torch.device("cpu")):
+        got = nearest(q, b, k=2, device=dev)
+        np.testing.assert_array_equal(got[1], ref[1])
+    if torch.cuda.is_available():  # runs on the queries' GPU
+        got = nearest(torch.from_numpy(q).cuda(), torch.from_numpy(b).cuda(), k=2)
+        np.testing.assert_array_equal(got[1], ref[1])
+
+
+def test_standardize_in_chunks_equals_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    import medmem.search as search
+
+    x = np.random.default_rng(1).standard_normal((25, 6)) * 3 + 2
+    whole = standardize(x)
+    monkeypatch.setattr(search, "_STANDARDIZE_ROWS", 4)
+    np.testing.assert_array_equal(standardize(x), whole)
+    x[22] = 7.0
+    with pytest.raises(InputError, match="row 22 is constant"):
+        standardize(x)

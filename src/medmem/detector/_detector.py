@@ -21,16 +21,17 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset
 
 import medmem
+from medmem import _distributed
 from medmem._errors import InputError, MedmemError, NotFittedError, OutputExistsError
 from medmem._io import atomic_save, atomic_write_json
 from medmem._progress import progress
 from medmem._seeds import derive_seed
 from medmem._validation import check_positive_int
 from medmem.detector import _checkpoint
-from medmem.detector._cache import EmbeddingCache
+from medmem.detector._cache import EmbeddingCache, embed_in_shards
 from medmem.detector._config import RUNTIME_FIELDS, DetectorConfig
 from medmem.detector._encoder import ContrastiveEncoder, resample
 from medmem.detector._loss import nt_xent
@@ -393,6 +394,7 @@ class Detector:
         n = len(dataset)  # type: ignore[arg-type]
         fingerprint = dataset.fingerprint()  # type: ignore[attr-defined]
         batch_size = min(cfg.batch_size, n)
+        _distributed.check_batch_size(batch_size)
         steps_per_epoch = n // batch_size  # the last incomplete batch is dropped
         total_steps = cfg.epochs * steps_per_epoch
         device = self._device
@@ -402,7 +404,8 @@ class Detector:
         rng_devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices):  # leave the caller's RNG alone
             torch.manual_seed(cfg.seed)
-            model = build_encoder(cfg).to(device)
+            # under torchrun batch norm uses the global batch's statistics (_distributed)
+            model = _distributed.global_batchnorm(build_encoder(cfg)).to(device)
             optimizer = torch.optim.AdamW(
                 model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
             )
@@ -440,13 +443,16 @@ class Detector:
             while epoch < cfg.epochs and not stopped:
                 epoch_seed = derive_seed(cfg.seed, epoch)
                 torch.manual_seed(epoch_seed)  # dropout
+                pairs = _ContrastivePairs(source, cfg, epoch)
+                gen = torch.Generator().manual_seed(epoch_seed)  # shuffle and worker seeds
                 loader = DataLoader(
-                    _ContrastivePairs(source, cfg, epoch),
-                    batch_size=batch_size,
-                    shuffle=True,
-                    drop_last=True,
+                    pairs,
+                    # under torchrun: this rank's slice of each global batch (_distributed)
+                    batch_sampler=_distributed.RankBatches(
+                        BatchSampler(RandomSampler(pairs, generator=gen), batch_size, True)
+                    ),
                     num_workers=cfg.num_workers,
-                    generator=torch.Generator().manual_seed(epoch_seed),
+                    generator=gen,
                     persistent_workers=False,
                 )
                 model.train()
@@ -455,7 +461,10 @@ class Detector:
                     y = y.to(device, non_blocking=True)  # (K, C, *image_size)
                     y_var = y_var.to(device, non_blocking=True)
                     z = model.net(torch.cat([y, y_var]))  # (2K, embed_dim), at input size
-                    loss = nt_xent(z[: len(y)], z[len(y) :], cfg.temperature)
+                    # K = the global batch: embeddings gathered across ranks (_distributed)
+                    z1 = _distributed.all_gather_with_grad(z[: len(y)])
+                    z2 = _distributed.all_gather_with_grad(z[len(y) :])
+                    loss = nt_xent(z1, z2, cfg.temperature)
                     if not torch.isfinite(loss):
                         raise MedmemError(
                             f"detector training diverged at epoch {epoch + 1}, step {step + 1} "
@@ -464,6 +473,7 @@ class Detector:
                         )
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    _distributed.sum_gradients(model)
                     optimizer.step()
                     scheduler.step()
                     running += loss.item()
@@ -492,7 +502,7 @@ class Detector:
                             epoch,
                             cfg.epochs,
                         )
-                if ckpt_dir is not None:
+                if ckpt_dir is not None and _distributed.is_main():
                     _checkpoint.save_checkpoint(
                         ckpt_dir,
                         model=model,
@@ -560,24 +570,16 @@ class Detector:
                 "same preprocessing as the training set)."
             )
         n = len(dataset)  # type: ignore[arg-type]
-        out = np.zeros((n, cfg.embed_dim), dtype=np.float32)
-        todo = np.arange(n)
         cache = keys = None
         if cache_dir is not None:
             cache = EmbeddingCache(cache_dir, self.fingerprint, cfg.embed_dim)
             keys = [dataset.item_key(i) for i in range(n)]  # type: ignore[attr-defined]
-            found, cached = cache.get(keys)
-            out[found] = cached[found]
-            todo = np.flatnonzero(~found)
-            if found.any():
-                logger.info("embedding cache: %d of %d images found", int(found.sum()), n)
-        if len(todo):
-            out[todo] = self._forward(
-                Subset(dataset, todo.tolist()), batch_size, num_workers, quiet
-            )
-            if cache is not None and keys is not None:
-                cache.put([keys[i] for i in todo], out[todo])
-        return out
+
+        # sharded (resumable) and, under torchrun, split across ranks: medmem.detector._cache
+        def compute(idx: np.ndarray) -> np.ndarray:
+            return self._forward(Subset(dataset, idx.tolist()), batch_size, num_workers, quiet)
+
+        return embed_in_shards(compute, n, cfg.embed_dim, cache, keys)
 
     def _forward(
         self, dataset: Dataset, batch_size: int, num_workers: int, quiet: bool
