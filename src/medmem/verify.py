@@ -80,7 +80,7 @@ class AlignConfig:
             rot = (-8.0, -4.0, 0.0, 4.0, 8.0) if spatial_dims == 2 else (-6.0, 0.0, 6.0)
         scales = self.scales
         if scales is None:
-            scales = (1.0, 0.87, 0.75) if spatial_dims == 2 else (1.0, 0.85)
+            scales = (1.0, 0.87, 0.75)
         check_in_range(self.max_shift, "align.max_shift", 0.0, 0.4)
         for s in scales:
             check_in_range(s, "align.scales entry", 0.3, 1.5)
