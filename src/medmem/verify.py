@@ -17,7 +17,7 @@ copy. It is computed the same way for validation and synthetic images, so the au
 calibration applies unchanged: tau is a conformal quantile of validation images' scores.
 
 Cost: each training image is held as ``n_views`` views of ``size^d`` values (about 120 KB
-in 2D and 900 KB in 3D with the defaults); each query costs a few matrix products per
+in 2D and 1.4 MB in 3D with the defaults); each query costs a few matrix products per
 candidate. Pairs outside the candidates (the embedding's top ``n_candidates`` and the
 pixels' top ``n_pixel_candidates``) are taken as non-matches.
 """
