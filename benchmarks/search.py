@@ -96,10 +96,10 @@ def _worker(method: str, n: int, m: int, block: int) -> dict:
 
     ``method``: "nearest" (torch backend), "faiss" or "dense". Under torchrun every rank
     runs this and ``nearest`` splits the queries; rank 0's figures are returned."""
-    from medmem import _distributed
+    from medmem import distributed
     from medmem.search import nearest, standardize
 
-    _distributed.init_from_env()
+    distributed.init_from_env()
 
     q, b = _inputs(n, m)
     qs, bs = standardize(q), standardize(b)  # both methods get standardised inputs
@@ -107,7 +107,7 @@ def _worker(method: str, n: int, m: int, block: int) -> dict:
     if method != "dense":
         nearest(qs[:64], bs[:256], k=1, standardized=True, block_size=block, backend=backend)
     before = _square_rate()
-    _distributed.barrier()
+    distributed.barrier()
     _reset_peak()
     base = _peak_rss_mb()
     t = time.perf_counter()
@@ -123,7 +123,7 @@ def _worker(method: str, n: int, m: int, block: int) -> dict:
     dt = time.perf_counter() - t
     cpu = time.process_time() - c
     peak = _peak_rss_mb() - base
-    world = _distributed.world_size()
+    world = distributed.world_size()
     after = _square_rate()
     found = None
     if n >= 10 * N_PLANTED and m >= 997 * N_PLANTED:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from medmem import _distributed as distributed  # torchrun helpers: init_from_env, rank...
 from medmem import search, verify
 from medmem._audit import (
     CALIBRATIONS,
@@ -47,6 +48,7 @@ __all__ = [
     "audit_embeddings",
     "calibrate",
     "check_patient_overlap",
+    "distributed",
     "control_images",
     "format_verdict",
     "load_dataset",

@@ -1401,9 +1401,9 @@ def audit(
     percentile, calibration = args["percentile"], args["calibration"]
     n_bootstrap, confidence, seed = args["n_bootstrap"], args["confidence"], args["seed"]
     n_controls, control_kinds = args["n_controls"], args["control_kinds"]
+    _check_datasets(train, val, synthetic)
     if score == "aligned":
         align = (align or AlignConfig()).resolved(int(train.spatial_dims))
-    _check_datasets(train, val, synthetic)
     n_overlap = check_patient_overlap(train, val, allow=allow_patient_overlap)
     _check_sizes(len(train), len(val), percentile, calibration, n_synthetic=len(synthetic))
     check_inputs(

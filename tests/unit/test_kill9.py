@@ -34,7 +34,11 @@ def sets(tmp_path_factory) -> Path:
 def _kill_when(args: list[str], checkpoints: Path) -> None:
     """Run ``medmem ARGS`` in a subprocess; SIGKILL it once a checkpoint is under
     ``checkpoints``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": "src"}
+    # the same thread count as this process, which runs the reference and the rerun: float
+    # sums in another order would differ in the last bits, and the hashes with them
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": "src"}
     code = "import sys; from medmem.cli import main; main(sys.argv[1:])"
     proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env)
     try:

@@ -456,7 +456,10 @@ def leaky(tmp_path_factory, pixel_detector) -> Path:
     write_phantoms(root / "dcm", n_patients=1, size=32, fmt="dcm", first_patient=105, seed=9)
     shutil.copy(root / "dcm" / "P0105_00.dcm", syn / "val_patient.dcm")
     sets[2] = load_dataset(str(syn), image_size=(32, 32), quiet=True)
-    result = medmem.audit(*sets, detector=pixel_detector, n_bootstrap=0, quiet=True)
+    # the embedding score, as the `audited` fixture: this module tests screening, not scores
+    result = medmem.audit(
+        *sets, detector=pixel_detector, n_bootstrap=0, quiet=True, score="embedding"
+    )
     result.save(root / "audit", figures=False, report=False)
     audited_syn = pd.read_csv(root / "audit" / "synthetic.csv").set_index("synthetic_id")
     special = ["old/gallery.png", "old/histogram.png", "figure.png", "text8.png", "text16.png"]
