@@ -35,9 +35,8 @@ import torch
 
 import medmem
 from benchmarks._common import NIH, load_nih, machine, read_manifest, split_patients
-from medmem import calibrate
+from medmem import calibrate, nearest_patient
 from medmem.detector import Detector
-from medmem.identity import nearest_patient
 from medmem.metrics import auroc
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -197,7 +196,6 @@ def main() -> int:
         "results": results,
         "learning_curve": curve,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "medmem_version": medmem.__version__,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "identity.json").write_text(json.dumps(record, indent=2) + "\n")

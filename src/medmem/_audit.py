@@ -1395,7 +1395,7 @@ def audit(
         identity_detector: a detector trained with ``objective="identity"``: adds the
             identity section (nearest training patient and identity score per synthetic
             image, a calibrated identity threshold, re-identified patients; summary key
-            ``identity``, see :func:`medmem.identity.identity_section`). Needs the training
+            ``identity``, see :func:`medmem._identity.identity_section`). Needs the training
             images' patient ids.
 
     Example:
@@ -1429,7 +1429,7 @@ def audit(
         train, val, synthetic, detector=detector, allow_overlap=allow_patient_overlap, quiet=quiet
     )
     if identity_detector is not None:
-        from medmem.identity import check_identity_detector
+        from medmem._identity import check_identity_detector
 
         check_identity_detector(identity_detector)
         if not train.has_patient_ids:
@@ -1540,7 +1540,7 @@ def audit(
         "n_controls": n_controls,
     }
     if identity_detector is not None:
-        from medmem.identity import add_identity, identity_section
+        from medmem._identity import add_identity, identity_section
 
         t = time.perf_counter()
         emb_id = [identity_detector.embed(ds, **kw) for ds in (train, val, synthetic)]

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 import medmem
-from medmem import calibrate
+from medmem import calibrate, identity_section, nearest_patient
 from medmem._audit import AuditResult
 from medmem._errors import InputError
 from medmem.data import ArrayDataset
 from medmem.data.phantoms import write_phantoms
-from medmem.identity import identity_section, nearest_patient
 
 
 class PixelIdentityDetector:
