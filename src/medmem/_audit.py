@@ -1740,6 +1740,15 @@ def format_verdict(s: dict[str, Any]) -> str:
             f"patients with a memorized image: {p['n_patients_mem']} of "
             f"{p['n_train_patients']} ({p['pct_patients_mem']:.1f}% of training patients)"
         )
+    if isinstance(s.get("identity"), dict):
+        d = s["identity"]
+        lines.append(
+            f"identity (same patient, not a copy): {d['n_synthetic_identity']} of "
+            f"{s['n_synthetic']} synthetic images re-identify a training patient "
+            f"(tau_identity = {d['tau_identity']:.4f}; expected by chance "
+            f"{d['expected_by_chance']:.1f}); {d['n_patients_reidentified']} of "
+            f"{d['n_train_patients']} training patients re-identified"
+        )
     if "controls" in s:
         c = s["controls"]
         lo, hi = c["sensitivity_ci"]

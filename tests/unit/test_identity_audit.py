@@ -127,6 +127,7 @@ def test_identity_columns_and_keys(id_audit, phantom_sets) -> None:
     assert loaded.synthetic["identity"].dtype == bool
     assert loaded.training["patient_reidentified"].dtype == bool
     assert json.loads((out / "summary.json").read_text())["identity"] == block
+    assert "re-identify a training patient" in medmem.format_verdict(r.summary)
     html = (out / "report.html").read_text()
     assert 'id="identity"' in html and 'id="tau-identity"' in html
 
