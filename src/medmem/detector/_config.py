@@ -120,7 +120,9 @@ class DetectorConfig(ConfigSection):
         objective: "copy" (the paper's: an image and its variation are the positives) or
             "identity" (same patient: every view of every image of a patient is a positive
             of every other, with the copy variations still applied; needs patient ids;
-            patients with one image keep the copy objective, their two views).
+            patients with one image keep the copy objective, their two views). Early
+            stopping still watches copy retrieval, so identity training is best run for a
+            fixed number of epochs (``early_stopping=False``).
         num_workers: DataLoader worker processes (does not change the result).
         cache_bytes: the preprocessed training images are held in memory when they fit in
             this many bytes (read from disk once instead of every epoch); does not change the
