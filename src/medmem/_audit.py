@@ -1428,6 +1428,13 @@ def audit(
     check_inputs(
         train, val, synthetic, detector=detector, allow_overlap=allow_patient_overlap, quiet=quiet
     )
+    if getattr(getattr(detector, "config", None), "objective", "copy") == "identity":
+        warnings.warn(
+            "the copy detector was trained with objective='identity': its copy scores then "
+            "also rise for other images of a training patient. Pass it as identity_detector "
+            "(--identity-detector) and a copy detector as detector.",
+            stacklevel=2,
+        )
     if identity_detector is not None:
         from medmem._identity import check_identity_detector
 

@@ -5,6 +5,10 @@ with a variation y_i' (flip, rotation, contrast); the encoder is trained with NT
 that each image lies close to its variation and far from the 2(K - 1) other images of the
 batch. Copies of training images then lie close to them in the embedding space, where
 Pearson's correlation is computed (``medmem.search``).
+
+``objective="identity"`` trains "same patient" instead: with patient ids, every view of
+every image of a patient in the batch is a positive (``multi_positive_nt_xent``), and
+batches hold repeat patients in pairs (:class:`PatientPairBatches`).
 """
 
 from __future__ import annotations
