@@ -315,7 +315,8 @@ READING = [
     "patients, after one study of each is kept out as the positive), 64x64 inputs and a "
     "CPU budget. Packhauser et al. (AUC 0.994) trained their verification network on "
     "ChestX-ray14 (about 30,000 patients, many with follow-ups). The learning curve says more "
-    "repeat patients is the first lever; larger inputs and longer training the next.",
+    "repeat patients is the first lever; training twice as long also helped (the check "
+    "above); larger inputs were not tried within the CPU budget.",
     "- On data like this subset the audit's identity section therefore says little; "
     "summary.json (``identity.detector.training``) and report.html say when the identity "
     "detector saw fewer than 20 repeat patients.",
