@@ -201,3 +201,24 @@ def test_screen_drop_identity_needs_identity_section(phantom_sets, pixel_detecto
 
     with pytest.raises(InputError, match="no identity section"):
         screen(out, tmp_path / "rel", synthetic=s["root"] / "synth", quiet=True, drop=["identity"])
+
+
+def test_report_identity_section_escapes_data_text() -> None:
+    from medmem import audit_embeddings
+    from medmem._identity import add_identity
+    from medmem.report import render_report
+
+    rng = np.random.default_rng(0)
+    tr, va = rng.normal(size=(30, 8)), rng.normal(size=(30, 8))
+    syn = tr[:3] + 0.01
+    evil = ["<script>alert(1)</script>"] * 30
+    r = audit_embeddings(tr, va, syn, train_patient_ids=evil, n_bootstrap=0)
+    block, cols, flag = identity_section(
+        tr, va, syn, evil, train_ids=[f"<b>t{i}</b>" for i in range(30)]
+    )
+    add_identity(r, block, cols, flag)
+    assert block["n_synthetic_identity"] == 3
+    html = render_report(r)
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "&lt;b&gt;t0&lt;/b&gt;" in html
