@@ -978,6 +978,8 @@ Withheld:
     validation file itself)
   {r.n_nonimage} files that are not images made by the generator (outputs of an audit,
     figures written by medmem)
+  {r.n_identity} images that re-identify a training patient (identity_corr >= tau_identity;
+    counted only with --drop identity)
 Renamed: {n_renamed} files whose names contained a training or validation identifier (or a
 DICOM UID) got neutral names (or the new UID).
 Validation patients: {r.validation_checked or "not checked"}.

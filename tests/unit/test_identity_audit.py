@@ -186,6 +186,8 @@ def test_screen_drops_identity_hits(id_audit, phantom_sets, tmp_path: Path) -> N
     assert int(hits.sum()) > 0
     assert dropped.n_identity == int(hits.sum())
     assert dropped.n_released == plain.n_released - int(hits.sum())
+    readme = (tmp_path / "rel2" / "README.txt").read_text()
+    assert f"{int(hits.sum())} images that re-identify a training patient" in readme
     with pytest.raises(InputError, match="unknown verdict"):
         screen(out, tmp_path / "rel3", synthetic=syn, quiet=True, drop=["patients"])
 
