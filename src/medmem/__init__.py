@@ -26,6 +26,7 @@ from medmem._audit import (
     min_calibration_size,
 )
 from medmem._errors import InputError, MedmemError, NotFittedError, OutputExistsError, ReadError
+from medmem._identity import identity_section, nearest_patient
 from medmem.data import ArrayDataset, ImageDataset, load_dataset
 from medmem.detector import Detector, DetectorConfig
 
@@ -51,9 +52,11 @@ __all__ = [
     "distributed",
     "control_images",
     "format_verdict",
+    "identity_section",
     "load_dataset",
     "make_controls",
     "min_calibration_size",
+    "nearest_patient",
     "search",
     "verify",
 ]

@@ -903,8 +903,21 @@ class AuditResult:
 # schema versions of summary.json that AuditResult.load reads (1: before tau_mem/paper;
 # 2: intervals.expected_chance_copies, read as intervals.expected_copies)
 _READABLE_SCHEMAS = (1, 2, 3)
-_FLOAT_COLUMNS = {"nearest_val_corr", "nearest_synthetic_corr", "nearest_train_corr"}
-_BOOL_COLUMNS = {"memorized", "memorized_paper", "copy", "copy_paper", "patient_memorized"}
+_FLOAT_COLUMNS = {
+    "nearest_val_corr",
+    "nearest_synthetic_corr",
+    "nearest_train_corr",
+    "identity_corr",
+}
+_BOOL_COLUMNS = {
+    "memorized",
+    "memorized_paper",
+    "copy",
+    "copy_paper",
+    "patient_memorized",
+    "identity",
+    "patient_reidentified",
+}
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 
@@ -1343,6 +1356,7 @@ def audit(
     checkpoint_dir: str | Path | None = None,
     score: str = "aligned",
     align: AlignConfig | None = None,
+    identity_detector: Any = None,
 ) -> AuditResult:
     """Audit a synthetic set against the training set it may have copied.
 
@@ -1378,6 +1392,11 @@ def audit(
             partly replaced copies the embedding scores low); ``"embedding"``: the
             correlation of the embeddings, as the paper.
         align: settings of the aligned score (:class:`medmem.verify.AlignConfig`).
+        identity_detector: a detector trained with ``objective="identity"``: adds the
+            identity section (nearest training patient and identity score per synthetic
+            image, a calibrated identity threshold, re-identified patients; summary key
+            ``identity``, see :func:`medmem._identity.identity_section`). Needs the training
+            images' patient ids.
 
     Example:
         >>> import medmem
@@ -1409,6 +1428,23 @@ def audit(
     check_inputs(
         train, val, synthetic, detector=detector, allow_overlap=allow_patient_overlap, quiet=quiet
     )
+    if getattr(getattr(detector, "config", None), "objective", "copy") == "identity":
+        warnings.warn(
+            "the copy detector was trained with objective='identity': its copy scores then "
+            "also rise for other images of a training patient. Pass it as identity_detector "
+            "(--identity-detector) and a copy detector as detector.",
+            stacklevel=2,
+        )
+    if identity_detector is not None:
+        from medmem._identity import check_identity_detector
+
+        check_identity_detector(identity_detector)
+        if not train.has_patient_ids:
+            raise InputError(
+                "identity_detector needs the patient id of every training image; load the "
+                "training images with patient ids (--patient-id-pattern, or a manifest with "
+                "a patient_id column)."
+            )
     timings: dict[str, float] = {}
     if detector is None:
         t = time.perf_counter()
@@ -1510,6 +1546,25 @@ def audit(
         "allow_patient_overlap": allow_patient_overlap,
         "n_controls": n_controls,
     }
+    if identity_detector is not None:
+        from medmem._identity import add_identity, identity_section
+
+        t = time.perf_counter()
+        emb_id = [identity_detector.embed(ds, **kw) for ds in (train, val, synthetic)]
+        block, columns, flag = identity_section(
+            *emb_id,
+            train.patient_ids,
+            train_ids=train.ids,
+            percentile=percentile,
+            calibration=calibration,
+        )
+        block["detector"] = {
+            "fingerprint": identity_detector.fingerprint,
+            "source": getattr(identity_detector, "source_", None),
+            "training": getattr(identity_detector, "identity_training_", None),
+        }
+        add_identity(result, block, columns, flag)
+        timings["identity"] = round(time.perf_counter() - t, 3)
     s["timings_s"] = timings
     result._images = {"train": train, "synthetic": synthetic}
     if trained_here:
@@ -1691,6 +1746,15 @@ def format_verdict(s: dict[str, Any]) -> str:
         lines.append(
             f"patients with a memorized image: {p['n_patients_mem']} of "
             f"{p['n_train_patients']} ({p['pct_patients_mem']:.1f}% of training patients)"
+        )
+    if isinstance(s.get("identity"), dict):
+        d = s["identity"]
+        lines.append(
+            f"identity (same patient, not a copy): {d['n_synthetic_identity']} of "
+            f"{s['n_synthetic']} synthetic images re-identify a training patient "
+            f"(tau_identity = {d['tau_identity']:.4f}; expected by chance "
+            f"{d['expected_by_chance']:.1f}); {d['n_patients_reidentified']} of "
+            f"{d['n_train_patients']} training patients re-identified"
         )
     if "controls" in s:
         c = s["controls"]

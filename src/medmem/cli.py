@@ -347,6 +347,15 @@ def _warn_ignored_with_detector(
     help="Checkpoints every epoch; rerun with the same folder to resume after a kill.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option(
+    "--objective",
+    type=click.Choice(["copy", "identity"]),
+    default="copy",
+    show_default=True,
+    help="'copy': an image and its variation are positives (the paper); 'identity': images "
+    "of the same patient are positives (needs patient ids, e.g. --patient-id-pattern); for "
+    "audit --identity-detector.",
+)
 @_data_options
 @_detector_options
 @click.pass_context
@@ -356,6 +365,7 @@ def train_detector(
     out: Path,
     checkpoint_dir: Path | None,
     overwrite: bool,
+    objective: str,
     epochs: int | None,
     batch_size: int | None,
     embed_dim: int | None,
@@ -368,6 +378,8 @@ def train_detector(
     \b
     Example:
       medmem train-detector --train data/train --out detector/ --epochs 30
+      medmem train-detector --train data/train --out id-detector/ --objective identity \\
+          --patient-id-pattern '^(\\d+)_'
     """
     from medmem.detector import Detector
 
@@ -390,6 +402,7 @@ def train_detector(
             lr=lr,
             seed=seed,
         ),
+        objective=objective,
         **settings,
     )
     if not _is_writer():
@@ -417,6 +430,15 @@ def train_detector(
     type=click.Path(path_type=Path),
     default=None,
     help="A trained detector folder (default: train one on --train).",
+)
+@click.option(
+    "--identity-detector",
+    "identity_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A detector trained with --objective identity: adds the identity section (nearest "
+    "training patient per synthetic image, calibrated identity threshold); needs training "
+    "patient ids.",
 )
 @click.option(
     "--percentile",
@@ -488,6 +510,7 @@ def audit_cmd(
     syn_src: str,
     out: Path,
     detector_dir: Path | None,
+    identity_dir: Path | None,
     percentile: float,
     calibration: str,
     score: str,
@@ -534,11 +557,12 @@ def audit_cmd(
         out,
         overwrite,
         inputs=[train_src, val_src, syn_src],
-        keep=[detector_dir, cache_dir],
+        keep=[detector_dir, cache_dir, identity_dir],
         need_bytes=_AUDIT_BYTES if detector_dir else 2 * _AUDIT_BYTES,  # + detector, checkpoint
     )
     settings = _detector_settings(data_opts)
     detector = Detector.load(detector_dir) if detector_dir else None
+    identity_detector = Detector.load(identity_dir) if identity_dir else None
     size = tuple(detector.config.image_size) if detector is not None else None
     if detector is not None:
         _warn_ignored_with_detector(
@@ -569,6 +593,7 @@ def audit_cmd(
         | settings,
         checkpoint_dir=None if detector is not None else resume_root(out),
         score=score,
+        identity_detector=identity_detector,
     )
     if not _is_writer():
         return
@@ -850,6 +875,14 @@ def quality_cmd(
     help="Screen even when the audit's measured control sensitivity is below 0.8 "
     "(a near-blind detector).",
 )
+@click.option(
+    "--drop",
+    "drop",
+    multiple=True,
+    type=click.Choice(["identity"]),
+    help="Withhold also these verdicts: 'identity' = synthetic images that re-identify a "
+    "training patient (an audit with --identity-detector).",
+)
 @click.pass_context
 def screen_cmd(
     ctx: click.Context,
@@ -861,6 +894,7 @@ def screen_cmd(
     drop_nonimages: bool,
     drop_identifying: bool,
     force: bool,
+    drop: tuple[str, ...],
 ) -> None:
     """Write the release set: the audited synthetic images that are not copies.
 
@@ -889,6 +923,7 @@ def screen_cmd(
         drop_nonimages=drop_nonimages,
         drop_identifying=drop_identifying,
         force=force,
+        drop=drop,
     )
     click.echo(str(result))
 

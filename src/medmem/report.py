@@ -560,6 +560,73 @@ def _settings(s: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _identity(result: Any, n: int = 8, limit: int = 100) -> str:
+    """The identity section: counts, threshold, and evidence pairs (images when held)."""
+    block = result.summary.get("identity")
+    syn = result.synthetic
+    if not isinstance(block, dict) or "identity" not in syn:
+        return ""
+    thr = float(block["tau_identity"])
+    hits = syn[syn["identity"].astype(bool)].sort_values(
+        ["identity_corr", "synthetic_id"], ascending=[False, True], kind="stable"
+    )
+    images = getattr(result, "_images", {}) or {}
+    train_ds, syn_ds = images.get("train"), images.get("synthetic")
+    train_pos = {t: i for i, t in enumerate(train_ds.ids)} if train_ds is not None else {}
+    syn_pos = {t: i for i, t in enumerate(syn_ds.ids)} if syn_ds is not None else {}
+    rows = []
+    for rank, r in enumerate(hits.head(limit).itertuples(index=False), 1):
+        pics = ""
+        if rank <= n and r.synthetic_id in syn_pos and r.nearest_patient_train_id in train_pos:
+            a = syn_ds[syn_pos[r.synthetic_id]][0].numpy()
+            b = train_ds[train_pos[r.nearest_patient_train_id]][0].numpy()
+            pics = "".join(
+                _img(png_base64(v), f"synthetic {r.synthetic_id}") for v in central_slices(a)
+            ) + "".join(
+                _img(png_base64(v), f"training {r.nearest_patient_train_id}")
+                for v in central_slices(b)
+            )
+        rows.append(
+            f'<tr><td>{rank}</td><td class="id">{_e(r.synthetic_id)}</td>'
+            f'<td class="id">{_e(r.nearest_patient_id)}</td>'
+            f'<td class="id">{_e(r.nearest_patient_train_id)}</td>'
+            f"<td>{_e(_fmt(float(r.identity_corr), '.4f'))}</td><td>{pics}</td></tr>"
+        )
+    more = (
+        f" (the first {limit} of {len(hits)}; all are in synthetic.csv)"
+        if len(hits) > limit
+        else ""
+    )
+    training = block.get("detector", {}) or {}
+    info = training.get("training") or {}
+    few = (
+        f" The identity detector saw only {_e(info.get('n_repeat_patients'))} training patients "
+        "with two or more images: its identity scores are close to copy scores."
+        if info.get("few_repeat_patients")
+        else ""
+    )
+    table = (
+        "<table><thead><tr><th>#</th><th>synthetic_id</th><th>nearest_patient_id</th>"
+        "<th>evidence training image</th><th>identity_corr</th><th>synthetic | training</th>"
+        f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        if rows
+        else "<p>No synthetic image reaches the identity threshold.</p>"
+    )
+    return (
+        '<section class="card" id="identity"><h2>Identity: synthetic images that re-identify '
+        f"a training patient{more}</h2>"
+        f"<p>{_num('n-synthetic-identity', block['n_synthetic_identity'])} of "
+        f"{_e(result.summary['n_synthetic'])} synthetic images re-identify a training patient; "
+        f"{_num('n-patients-reidentified', block['n_patients_reidentified'])} of "
+        f"{_e(block['n_train_patients'])} training patients are re-identified. Identity "
+        f"threshold {_num('tau-identity', thr, '.4f')} (calibrated on validation patients: "
+        f"a novel patient's image crosses it with probability about "
+        f"{_e(_fmt(block['alpha'], '.2f'))}; expected by chance "
+        f"{_e(_fmt(block['expected_by_chance'], '.1f'))}). Not copies: same patient, another "
+        f"image.{few}</p>{table}</section>"
+    )
+
+
 def render_report(result: Any, *, quality: dict[str, Any] | None = None, n_gallery: int = 8) -> str:
     """The report as an HTML string (see :func:`write_report`)."""
     s = result.summary
@@ -570,6 +637,7 @@ def render_report(result: Any, *, quality: dict[str, Any] | None = None, n_galle
             _histogram(result),
             _gallery(result, n_gallery),
             _copies_table(result),
+            _identity(result),
             _quality(quality),
             _settings(s),
         ]

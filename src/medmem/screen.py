@@ -44,6 +44,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -115,6 +116,7 @@ class ScreenResult:
     deidentified: bool = True
     removed: dict[str, list[str]] = field(default_factory=dict)  # synthetic id -> kinds
     validation_checked: str = ""  # what was known of the validation patients
+    n_identity: int = 0  # withheld (drop identity): re-identifies a training patient
 
     def __str__(self) -> str:
         lines = [
@@ -125,6 +127,11 @@ class ScreenResult:
             f"{self.n_identifier} that identify a training or validation patient, "
             f"{self.n_nonimage} that are not generator images (audit outputs, figures)",
         ]
+        if self.n_identity:
+            lines.append(
+                f"withheld also {self.n_identity} that re-identify a training patient "
+                "(identity_corr >= tau_identity; --drop identity)"
+            )
         if self.renamed:
             lines.append(
                 f"renamed {len(self.renamed)} file(s) whose names contained a training "
@@ -538,6 +545,33 @@ def _uid_names(rel: str, uids: UidMap | None) -> tuple[str, bool]:
     return new, new != rel
 
 
+#: Verdicts ``screen(drop=...)`` (``--drop``) can withhold beside the copies.
+DROPS = ("identity",)
+
+
+def _identity_hits(syn: pd.DataFrame, summary: dict[str, Any], audit_dir: Path) -> set[str]:
+    """Synthetic ids that re-identify a training patient, checked against tau_identity."""
+    block = summary.get("identity")
+    if not isinstance(block, dict) or "identity" not in syn.columns:
+        raise InputError(
+            f"{audit_dir}: the audit has no identity section (no identity column in "
+            "synthetic.csv); audit with --identity-detector DIR (identity_detector=...) and "
+            "training patient ids, or screen without --drop identity."
+        )
+    thr = float(block["tau_identity"])
+    hits = set()
+    for sid, c, h in zip(syn["synthetic_id"], syn["identity_corr"], syn["identity"], strict=True):
+        if bool(h) != (float(c) >= thr):
+            raise InputError(
+                f"{audit_dir / 'synthetic.csv'}: {sid!r} has identity={bool(h)} but "
+                f"identity_corr={c} and tau_identity={thr}: the file was edited. Run the audit "
+                "again."
+            )
+        if h:
+            hits.add(str(sid))
+    return hits
+
+
 def _refuse(what: str, found: dict[str, str], paths: dict[str, Path], fix: str) -> InputError:
     sid = sorted(found)[0]
     return InputError(
@@ -557,6 +591,7 @@ def screen(
     drop_identifying: bool = False,
     deidentify: bool = True,
     force: bool = False,
+    drop: Sequence[str] = (),
 ) -> ScreenResult:
     """Write the release set of an audit: the synthetic images that are not copies.
 
@@ -586,6 +621,9 @@ def screen(
             or are not generator images are refused or dropped all the same.
         force: screen even when the audit's measured control sensitivity is below
             :data:`medmem._audit.SENSITIVITY_FLOOR` (a near-blind detector misses copies).
+        drop: further verdicts to withhold: ``"identity"`` withholds the synthetic images
+            that re-identify a training patient (``identity`` in synthetic.csv; the audit
+            needs its identity section, ``--identity-detector``).
 
     Raises:
         InputError: not an audit folder; the synthetic images differ from the audited ones
@@ -621,6 +659,7 @@ def screen(
             drop_identifying=drop_identifying,
             deidentify=deidentify,
             force=force,
+            drop=tuple(drop),
         )
 
 
@@ -650,11 +689,16 @@ def _screen(
     drop_identifying: bool,
     deidentify: bool,
     force: bool,
+    drop: tuple[str, ...] = (),
 ) -> ScreenResult:
     """:func:`screen`, with ``out`` claimed."""
     from medmem._audit import low_sensitivity_warning
 
+    bad = sorted(set(drop) - set(DROPS))
+    if bad:
+        raise InputError(f"drop: unknown verdict(s) {bad}; choose from {list(DROPS)}.")
     summary, syn, train, audit_fp = _read_audit(audit_dir)
+    identity_hits = _identity_hits(syn, summary, audit_dir) if "identity" in drop else set()
     warning = low_sensitivity_warning(summary)
     if warning and not force:
         raise InputError(
@@ -725,6 +769,8 @@ def _screen(
         validation_checked=validation.note,
     )
     keep = [i for i, sid in enumerate(ds.ids) if corr[sid] < tau - margin]
+    result.n_identity = sum(1 for i in keep if ds.ids[i] in identity_hits)
+    keep = [i for i in keep if ds.ids[i] not in identity_hits]
     paths = {ds.ids[i]: Path(ds.paths[i]) for i in keep}
     ds_files, ds_paths = ds.files, [Path(p) for p in ds.paths]
 
@@ -932,6 +978,8 @@ Withheld:
     validation file itself)
   {r.n_nonimage} files that are not images made by the generator (outputs of an audit,
     figures written by medmem)
+  {r.n_identity} images that re-identify a training patient (identity_corr >= tau_identity;
+    counted only with --drop identity)
 Renamed: {n_renamed} files whose names contained a training or validation identifier (or a
 DICOM UID) got neutral names (or the new UID).
 Validation patients: {r.validation_checked or "not checked"}.
@@ -949,4 +997,4 @@ measure. Screening lowers the risk of sharing patient images; it is not a proof 
 """
 
 
-__all__ = ["MANIFEST_COLUMNS", "MIN_IDENTIFIER_LENGTH", "ScreenResult", "screen"]
+__all__ = ["DROPS", "MANIFEST_COLUMNS", "MIN_IDENTIFIER_LENGTH", "ScreenResult", "screen"]

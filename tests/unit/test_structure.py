@@ -48,7 +48,7 @@ ALLOWED: dict[str, set[str]] = {
     "cli": set(STAGES) - {"cli"},
 }
 # Private modules that hold a stage, because a public function has the stage's name.
-STAGE_MODULES = {"_audit": "audit"}
+STAGE_MODULES = {"_audit": "audit", "_identity": "audit"}
 # The audit's save() writes report.html through a function-level import of medmem.report:
 # the one exception, so that `result.save(dir)` gives the whole output folder.
 EXCEPTIONS = {("audit", "report")}

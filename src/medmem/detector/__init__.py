@@ -6,7 +6,7 @@ Public API:
   ``.save(dir)``, ``Detector.load(dir)``, ``.fingerprint``.
 * :class:`DetectorConfig` -- all settings, paper defaults per ``spatial_dims``.
 * :class:`ContrastiveEncoder` -- the network (MONAI ResNet or strided-conv encoder).
-* :func:`nt_xent` -- the loss.
+* :func:`nt_xent` -- the loss; :func:`multi_positive_nt_xent` -- the identity objective's.
 * :func:`vary`, :func:`sample_variation`, :func:`apply_variation`, :func:`needs_partner`,
   :class:`VariationConfig`, :data:`VARIATION_KINDS` (:data:`DEFAULT_VARIATION_KINDS`,
   :data:`PAPER_VARIATION_KINDS`, :data:`CONTROL_VARIATION_KINDS`) -- the variations a
@@ -18,7 +18,7 @@ from __future__ import annotations
 from medmem.detector._config import DetectorConfig, conv_downsamplings
 from medmem.detector._detector import Detector
 from medmem.detector._encoder import ContrastiveEncoder
-from medmem.detector._loss import nt_xent
+from medmem.detector._loss import multi_positive_nt_xent, nt_xent
 from medmem.detector._variations import (
     CONTROL_VARIATION_KINDS,
     DEFAULT_VARIATION_KINDS,
@@ -46,6 +46,7 @@ __all__ = [
     "VariationConfig",
     "apply_variation",
     "conv_downsamplings",
+    "multi_positive_nt_xent",
     "needs_partner",
     "nt_xent",
     "sample_variation",

@@ -15,6 +15,7 @@ from medmem._validation import check_choice, check_in_range, check_keys, check_p
 from medmem.detector._variations import VariationConfig
 
 ARCHS = ("resnet", "conv")
+OBJECTIVES = ("copy", "identity")
 NORMS = ("batch", "group", "instance")
 
 # Settings that change how fast training runs but not its result; they are left out of the
@@ -116,6 +117,12 @@ class DetectorConfig(ConfigSection):
         variations: which variations make a training pair, and their ranges.
         vary_both: vary both views of a pair (SimCLR); False varies only the second view
             (the paper's pairs (y_i, y_i')).
+        objective: "copy" (the paper's: an image and its variation are the positives) or
+            "identity" (same patient: every view of every image of a patient is a positive
+            of every other, with the copy variations still applied; needs patient ids;
+            patients with one image keep the copy objective, their two views). Early
+            stopping still watches copy retrieval, so identity training is best run for a
+            fixed number of epochs (``early_stopping=False``).
         num_workers: DataLoader worker processes (does not change the result).
         cache_bytes: the preprocessed training images are held in memory when they fit in
             this many bytes (read from disk once instead of every epoch); does not change the
@@ -152,6 +159,7 @@ class DetectorConfig(ConfigSection):
     seed: int = 0
     variations: VariationConfig = field(default_factory=VariationConfig)
     vary_both: bool = False
+    objective: str = "copy"
     num_workers: int = 0
     cache_bytes: int = 2**31
 
@@ -257,6 +265,7 @@ class DetectorConfig(ConfigSection):
             raise InputError(
                 f"DetectorConfig.vary_both must be True or False, got {self.vary_both!r}."
             )
+        check_choice(self.objective, "DetectorConfig.objective", OBJECTIVES)
         check_positive_int(self.num_workers, "DetectorConfig.num_workers", minimum=0)
 
     @property
@@ -293,8 +302,21 @@ class DetectorConfig(ConfigSection):
         return cls(**kwargs)
 
     def identity_dict(self) -> dict[str, Any]:
-        """The settings that determine the trained weights (no runtime-only fields)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        """The settings that determine the trained weights (no runtime-only fields).
+
+        ``objective`` is left out at its default "copy", so detectors saved before it
+        existed keep their fingerprint.
+        """
+        return identity_settings(self.to_dict())
+
+
+def identity_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The weight-determining entries of a config dict (see ``identity_dict``)."""
+    return {
+        k: v
+        for k, v in config.items()
+        if k not in RUNTIME_FIELDS and not (k == "objective" and v == "copy")
+    }
 
 
 def _int_tuple(value: Any, name: str) -> tuple[int, ...]:
@@ -310,4 +332,12 @@ def _int_tuple(value: Any, name: str) -> tuple[int, ...]:
     return tuple(int(v) for v in items)
 
 
-__all__ = ["ARCHS", "MAX_INPUT_SIDE", "NORMS", "DetectorConfig", "conv_downsamplings"]
+__all__ = [
+    "ARCHS",
+    "MAX_INPUT_SIDE",
+    "NORMS",
+    "OBJECTIVES",
+    "DetectorConfig",
+    "conv_downsamplings",
+    "identity_settings",
+]

@@ -5,6 +5,10 @@ with a variation y_i' (flip, rotation, contrast); the encoder is trained with NT
 that each image lies close to its variation and far from the 2(K - 1) other images of the
 batch. Copies of training images then lie close to them in the embedding space, where
 Pearson's correlation is computed (``medmem.search``).
+
+``objective="identity"`` trains "same patient" instead: with patient ids, every view of
+every image of a patient in the batch is a positive (``multi_positive_nt_xent``), and
+batches hold repeat patients in pairs (:class:`PatientPairBatches`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import logging
 import math
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +37,9 @@ from medmem._seeds import derive_seed
 from medmem._validation import check_positive_int
 from medmem.detector import _checkpoint
 from medmem.detector._cache import EmbeddingCache, embed_in_shards
-from medmem.detector._config import RUNTIME_FIELDS, DetectorConfig
+from medmem.detector._config import DetectorConfig, identity_settings
 from medmem.detector._encoder import ContrastiveEncoder, resample
-from medmem.detector._loss import nt_xent
+from medmem.detector._loss import multi_positive_nt_xent, nt_xent
 from medmem.detector._variations import apply_variation, needs_partner, sample_variation
 
 logger = logging.getLogger(__name__)
@@ -98,6 +103,93 @@ class _ContrastivePairs(Dataset):
         if cfg.vary_both:
             y = _draw_view(y, int(i), self.dataset, rng, cfg)
         return y, y_var
+
+
+class _LabelledPairs(_ContrastivePairs):
+    """Item i -> (y_i, y_i', patient label of i): the identity objective's training pairs."""
+
+    def __init__(
+        self, dataset: Any, config: DetectorConfig, epoch: int, labels: np.ndarray
+    ) -> None:
+        super().__init__(dataset, config, epoch)
+        self.labels = labels
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:  # type: ignore[override]
+        y, y_var = super().__getitem__(i)
+        return y, y_var, int(self.labels[i])
+
+
+#: Below this many patients with two or more training images the identity objective
+#: learns mostly the copy objective: a warning says so.
+MIN_REPEAT_PATIENTS = 20
+
+
+def patient_labels(patient_ids: Sequence[Any]) -> np.ndarray:
+    """Integer label per image (equal ids, equal labels), in order of first appearance."""
+    seen: dict[str, int] = {}
+    return np.array([seen.setdefault(str(p), len(seen)) for p in patient_ids], dtype=np.int64)
+
+
+def identity_training_summary(labels: np.ndarray) -> dict[str, Any]:
+    """Patients, repeat patients (two or more images) and their images, for the record."""
+    counts = np.bincount(labels)
+    repeat = counts >= 2
+    n_rep = int(repeat.sum())
+    return {
+        "n_images": int(labels.size),
+        "n_patients": int(counts.size),
+        "n_repeat_patients": n_rep,
+        "n_repeat_images": int(counts[repeat].sum()),
+        "few_repeat_patients": n_rep < MIN_REPEAT_PATIENTS,
+        "behaviour": (
+            "images of the same patient are positives; a patient with one image keeps the "
+            "copy objective (its image and its variation are the positives)"
+        ),
+    }
+
+
+class PatientPairBatches:
+    """Batches of the identity objective: each repeat patient's images, shuffled, in pairs
+    (an odd last one joins the last pair), and every single-image patient alone; these units
+    are shuffled and packed into batches of ``batch_size`` images (a unit never split, so a
+    batch holds batch_size or batch_size + 1 or + 2 images). Seeded per epoch.
+
+    Example:
+        >>> b = PatientPairBatches(np.array([0, 0, 1, 2, 2, 3]), 2, seed=0)
+        >>> sorted(len(x) for x in b)
+        [2, 2, 2]
+    """
+
+    def __init__(self, labels: np.ndarray, batch_size: int, seed: int) -> None:
+        self.labels = np.asarray(labels)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self._batches = self._draw()
+
+    def _draw(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, 0x1D])
+        units: list[list[int]] = []
+        for label in np.unique(self.labels):
+            idx = rng.permutation(np.flatnonzero(self.labels == label)).tolist()
+            pairs = [idx[i : i + 2] for i in range(0, len(idx) - 1, 2)] or [idx]
+            if len(idx) > 1 and len(idx) % 2:
+                pairs[-1].append(idx[-1])
+            units.extend(pairs)
+        order = rng.permutation(len(units))
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for u in order:
+            current.extend(units[u])
+            if len(current) >= self.batch_size:
+                batches.append(current)
+                current = []
+        return batches  # the last incomplete batch is dropped
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
 
 
 class _AtInputSize:
@@ -322,6 +414,7 @@ class Detector:
         self.loss_history_: list[float] = []
         self.probe_history_: list[dict[str, float]] = []
         self.stopped_early_: bool = False
+        self.identity_training_: dict[str, Any] | None = None
         self._device = torch.device("cpu")
         self._fingerprint: str | None = None
         self.source_: str | None = None  # the folder it was loaded from
@@ -336,9 +429,13 @@ class Detector:
         checkpoint_dir: str | Path | None = None,
         quiet: bool = False,
         device: str | torch.device | None = None,
+        patient_ids: Sequence[Any] | None = None,
         **overrides: Any,
     ) -> Detector:
         """Train a detector on ``dataset`` (self-supervised: no labels needed).
+
+        With ``objective="identity"`` the patient ids (``patient_ids``, else the dataset's)
+        are needed: images of the same patient are then the positives.
 
         Args:
             dataset: a medmem dataset of training images.
@@ -349,6 +446,8 @@ class Detector:
             quiet: no progress bars.
             device: "cpu", "cuda", ...; default CUDA when available. Same seed and data give
                 identical weights on CPU.
+            patient_ids: one id per training image, for ``objective="identity"``; default
+                the dataset's ``patient_ids``.
             **overrides: DetectorConfig fields, e.g. ``epochs=20, lr=1e-3``.
 
         Example:
@@ -383,12 +482,22 @@ class Detector:
                 f"training needs at least 2 images (each batch contrasts an image with the "
                 f"others), got {n}."
             )
+        labels = None
+        if config.objective == "identity":
+            labels = _identity_labels(dataset, patient_ids)
         det = cls(config)
         det._device = _resolve_device(device)
-        det._fit(dataset, checkpoint_dir=checkpoint_dir, quiet=quiet)
+        det._fit(dataset, checkpoint_dir=checkpoint_dir, quiet=quiet, labels=labels)
         return det
 
-    def _fit(self, dataset: Dataset, *, checkpoint_dir: str | Path | None, quiet: bool) -> None:
+    def _fit(
+        self,
+        dataset: Dataset,
+        *,
+        checkpoint_dir: str | Path | None,
+        quiet: bool,
+        labels: np.ndarray | None = None,
+    ) -> None:
         cfg = self.config
         assert cfg is not None
         n = len(dataset)  # type: ignore[arg-type]
@@ -396,6 +505,18 @@ class Detector:
         batch_size = min(cfg.batch_size, n)
         _distributed.check_batch_size(batch_size)
         steps_per_epoch = n // batch_size  # the last incomplete batch is dropped
+        if labels is not None:
+            if _distributed.world_size() > 1:
+                raise InputError(
+                    "objective='identity' trains in one process (its batches vary in size); "
+                    "run it without torchrun."
+                )
+            # the patients' ids enter the fingerprint: other ids, other training
+            fingerprint = hashlib.sha256(
+                (fingerprint + "|" + ",".join(map(str, labels.tolist()))).encode()
+            ).hexdigest()
+            steps_per_epoch = max(1, len(PatientPairBatches(labels, batch_size, cfg.seed)))
+            self.identity_training_ = identity_training_summary(labels)
         total_steps = cfg.epochs * steps_per_epoch
         device = self._device
         cache = cfg.cache_bytes if cfg.num_workers == 0 else 0  # workers each read their own
@@ -443,28 +564,36 @@ class Detector:
             while epoch < cfg.epochs and not stopped:
                 epoch_seed = derive_seed(cfg.seed, epoch)
                 torch.manual_seed(epoch_seed)  # dropout
-                pairs = _ContrastivePairs(source, cfg, epoch)
                 gen = torch.Generator().manual_seed(epoch_seed)  # shuffle and worker seeds
+                if labels is not None:
+                    pairs: Dataset = _LabelledPairs(source, cfg, epoch, labels)
+                    batches: Any = PatientPairBatches(labels, batch_size, epoch_seed)
+                else:
+                    pairs = _ContrastivePairs(source, cfg, epoch)
+                    # under torchrun: this rank's slice of each global batch (_distributed)
+                    batches = _distributed.RankBatches(
+                        BatchSampler(RandomSampler(pairs, generator=gen), batch_size, True)
+                    )
                 loader = DataLoader(
                     pairs,
-                    # under torchrun: this rank's slice of each global batch (_distributed)
-                    batch_sampler=_distributed.RankBatches(
-                        BatchSampler(RandomSampler(pairs, generator=gen), batch_size, True)
-                    ),
+                    batch_sampler=batches,
                     num_workers=cfg.num_workers,
                     generator=gen,
                     persistent_workers=False,
                 )
                 model.train()
                 running = 0.0
-                for step, (y, y_var) in enumerate(loader):
-                    y = y.to(device, non_blocking=True)  # (K, C, *image_size)
-                    y_var = y_var.to(device, non_blocking=True)
+                for step, items in enumerate(loader):
+                    y = items[0].to(device, non_blocking=True)  # (K, C, *image_size)
+                    y_var = items[1].to(device, non_blocking=True)
                     z = model.net(torch.cat([y, y_var]))  # (2K, embed_dim), at input size
                     # K = the global batch: embeddings gathered across ranks (_distributed)
                     z1 = _distributed.all_gather_with_grad(z[: len(y)])
                     z2 = _distributed.all_gather_with_grad(z[len(y) :])
-                    loss = nt_xent(z1, z2, cfg.temperature)
+                    if labels is not None:  # identity: same patient = positive
+                        loss = multi_positive_nt_xent(z1, z2, items[2].to(device), cfg.temperature)
+                    else:
+                        loss = nt_xent(z1, z2, cfg.temperature)
                     if not torch.isfinite(loss):
                         raise MedmemError(
                             f"detector training diverged at epoch {epoch + 1}, step {step + 1} "
@@ -641,6 +770,7 @@ class Detector:
                 "loss_history": self.loss_history_,
                 "probe_history": self.probe_history_,
                 "stopped_early": self.stopped_early_,
+                "identity_training": self.identity_training_,
                 "medmem_version": medmem.__version__,
             },
         )
@@ -701,6 +831,7 @@ class Detector:
         det.loss_history_ = [float(v) for v in meta.get("loss_history", [])]
         det.probe_history_ = [dict(h) for h in meta.get("probe_history", [])]
         det.stopped_early_ = bool(meta.get("stopped_early", False))
+        det.identity_training_ = meta.get("identity_training")
         det.source_ = str(directory)  # named by the audit's compatibility checks
         saved_fp = meta.get("fingerprint")
         if not saved_fp:
@@ -765,6 +896,35 @@ class Detector:
         )
 
 
+def _identity_labels(dataset: Any, patient_ids: Sequence[Any] | None) -> np.ndarray:
+    """Patient labels for the identity objective; InputError without ids, a warning with
+    few repeat patients."""
+    ids = (
+        list(patient_ids) if patient_ids is not None else list(getattr(dataset, "patient_ids", []))
+    )
+    if patient_ids is not None and len(ids) != len(dataset):
+        raise InputError(f"patient_ids must have {len(dataset)} items, got {len(ids)}.")
+    if len(ids) != len(dataset) or any(p is None for p in ids):
+        raise InputError(
+            "objective='identity' needs a patient id for every training image (images of the "
+            "same patient are its positives); none or not all are known. Pass patient_ids=..., "
+            "load the images with patient_id_pattern / a manifest with patient_id, or use "
+            "objective='copy'."
+        )
+    labels = patient_labels(ids)
+    info = identity_training_summary(labels)
+    if info["few_repeat_patients"]:
+        warnings.warn(
+            f"only {info['n_repeat_patients']} of {info['n_patients']} training patients have "
+            f"two or more images (fewer than {MIN_REPEAT_PATIENTS}): the identity objective "
+            "then learns mostly the copy objective (a patient with one image keeps its image "
+            "and its variation as positives), so the identity scores say little about "
+            "patients. Give more follow-up studies per patient.",
+            stacklevel=3,
+        )
+    return labels
+
+
 def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
@@ -781,7 +941,7 @@ def _check_resume(
             f"now n_train={n}, fingerprint {fingerprint[:12]}...). Resume with the same images, "
             "or use a new checkpoint_dir."
         )
-    saved = {k: v for k, v in meta.get("config", {}).items() if k not in RUNTIME_FIELDS}
+    saved = identity_settings(meta.get("config", {}))
     now = cfg.identity_dict()
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
@@ -792,4 +952,11 @@ def _check_resume(
         )
 
 
-__all__ = ["Detector", "build_encoder"]
+__all__ = [
+    "MIN_REPEAT_PATIENTS",
+    "Detector",
+    "PatientPairBatches",
+    "build_encoder",
+    "identity_training_summary",
+    "patient_labels",
+]
