@@ -125,3 +125,117 @@ def test_train_detector_killed_mid_training_reruns_to_the_same_detector(sets, tm
     assert r.exit_code == 0, r.output
     assert _tree(out) == _tree(ref)
     assert not _leftovers(tmp_path)
+
+
+def _confidential_leftovers(root: Path) -> list[str]:
+    """Temporary folders and files of a medmem run anywhere under ``root``."""
+    marks = ("medmem-partial-", "medmem-old-", "medmem-resume", ".lock")
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if any(m in p.name for m in marks)
+    )
+
+
+@pytest.mark.slow
+def test_screen_killed_midway_leaves_nothing_and_reruns(tmp_path) -> None:
+    """A release set being written is killed: no partial release survives the rerun, and
+    the rerun writes the same release as an uninterrupted run."""
+    import numpy as np
+
+    import medmem
+    from medmem.data import load_dataset
+
+    write_phantoms(tmp_path / "train", n_patients=24, size=32)
+    write_phantoms(tmp_path / "val", n_patients=24, size=32, first_patient=100)
+    syn = tmp_path / "syn"
+    syn.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(400):  # enough files that writing the release takes a while
+        np.save(syn / f"s{i:04d}.npy", rng.random((32, 32), dtype=np.float32))
+    sets = [
+        load_dataset(str(tmp_path / name), image_size=(32, 32), quiet=True)
+        for name in ("train", "val", "syn")
+    ]
+    # the paper's tau: 400 synthetic images against 20 validation images are too many for
+    # the default tau_mem; this test is about the release set, not the thresholds
+    result = medmem.audit(
+        *sets,
+        detector=_PixelDetector(),
+        n_bootstrap=0,
+        n_controls=0,
+        quiet=True,
+        calibration="paper",
+        score="embedding",
+    )
+    result.save(tmp_path / "audit")
+    args = ["--quiet", "screen", "--audit", str(tmp_path / "audit")]
+    ref, out = tmp_path / "ref", tmp_path / "release"
+    assert CliRunner().invoke(main, [*args, "--out", str(ref)]).exit_code == 0
+    _kill_when_present([*args, "--out", str(out)], tmp_path, f".{out.name}.medmem-partial-")
+    r = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert _tree(out) == _tree(ref)
+    assert not _confidential_leftovers(tmp_path)
+
+
+class _PixelDetector:
+    """Pixels as embeddings (as tests/conftest.py's), so the audit needs no training."""
+
+    fingerprint = "0" * 52 + "pixeldetector"
+    train_fingerprint_ = None
+
+    def embed(self, dataset, **_: object):
+        import numpy as np
+
+        return np.stack([np.asarray(dataset[i]).ravel() for i in range(len(dataset))])
+
+
+def _kill_when_present(args: list[str], folder: Path, prefix: str) -> None:
+    """Run ``medmem ARGS`` in a subprocess; SIGKILL it once ``folder`` holds an entry whose
+    name starts with ``prefix`` (a partial output being written)."""
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": "src"}
+    code = "import sys; from medmem.cli import main; main(sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.startswith(prefix) for p in folder.iterdir()):
+            assert proc.poll() is None, f"medmem ended ({proc.returncode}) before {prefix}*"
+            assert time.monotonic() < deadline, f"no {prefix}* within 120 s"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
+
+
+@pytest.mark.slow
+def test_generate_train_killed_after_a_checkpoint_resumes_and_leaves_nothing(tmp_path) -> None:
+    from importlib.util import find_spec
+
+    if find_spec("einops") is None:
+        pytest.skip("the LDM's DiffusionModelUNet needs einops (pip install einops)")
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    # the tiny LDM config of the generate CLI tests, with enough iterations to be killed
+    spec = spec_from_file_location(
+        "generate_cli_tests", Path(__file__).parents[1] / "integration" / "test_generate_cli.py"
+    )
+    assert spec is not None and spec.loader is not None
+    mod = module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    TINY_YAML = mod.TINY_YAML  # noqa: N806 - the module's constant
+
+    write_phantoms(tmp_path / "train", n_patients=24, size=16, fmt="png")
+    write_phantoms(tmp_path / "val", n_patients=8, size=16, fmt="png", first_patient=100)
+    cfg = TINY_YAML.replace("iterations: 3", "iterations: 40").replace(
+        "checkpoint_every: 2", "checkpoint_every: 1"
+    )
+    (tmp_path / "tiny.yaml").write_text(cfg)
+    run = tmp_path / "run"
+    args = ["--quiet", "generate", "train", "--config", str(tmp_path / "tiny.yaml")]
+    _kill_when([*args, "--out", str(run)], tmp_path)
+    r = CliRunner().invoke(main, [*args, "--out", str(run), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert (run / "model").is_dir()
+    assert not _confidential_leftovers(tmp_path)
