@@ -16,7 +16,7 @@ The score of a pair is the mean, over the best ``2^d - 1`` of the ``2^d`` tiles 
 copy. It is computed the same way for validation and synthetic images, so the audit's
 calibration applies unchanged: tau is a conformal quantile of validation images' scores.
 
-Cost: each training image is held as ``n_views`` views of ``size^d`` values (about 120 KB
+Cost: each training image is held as ``n_views`` views of ``size^d`` values (about 180 KB
 in 2D and 1.4 MB in 3D with the defaults); each query costs a few matrix products per
 candidate. Pairs outside the candidates (the embedding's top ``n_candidates`` and the
 pixels' top ``n_pixel_candidates``) are taken as non-matches.
@@ -52,7 +52,7 @@ class AlignConfig:
         rotations: rotation angles in degrees (about each axis in 3D; one axis at a time).
         scales: zoom-in factors as the fraction of the training image's side that the view
             covers (1 = whole image; 0.75 = a centred 75% box enlarged).
-        flips: also try mirrored training images (left-right in 2D, each axis in 3D).
+        flips: also try the training image mirrored along each axis in turn.
         n_candidates: training images per query taken from the embedding's nearest.
         n_pixel_candidates: training images per query taken from the pixels' nearest.
         smooth: Gaussian blur (sigma in working-grid pixels) of both images before
@@ -116,7 +116,7 @@ def alignment_matrices(spatial_dims: int, config: AlignConfig) -> torch.Tensor:
     c = config.resolved(d)
     flips: list[np.ndarray] = [np.eye(d)]
     if c.flips:
-        for ax in range(d) if d == 3 else [0]:  # affine_grid's axis 0 is the last image axis
+        for ax in range(d):  # mirror along each axis in turn (axis 0: the last image axis)
             f = np.eye(d)
             f[ax, ax] = -1.0
             flips.append(f)

@@ -36,7 +36,7 @@ def zero_shift(x: torch.Tensor, s: int) -> torch.Tensor:
 
 def test_views_cover_flips_rotations_and_zooms() -> None:
     t2 = alignment_matrices(2, AlignConfig())
-    assert t2.shape == (2 * 5 * 3, 2, 3)  # flips x rotations x scales
+    assert t2.shape == (3 * 5 * 3, 2, 3)  # (none + 2 axis flips) x rotations x scales
     assert any(torch.allclose(m, torch.tensor([[1.0, 0, 0], [0, 1, 0]])) for m in t2)
     t3 = alignment_matrices(3, AlignConfig())
     assert t3.shape == (4 * 7 * 3, 3, 4)  # (none + 3 axis flips) x (0 + 2 per axis) x 3
