@@ -25,7 +25,13 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 import medmem
 from medmem import _distributed
-from medmem._errors import InputError, MedmemError, NotFittedError, OutputExistsError
+from medmem._errors import (
+    InputError,
+    MedmemError,
+    MedmemWarning,
+    NotFittedError,
+    OutputExistsError,
+)
 from medmem._io import atomic_save, atomic_write_json
 from medmem._progress import progress
 from medmem._seeds import derive_seed
@@ -284,6 +290,7 @@ def warn_if_not_learned(history: list[float], batch_size: int, cfg: DetectorConf
         "embeddings are the same. Audits with it cannot find copies. Train longer "
         f"(epochs {cfg.epochs}), change the learning rate (lr {cfg.lr}) or the architecture "
         f"(arch {cfg.arch!r}; a 3D 'resnet' learned where 'conv' collapsed on 32^3 phantoms).",
+        category=MedmemWarning,
         stacklevel=3,
     )
     return True
