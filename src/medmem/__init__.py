@@ -25,7 +25,14 @@ from medmem._audit import (
     make_controls,
     min_calibration_size,
 )
-from medmem._errors import InputError, MedmemError, NotFittedError, OutputExistsError, ReadError
+from medmem._errors import (
+    InputError,
+    MedmemError,
+    MedmemWarning,
+    NotFittedError,
+    OutputExistsError,
+    ReadError,
+)
 from medmem._identity import identity_section, nearest_patient
 from medmem.data import ArrayDataset, ImageDataset, load_dataset
 from medmem.detector import Detector, DetectorConfig
@@ -41,6 +48,7 @@ __all__ = [
     "ImageDataset",
     "InputError",
     "MedmemError",
+    "MedmemWarning",
     "NotFittedError",
     "OutputExistsError",
     "ReadError",

@@ -49,7 +49,7 @@ import torch
 
 from medmem import __version__
 from medmem._audit_inputs import check_inputs, patient_overlap_status
-from medmem._errors import InputError
+from medmem._errors import InputError, MedmemWarning
 from medmem._io import atomic_dir, atomic_save, atomic_write_json, claim_output
 from medmem._plots import GalleryPair, plot_gallery, plot_histogram
 from medmem._resume import checkpoint_for
@@ -419,6 +419,7 @@ def _check_sizes(
                 f"images, so novel images are called copies far more often than "
                 f"{100 * alpha:g}%. Use the default conformal calibration, or a validation "
                 "set of comparable size.",
+                category=MedmemWarning,
                 stacklevel=3,
             )
         else:
@@ -430,6 +431,7 @@ def _check_sizes(
                 f"average), but tau rests on {n_val} values: the rate for this validation "
                 f"set varies by about +-{100 * sd:.1f} points. More validation images give "
                 "a steadier tau.",
+                category=MedmemWarning,
                 stacklevel=3,
             )
 
@@ -1169,6 +1171,7 @@ def audit_embeddings(
             "alike to it) and no synthetic image can be called a copy. Retrain the detector "
             "(more epochs, another lr or arch; its final loss should be well below "
             "ln(2K - 1)).",
+            category=MedmemWarning,
             stacklevel=2,
         )
     if calibration == "paper":
@@ -1433,6 +1436,7 @@ def audit(
             "the copy detector was trained with objective='identity': its copy scores then "
             "also rise for other images of a training patient. Pass it as identity_detector "
             "(--identity-detector) and a copy detector as detector.",
+            MedmemWarning,
             stacklevel=2,
         )
     if identity_detector is not None:

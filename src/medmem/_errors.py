@@ -32,9 +32,15 @@ class OutputError(InputError):
     or claimed by another running medmem."""
 
 
+class MedmemWarning(UserWarning):
+    """Base class of the warnings medmem gives: results that may mislead (tiny sets, a
+    collapsed detector, skipped files), so that callers can filter or escalate them."""
+
+
 __all__ = [
     "InputError",
     "MedmemError",
+    "MedmemWarning",
     "NotFittedError",
     "OutputError",
     "OutputExistsError",

@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from medmem import __version__
-from medmem._errors import InputError, OutputExistsError
+from medmem._errors import InputError, MedmemWarning, OutputExistsError
 from medmem._io import atomic_save, atomic_write_json, atomic_write_text
 from medmem._stats import auroc, wilson_interval
 from medmem._templates import asset, render, trusted
@@ -143,6 +143,7 @@ def sample_pairs(
         warnings.warn(
             f"n={n} pairs asked for but the audit has {len(training)} training images: "
             f"labelling all {len(training)}.",
+            category=MedmemWarning,
             stacklevel=2,
         )
         n = len(training)
@@ -157,6 +158,7 @@ def sample_pairs(
                 f"only {have} training image(s) have nearest_synthetic_corr {side} tau: "
                 f"{have} of the {n} pairs come from that side, not half, so the audit's "
                 f"{'copy' if side != 'below' else 'novel'} verdicts are checked on few pairs.",
+                category=MedmemWarning,
                 stacklevel=2,
             )
     chosen: list[int] = []
@@ -566,6 +568,7 @@ def validate(
         if n_class == 0:
             warnings.warn(
                 f"no pair is labelled {label}, so {name} is undefined; label more pairs.",
+                category=MedmemWarning,
                 stacklevel=2,
             )
 

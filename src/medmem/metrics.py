@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from medmem import __version__
-from medmem._errors import InputError
+from medmem._errors import InputError, MedmemWarning
 from medmem._io import file_sha256
 from medmem._progress import progress
 from medmem._stats import auroc, wilson_interval
@@ -129,6 +129,7 @@ def fid(real_features: Any, synthetic_features: Any) -> float:
             f"FID from {len(r)} real and {len(s)} synthetic images with {r.shape[1]} features: "
             "with no more images than features the covariances are singular and FID is "
             "strongly biased. Compare only values from the same extractor and set sizes.",
+            category=MedmemWarning,
             stacklevel=2,
         )
     return frechet_distance(r.mean(0), np.cov(r, rowvar=False), s.mean(0), np.cov(s, rowvar=False))
@@ -559,7 +560,9 @@ def quality(
         )
     if k_used != k:
         warnings.warn(
-            f"k lowered from {k} to {k_used}: a set has only {k_used + 1} images.", stacklevel=2
+            f"k lowered from {k} to {k_used}: a set has only {k_used + 1} images.",
+            category=MedmemWarning,
+            stacklevel=2,
         )
     pr = precision_recall(f_real, f_syn, k=k_used)
     return {

@@ -53,7 +53,7 @@ import pandas as pd
 
 from medmem import __version__
 from medmem._deid import PROFILE_CODE, PROFILE_NAME, UidMap, deidentify_file, metadata_text
-from medmem._errors import InputError, OutputExistsError
+from medmem._errors import InputError, MedmemWarning, OutputExistsError
 from medmem._io import atomic_dir, atomic_write_text, claim_output, file_sha256
 from medmem._progress import progress
 from medmem._validation import check_in_range
@@ -735,6 +735,7 @@ def _screen(
         warnings.warn(
             f"validation patients {validation.note}; synthetic files were checked against "
             "training patients only.",
+            category=MedmemWarning,
             stacklevel=2,
         )
     identifiers = train_ids | validation.identifiers
@@ -745,6 +746,7 @@ def _screen(
             f"{MIN_IDENTIFIER_LENGTH} characters (e.g. {sorted(short)[0]!r}) and were not "
             "searched for in the release's names, metadata and bytes; give images and patients "
             "longer ids.",
+            category=MedmemWarning,
             stacklevel=2,
         )
     train_pids = set()

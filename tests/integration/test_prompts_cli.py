@@ -13,6 +13,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
+from medmem import MedmemWarning
 from medmem.cli import main
 from medmem.data import load_dataset
 from medmem.detector import Detector
@@ -27,8 +28,8 @@ from test_text2image import (  # noqa: E402
 
 
 # the one-epoch detector and four images only exercise the plumbing of the copy audit
-@pytest.mark.filterwarnings("ignore:tau = .*collapsed:UserWarning")
-@pytest.mark.filterwarnings("ignore:FID from .* singular:UserWarning")
+@pytest.mark.filterwarnings("ignore:tau = .*collapsed:medmem.MedmemWarning")
+@pytest.mark.filterwarnings("ignore:FID from .* singular:medmem.MedmemWarning")
 def test_prompts_train_score_mitigate(tmp_path: Path) -> None:
     config = {
         "data": str(make_pairs(tmp_path / "data")),
@@ -137,7 +138,7 @@ def test_prompts_train_score_mitigate(tmp_path: Path) -> None:
         img = rng.integers(0, 255, (16, 16), dtype=np.uint8)
         Image.fromarray(img).save(data / f"val{i}.png")
     train = load_dataset(sorted(data.glob("[0-9].png")), image_size=(16, 16), quiet=True)
-    with pytest.warns(UserWarning, match="did not learn"):  # one epoch: enough for the plumbing
+    with pytest.warns(MedmemWarning, match="did not learn"):  # one epoch: enough for the plumbing
         det = Detector.train(
             train, resnet_channels=(8, 8, 8, 8), embed_dim=8, epochs=1, batch_size=4, quiet=True
         )

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import medmem
-from medmem import InputError
+from medmem import InputError, MedmemWarning
 from medmem._audit import (
     CALIBRATIONS,
     SYNTHETIC_COLUMNS,
@@ -323,9 +323,9 @@ def result():
 def test_small_validation_set_warning_depends_on_the_calibration() -> None:
     rng = np.random.default_rng(0)
     tr, va, sy = (rng.normal(size=(n, 8)) for n in (300, 25, 20))
-    with pytest.warns(UserWarning, match="does not raise the rate.*steadier tau"):
+    with pytest.warns(MedmemWarning, match="does not raise the rate.*steadier tau"):
         audit_embeddings(tr, va, sy, n_bootstrap=0)
-    with pytest.warns(UserWarning, match="paper.*far more often than 5%"):
+    with pytest.warns(MedmemWarning, match="paper.*far more often than 5%"):
         audit_embeddings(tr, va, sy, calibration="paper", n_bootstrap=0)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import random
-import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -22,7 +21,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from medmem import InputError, ReadError
+from medmem import InputError, MedmemWarning, ReadError
 from medmem.data import (
     SUPPORTED_SUFFIXES,
     ImageDataset,
@@ -458,7 +457,7 @@ def test_corrupt_png_raises_at_read_and_can_be_skipped(tmp_path):
     assert len(ds) == 3
     with pytest.raises(ReadError, match=r"p01\.png: cannot decode as PNG.*skip_unreadable=True"):
         ds[1]
-    with pytest.warns(UserWarning, match=r"skipped 1 unreadable file"):
+    with pytest.warns(MedmemWarning, match=r"skipped 1 unreadable file"):
         ds = load_dataset(tmp_path / "scans", skip_unreadable=True, quiet=True)
     assert ds.ids == ["p00.png", "p02.png"]
     assert len(ds.skipped) == 1 and ds.skipped[0]["path"].endswith("p01.png")
@@ -470,7 +469,7 @@ def test_unreadable_header_is_skipped_at_probe(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"not a png at all")
     with pytest.raises(ReadError, match=r"junk\.png: cannot decode as PNG"):
         load_dataset(tmp_path, quiet=True)
-    with pytest.warns(UserWarning):
+    with pytest.warns(MedmemWarning, match=r"skipped 1 unreadable file"):
         ds = load_dataset(tmp_path, skip_unreadable=True, quiet=True)
     assert ds.ids == ["ok.png"] and ds.skipped[0]["path"].endswith("junk.png")
 
@@ -489,8 +488,7 @@ def test_constant_and_nan_images(tmp_path):
         ds[0]
     with pytest.raises(InputError, match=r"nan\.npy: contains 1 NaN or infinite value"):
         ds[1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pytest.warns(MedmemWarning, match=r"skipped 2 unreadable file"):
         ds = load_dataset(tmp_path, skip_unreadable=True, quiet=True)
     assert ds.ids == ["ok.npy"] and len(ds.skipped) == 2
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medmem import AuditResult, audit_embeddings
+from medmem import AuditResult, MedmemWarning, audit_embeddings
 from medmem.data import ArrayDataset
 from medmem.detector import Detector
 from medmem.generative import GenerativeConfig, GenerativeModel
@@ -32,7 +32,7 @@ def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 def _detector(tmp: Path) -> tuple[Any, type]:
     images = np.random.default_rng(0).random((6, 1, 16, 16)).astype(np.float32)
-    with pytest.warns(UserWarning, match="did not learn"):  # one epoch: the plumbing only
+    with pytest.warns(MedmemWarning, match="did not learn"):  # one epoch: the plumbing only
         det = Detector.train(
             ArrayDataset(images),
             resnet_channels=(8, 8, 8, 8),

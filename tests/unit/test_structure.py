@@ -95,6 +95,29 @@ def test_imports_run_one_way(path: Path) -> None:
     assert not bad, f"{path.relative_to(SRC)} ({stage}) imports {sorted(bad)}"
 
 
+def test_every_warning_is_a_medmem_warning() -> None:
+    """``warnings.warn`` in medmem passes ``category=MedmemWarning``, so that pytest's
+    ``error::medmem.MedmemWarning`` (pyproject) fails a test that does not assert it and users
+    can filter medmem's warnings apart from their libraries'."""
+    bad = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "warn"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "warnings"
+            ):
+                continue
+            category = next((k.value for k in node.keywords if k.arg == "category"), None)
+            if len(node.args) > 1:
+                category = node.args[1]
+            if not (isinstance(category, ast.Name) and category.id == "MedmemWarning"):
+                bad.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert not bad, f"warnings.warn without category=MedmemWarning: {bad}"
+
+
 def test_package_modules_are_known() -> None:
     top = {
         p.name.removesuffix(".py")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medmem._errors import InputError
+from medmem._errors import InputError, MedmemWarning
 from medmem._io import combine_hashes, file_sha256
 from medmem._progress import progress
 from medmem.data._base import BaseImageDataset
@@ -256,6 +256,7 @@ def load_dataset(
         warnings.warn(
             f"skipped {len(skipped)} unreadable file(s) in {collected.searched}, e.g. "
             f"{skipped[0]['reason']} (listed in dataset.skipped)",
+            category=MedmemWarning,
             stacklevel=2,
         )
     ds = ImageDataset(items, preprocess, skipped)

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from medmem import _distributed
+from medmem._errors import MedmemWarning
 from medmem._io import atomic_save
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class EmbeddingCache:
             warnings.warn(
                 f"{path}: unreadable embedding cache shard ({exc}); its images will be "
                 "recomputed. Delete the file to silence this warning.",
+                category=MedmemWarning,
                 stacklevel=3,
             )
             return None

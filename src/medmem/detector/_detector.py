@@ -30,7 +30,13 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 import medmem
 from medmem import _distributed
-from medmem._errors import InputError, MedmemError, NotFittedError, OutputExistsError
+from medmem._errors import (
+    InputError,
+    MedmemError,
+    MedmemWarning,
+    NotFittedError,
+    OutputExistsError,
+)
 from medmem._io import atomic_save, atomic_write_json
 from medmem._progress import progress
 from medmem._seeds import derive_seed
@@ -376,6 +382,7 @@ def warn_if_not_learned(history: list[float], batch_size: int, cfg: DetectorConf
         "embeddings are the same. Audits with it cannot find copies. Train longer "
         f"(epochs {cfg.epochs}), change the learning rate (lr {cfg.lr}) or the architecture "
         f"(arch {cfg.arch!r}; a 3D 'resnet' learned where 'conv' collapsed on 32^3 phantoms).",
+        category=MedmemWarning,
         stacklevel=3,
     )
     return True
@@ -920,6 +927,7 @@ def _identity_labels(dataset: Any, patient_ids: Sequence[Any] | None) -> np.ndar
             "then learns mostly the copy objective (a patient with one image keeps its image "
             "and its variation as positives), so the identity scores say little about "
             "patients. Give more follow-up studies per patient.",
+            MedmemWarning,
             stacklevel=3,
         )
     return labels

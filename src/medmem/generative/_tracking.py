@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medmem._errors import MedmemWarning
 from medmem._io import atomic_save
 from medmem._seeds import derive_seed
 from medmem.data import ArrayDataset
@@ -159,11 +160,19 @@ class Tracker:
                 m.fid(self._train_features, m.extract_features(syn, self.detector, quiet=True))
             )
         except Exception as exc:  # a metric failing must not stop training
-            warnings.warn(f"FID failed during tracking ({exc}); recorded NaN.", stacklevel=2)
+            warnings.warn(
+                f"FID failed during tracking ({exc}); recorded NaN.",
+                category=MedmemWarning,
+                stacklevel=2,
+            )
         try:
             ms = float(m.ms_ssim_diversity(syn, seed=0, quiet=True))
         except Exception as exc:
-            warnings.warn(f"MS-SSIM failed during tracking ({exc}); recorded NaN.", stacklevel=2)
+            warnings.warn(
+                f"MS-SSIM failed during tracking ({exc}); recorded NaN.",
+                category=MedmemWarning,
+                stacklevel=2,
+            )
         return fid, ms
 
     def write(self, rows: list[dict[str, Any]]) -> None:
