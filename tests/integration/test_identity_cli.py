@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from medmem.cli import main
@@ -15,6 +16,11 @@ def _run(args: list[str]) -> object:
     return CliRunner().invoke(main, ["--quiet", *args], catch_exceptions=False)
 
 
+@pytest.mark.filterwarnings(
+    "ignore:only .* training patients have two or more images:medmem.MedmemWarning",
+    "ignore:the detector did not learn:medmem.MedmemWarning",
+    "ignore:the copy detector was trained with objective='identity':medmem.MedmemWarning",
+)  # tiny phantoms, one epoch: this test is about the files the commands write
 def test_identity_cli_round_trip(tmp_path) -> None:
     write_phantoms(tmp_path / "train", n_patients=8, follow_ups=2, size=32, seed=0)
     write_phantoms(tmp_path / "val", n_patients=20, size=32, seed=0, first_patient=100)

@@ -339,7 +339,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(
 def test_resume_refuses_other_data_or_settings(train_set, tmp_path):
     Detector.train(train_set, checkpoint_dir=tmp_path, quiet=True, **{**TINY, "epochs": 1})
     other = ArrayDataset(smooth_images(8, 32, seed=99))
-    with pytest.raises(InputError, match="another dataset"):
+    with pytest.raises(InputError, match="other images"):
         Detector.train(other, checkpoint_dir=tmp_path, quiet=True, **{**TINY, "epochs": 1})
     with pytest.raises(InputError, match=r"other settings \(lr: 0.001 saved vs 0.002 now\)"):
         Detector.train(

@@ -175,6 +175,9 @@ def test_identity_needs_patient_ids_and_identity_detector(phantom_sets, pixel_de
         )  # fmt: skip
 
 
+@pytest.mark.filterwarnings(
+    "ignore:validation patients not checked:medmem.MedmemWarning"
+)  # an in-memory validation set: screen says so; this test is about identity hits
 def test_screen_drops_identity_hits(id_audit, phantom_sets, tmp_path: Path) -> None:
     r, out = id_audit
     from medmem.screen import screen

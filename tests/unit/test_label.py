@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -381,10 +382,12 @@ def test_page_from_templates_escapes_file_and_folder_names(tmp_path, pixel_detec
     train, val, syn = (load_dataset(tmp_path / k, image_size=(16, 16), quiet=True) for k in sets)
     result = medmem.audit(
         train, val, syn, detector=pixel_detector, n_bootstrap=0, n_controls=0, quiet=True,
-        percentile=80, calibration="paper",
+        percentile=80, calibration="paper", score="embedding",
     )  # fmt: skip
     audit_dir = result.save(tmp_path / "audit<script>", figures=False, report=False)
-    with pytest.warns(MedmemWarning, match="only 1 training image"):  # random images: few copies
+    with warnings.catch_warnings():  # random images: whether the strata are uneven (a
+        # MedmemWarning) depends on the draw; this test is about escaping
+        warnings.simplefilter("ignore", MedmemWarning)
         page = make_labeling_page(
             audit_dir, tmp_path / "label.html", n=4, train=train, synthetic=syn, quiet=True
         ).read_text()

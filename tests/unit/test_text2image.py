@@ -399,8 +399,9 @@ def test_copy_judge_flags_an_exact_copy_as_its_own_copy(
     val = load_dataset(files[4:], image_size=(16, 16), quiet=True)
     prompts = pd.DataFrame({"text": ["a", "b"], "path": [str(files[1]), str(files[2])]})
     judge = CopyJudge(
-        train, val, pixel_detector, prompts, percentile=80, n_bootstrap=10, n_controls=0, fid=False
-    )
+        train, val, pixel_detector, prompts, percentile=80, n_bootstrap=10, n_controls=0,
+        fid=False, score="embedding",  # noise images: the pixels' own correlation
+    )  # fmt: skip
     copy_of_1 = torch.as_tensor(np.asarray(train[1]), dtype=torch.float32)
     noise = torch.rand(1, 1, *copy_of_1.shape)
     images = torch.stack([copy_of_1[None], copy_of_1[None]])  # prompt "b" copies 1, not 2

@@ -30,6 +30,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 import medmem
 from medmem import _distributed
+from medmem._checkpoint import check_resume
 from medmem._errors import (
     InputError,
     MedmemError,
@@ -940,24 +941,16 @@ def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _check_resume(
     ckpt_dir: Path, meta: dict[str, Any], cfg: DetectorConfig, fingerprint: str, n: int
 ) -> None:
-    """Refuse to resume a checkpoint made with other data or other settings."""
-    path = ckpt_dir / _checkpoint.CHECKPOINT_NAME
-    if meta.get("train_fingerprint") != fingerprint or meta.get("n_train") != n:
-        raise InputError(
-            f"{path} was written while training on another dataset (n_train="
-            f"{meta.get('n_train')}, fingerprint {str(meta.get('train_fingerprint'))[:12]}...; "
-            f"now n_train={n}, fingerprint {fingerprint[:12]}...). Resume with the same images, "
-            "or use a new checkpoint_dir."
-        )
-    saved = identity_settings(meta.get("config", {}))
-    now = cfg.identity_dict()
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if diff:
-        details = ", ".join(f"{k}: {saved.get(k)!r} saved vs {now.get(k)!r} now" for k in diff)
-        raise InputError(
-            f"{path} was written with other settings ({details}). Resume with the same "
-            "settings, or use a new checkpoint_dir."
-        )
+    """Refuse to resume a checkpoint made with other data or other settings (the one
+    resume check of medmem._checkpoint, as generative and text-to-image training)."""
+    check_resume(
+        ckpt_dir / _checkpoint.CHECKPOINT_NAME,
+        meta,
+        data={"n_train": n, "train_fingerprint": fingerprint},
+        saved_settings=identity_settings(meta.get("config", {})),
+        settings=cfg.identity_dict(),
+        elsewhere="a new checkpoint_dir",
+    )
 
 
 __all__ = [

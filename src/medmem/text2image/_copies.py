@@ -65,6 +65,7 @@ class CopyJudge:
         n_controls: int = 50,
         cache_dir: str | Path | None = None,
         fid: bool = True,
+        score: str = "aligned",
     ) -> None:
         files = getattr(train, "files", None)
         if files is None:
@@ -75,6 +76,7 @@ class CopyJudge:
         self.seed, self.n_bootstrap, self.n_controls = seed, n_bootstrap, n_controls
         self.percentile = percentile
         self.cache_dir = cache_dir
+        self.score = score  # the audit's score (medmem.verify): "aligned" or "embedding"
         self.captions = None
         if captions is not None:
             self.captions = captions.assign(path=[_key(p) for p in captions["path"]])
@@ -107,6 +109,7 @@ class CopyJudge:
             seed=self.seed,
             cache_dir=self.cache_dir,
             quiet=True,
+            score=self.score,
         )
         s = res.synthetic.set_index("synthetic_id").loc[syn.ids]
         near = np.array([self.file_of[i] for i in s["nearest_train_id"]])
