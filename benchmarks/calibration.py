@@ -30,12 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 import medmem
 from benchmarks._common import NIH, load_nih, machine, read_manifest
 from medmem.search import nearest
-from medmem.verify import AlignConfig, AlignedScorer, AlignedSearch
+from medmem.verify import AlignConfig, AlignedScorer, AlignedSearch, stack_images
 
 RATIOS = (0.1, 0.2, 0.33, 0.5, 0.75, 1.0, 1.5)
 
@@ -58,10 +57,6 @@ def split(manifest: pd.DataFrame, seed: int, n_train: int, n_val_pool: int) -> d
             parts["novel"].append(p)
     pid = manifest["patient_id"]
     return {k: manifest[pid.isin(set(v))].reset_index(drop=True) for k, v in parts.items()}
-
-
-def _stack(ds: medmem.ImageDataset) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(ds[i]) for i in range(len(ds))])
 
 
 def t_interval(values: list[float]) -> list[float]:
@@ -114,11 +109,13 @@ def main() -> int:
         t = time.perf_counter()
         pool = None
         if args.score == "aligned":
-            scorer = AlignedScorer(_stack(train), AlignConfig())
+            size = int(AlignConfig().resolved(2).size or 32)  # as medmem.audit reads them
+            train_2x = stack_images(train, 2 * size)
+            scorer = AlignedScorer(train_2x, AlignConfig())
             small = {
-                "train": scorer.small(_stack(train)),
-                "val": scorer.small(_stack(val_pool)),
-                "synthetic": scorer.small(_stack(novel)),
+                "train": scorer.small(train_2x),
+                "val": stack_images(val_pool, size),
+                "synthetic": stack_images(novel, size),
             }
             emb = {"train": e_tr, "val": e_vp, "synthetic": e_nv}
             ids = {"val": [f"v{i}" for i in range(len(val_pool))]}

@@ -1487,9 +1487,10 @@ def audit(
         t = time.perf_counter()
         assert align is not None
         size = int(align.size or 32)
-        scorer = AlignedScorer(stack_images(train, 2 * size), align)
+        train_2x = stack_images(train, 2 * size)  # read once: views and candidates
+        scorer = AlignedScorer(train_2x, align)
         small = {
-            "train": scorer.small(stack_images(train, size)),
+            "train": scorer.small(train_2x),
             "val": stack_images(val, size),
             "synthetic": stack_images(synthetic, size),
         }

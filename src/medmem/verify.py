@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from medmem._errors import InputError
 from medmem._validation import check_in_range, check_positive_int
+from medmem.detector import resample
 from medmem.search import nearest
 
 #: Score names accepted by the audit: ``aligned`` (default) and ``embedding`` (the paper's).
@@ -55,9 +56,6 @@ class AlignConfig:
         flips: also try the training image mirrored along each axis in turn.
         n_candidates: training images per query taken from the embedding's nearest.
         n_pixel_candidates: training images per query taken from the pixels' nearest.
-        smooth: Gaussian blur (sigma in working-grid pixels) of both images before
-            scoring, so that sharpening, noise and compression, which change only the finest
-            detail, cost less (0: none).
     """
 
     size: int | None = None
@@ -67,7 +65,6 @@ class AlignConfig:
     flips: bool = True
     n_candidates: int = 10
     n_pixel_candidates: int = 5
-    smooth: float = 0.0
 
     def resolved(self, spatial_dims: int) -> AlignConfig:
         """A copy with the per-dimensionality defaults filled in, checked."""
@@ -86,7 +83,6 @@ class AlignConfig:
             check_in_range(s, "align.scales entry", 0.3, 1.5)
         check_positive_int(self.n_candidates, "align.n_candidates")
         check_positive_int(self.n_pixel_candidates, "align.n_pixel_candidates", minimum=0)
-        check_in_range(self.smooth, "align.smooth", 0.0, 4.0)
         return AlignConfig(
             size=int(size),
             max_shift=float(self.max_shift),
@@ -95,7 +91,6 @@ class AlignConfig:
             flips=bool(self.flips),
             n_candidates=int(self.n_candidates),
             n_pixel_candidates=int(self.n_pixel_candidates),
-            smooth=float(self.smooth),
         )
 
 
@@ -132,31 +127,9 @@ def alignment_matrices(spatial_dims: int, config: AlignConfig) -> torch.Tensor:
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    d = x.ndim - 2
-    if tuple(x.shape[2:]) == (size,) * d:
-        return x
-    if all(n >= size for n in x.shape[2:]):
-        return F.interpolate(x, size=(size,) * d, mode="area")
-    mode = "bilinear" if d == 2 else "trilinear"
-    return F.interpolate(x, size=(size,) * d, mode=mode, align_corners=False)
-
-
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (n, 1, *s) images, zero padding (sigma in pixels)."""
-    if sigma <= 0:
-        return x
-    r = max(1, int(math.ceil(3 * sigma)))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
-    k = k / k.sum()
-    d = x.ndim - 2
-    conv = F.conv2d if d == 2 else F.conv3d
-    for axis in range(d):
-        shape = [1, 1] + [1] * d
-        shape[2 + axis] = len(k)
-        pad = [0] * d
-        pad[axis] = r
-        x = conv(x, k.view(shape), padding=tuple(pad))
-    return x
+    """(n, C, *s) -> (n, C, size, ..., size) with the encoder's resampling (area when
+    shrinking)."""
+    return resample(x, (size,) * (x.ndim - 2))
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +167,6 @@ class AlignedScorer:
             )
         self.theta = alignment_matrices(self.spatial_dims, self.config)
         self.n_views = len(self.theta)
-        self._train_small = _resize(train.float().mean(1, keepdim=True), s)
         self._views = self._make_views(train.float().mean(1, keepdim=True))
 
     # ---------------------------------------------------------------- views
@@ -209,7 +181,7 @@ class AlignedScorer:
         for i in range(len(work)):
             img = work[i : i + 1].expand(self.n_views, *work.shape[1:])
             v = F.grid_sample(img, grid, mode=mode, padding_mode="zeros", align_corners=False)
-            v = _blur(_resize(v, s), self.config.smooth)[:, 0]  # (T, *s)
+            v = _resize(v, s)[:, 0]  # (T, *s)
             out.append(self._split(v, self.margin))
         return torch.stack(out)
 
@@ -238,7 +210,7 @@ class AlignedScorer:
 
     # ---------------------------------------------------------------- scores
     def small(self, images: torch.Tensor) -> torch.Tensor:
-        """Images at the working size (n, 1, *size), channels averaged (not smoothed)."""
+        """Images at the working size (n, 1, *size), channels averaged."""
         return _resize(images.float().mean(1, keepdim=True), int(self.config.size or 32))
 
     def score_pairs(
@@ -248,7 +220,7 @@ class AlignedScorer:
 
         ``queries`` are full images (n, C, *spatial) or already at the working size.
         """
-        q_small = _blur(self.small(queries), self.config.smooth)
+        q_small = self.small(queries)
         qi = np.asarray(query_index, dtype=np.int64)
         ti = np.asarray(train_index, dtype=np.int64)
         if qi.shape != ti.shape:
@@ -268,25 +240,6 @@ class AlignedScorer:
                 top = tile_best.sort(dim=1, descending=True).values[:, :keep]
                 out[rows] = top.mean(dim=1).double().numpy()
         return out
-
-    def candidates(
-        self,
-        queries: torch.Tensor,
-        query_emb: np.ndarray | None,
-        train_emb: np.ndarray | None,
-        k: int = 0,
-    ) -> np.ndarray:
-        """(n_queries, K) candidate training rows: embedding and pixel nearest, unique."""
-        n_train = len(self._views)
-        cols = []
-        if query_emb is not None and train_emb is not None:
-            kk = min(n_train, max(k, self.config.n_candidates))
-            cols.append(nearest(query_emb, train_emb, k=kk)[1])
-        if self.config.n_pixel_candidates > 0:
-            kp = min(n_train, self.config.n_pixel_candidates)
-            qp = self.small(queries).flatten(1).numpy()
-            cols.append(nearest(qp, self._train_small.flatten(1).numpy(), k=kp)[1])
-        return np.concatenate(cols, axis=1)
 
 
 class AlignedSearch:

@@ -35,7 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     "data": set(),
     "detector": {"data"},
     "search": set(),
-    "verify": {"search"},
+    "verify": {"detector", "search"},
     "audit": {"data", "detector", "search", "verify"},
     "metrics": {"data", "detector", "search", "verify"},
     "report": {"data", "detector", "search", "verify", "audit", "metrics"},

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from medmem.detector._config import DetectorConfig, conv_downsamplings
 from medmem.detector._detector import Detector
-from medmem.detector._encoder import ContrastiveEncoder
+from medmem.detector._encoder import ContrastiveEncoder, resample
 from medmem.detector._loss import multi_positive_nt_xent, nt_xent
 from medmem.detector._variations import (
     CONTROL_VARIATION_KINDS,
@@ -49,6 +49,7 @@ __all__ = [
     "multi_positive_nt_xent",
     "needs_partner",
     "nt_xent",
+    "resample",
     "sample_variation",
     "vary",
 ]
