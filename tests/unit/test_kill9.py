@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,16 @@ def sets(tmp_path_factory) -> Path:
 def _kill_when(args: list[str], checkpoints: Path) -> None:
     """Run ``medmem ARGS`` in a subprocess; SIGKILL it once a checkpoint is under
     ``checkpoints``."""
+    _kill_once(
+        args,
+        lambda: checkpoints.is_dir() and any(checkpoints.rglob(CHECKPOINT)),
+        "a checkpoint",
+        poll=0.02,
+    )
+
+
+def _kill_once(args: list[str], ready: Callable[[], bool], what: str, poll: float) -> None:
+    """Run ``medmem ARGS`` in a subprocess; SIGKILL it as soon as ``ready()`` holds."""
     # the same thread count as this process, which runs the reference and the rerun: float
     # sums in another order would differ in the last bits, and the hashes with them
     import torch
@@ -48,10 +59,10 @@ def _kill_when(args: list[str], checkpoints: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env)
     try:
         deadline = time.monotonic() + 120
-        while not (checkpoints.is_dir() and any(checkpoints.rglob(CHECKPOINT))):
-            assert proc.poll() is None, f"medmem ended ({proc.returncode}) before a checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.02)
+        while not ready():
+            assert proc.poll() is None, f"medmem ended ({proc.returncode}) before {what}"
+            assert time.monotonic() < deadline, f"no {what} within 120 s"
+            time.sleep(poll)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
@@ -141,7 +152,7 @@ def _confidential_leftovers(root: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_screen_killed_midway_leaves_nothing_and_reruns(tmp_path) -> None:
+def test_screen_killed_midway_leaves_nothing_and_reruns(tmp_path, pixel_detector) -> None:
     """A release set being written is killed: no partial release survives the rerun, and
     the rerun writes the same release as an uninterrupted run."""
     import numpy as np
@@ -164,7 +175,7 @@ def test_screen_killed_midway_leaves_nothing_and_reruns(tmp_path) -> None:
     # the default tau_mem; this test is about the release set, not the thresholds
     result = medmem.audit(
         *sets,
-        detector=_PixelDetector(),
+        detector=pixel_detector,
         n_bootstrap=0,
         n_controls=0,
         quiet=True,
@@ -175,43 +186,17 @@ def test_screen_killed_midway_leaves_nothing_and_reruns(tmp_path) -> None:
     args = ["--quiet", "screen", "--audit", str(tmp_path / "audit")]
     ref, out = tmp_path / "ref", tmp_path / "release"
     assert CliRunner().invoke(main, [*args, "--out", str(ref)]).exit_code == 0
-    _kill_when_present([*args, "--out", str(out)], tmp_path, f".{out.name}.medmem-partial-")
+    partial = f".{out.name}.medmem-partial-"
+    _kill_once(
+        [*args, "--out", str(out)],
+        lambda: any(p.name.startswith(partial) for p in tmp_path.iterdir()),
+        "a partial release",
+        poll=0.005,
+    )
     r = CliRunner().invoke(main, [*args, "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert _tree(out) == _tree(ref)
     assert not _confidential_leftovers(tmp_path)
-
-
-class _PixelDetector:
-    """Pixels as embeddings (as tests/conftest.py's), so the audit needs no training."""
-
-    fingerprint = "0" * 52 + "pixeldetector"
-    train_fingerprint_ = None
-
-    def embed(self, dataset, **_: object):
-        import numpy as np
-
-        return np.stack([np.asarray(dataset[i]).ravel() for i in range(len(dataset))])
-
-
-def _kill_when_present(args: list[str], folder: Path, prefix: str) -> None:
-    """Run ``medmem ARGS`` in a subprocess; SIGKILL it once ``folder`` holds an entry whose
-    name starts with ``prefix`` (a partial output being written)."""
-    import torch
-
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": "src"}
-    code = "import sys; from medmem.cli import main; main(sys.argv[1:])"
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while not any(p.name.startswith(prefix) for p in folder.iterdir()):
-            assert proc.poll() is None, f"medmem ended ({proc.returncode}) before {prefix}*"
-            assert time.monotonic() < deadline, f"no {prefix}* within 120 s"
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
 
 
 @pytest.mark.slow
