@@ -22,6 +22,7 @@ import pandas as pd
 from medmem._audit import AuditResult, audit, format_verdict
 from medmem._errors import OutputExistsError
 from medmem._io import atomic_save, atomic_write_bytes, atomic_write_json
+from medmem._section import ConfigSection
 from medmem._stats import wilson_interval
 from medmem.data import load_dataset, make_phantom, write_phantoms
 from medmem.data.phantoms import phantom_seed
@@ -31,7 +32,7 @@ from medmem.screen import screen
 
 
 @dataclass(frozen=True)
-class DemoConfig:
+class DemoConfig(ConfigSection):
     """Sizes of the demo; the defaults finish in a few minutes on 2 CPU cores."""
 
     spatial_dims: int = 2

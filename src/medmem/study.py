@@ -55,6 +55,7 @@ from medmem._io import (
     save_tensors,
 )
 from medmem._plots import draw_histogram, save_figure, subplots
+from medmem._section import ConfigSection
 from medmem._validation import (
     check_choice,
     check_keys,
@@ -129,7 +130,7 @@ def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]
 
 
 @dataclass(frozen=True)
-class StudyConfig:
+class StudyConfig(ConfigSection):
     """A factor study (see the module docstring).
 
     Args:
@@ -215,7 +216,7 @@ class StudyConfig:
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able settings (``StudyConfig(**d)`` gives them back)."""
+        """JSON-able settings (``StudyConfig.from_dict(d)`` gives them back)."""
         return {
             "name": self.name,
             "generative": self.generative,

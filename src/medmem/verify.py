@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from medmem._errors import InputError
+from medmem._section import ConfigSection
 from medmem._validation import check_in_range, check_positive_int
 from medmem.detector import resample
 from medmem.search import nearest
@@ -43,7 +44,7 @@ SCORES = ("aligned", "embedding")
 
 
 @dataclass(frozen=True)
-class AlignConfig:
+class AlignConfig(ConfigSection):
     """How pairs are aligned and scored (defaults per dimensionality when None).
 
     Args:

@@ -15,9 +15,11 @@ import torch
 from medmem import AuditResult, MedmemWarning, audit_embeddings
 from medmem.data import ArrayDataset
 from medmem.detector import Detector
-from medmem.generative import GenerativeConfig, GenerativeModel
+from medmem.generative import DataConfig, GenerativeConfig, GenerativeModel
 from medmem.generative._networks import networks_for_sampling
-from medmem.text2image import Text2ImageConfig, TextToImageModel
+from medmem.text2image import Text2ImageConfig, TextToImageModel, load_t2i_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -166,3 +168,62 @@ def test_one_resume_check_for_generative_and_text_to_image_training(tmp_path: Pa
             may_change=lambda d: d.startswith("a.iterations:"),
             **same,
         )
+
+
+def _public_config_classes() -> dict[str, type]:
+    """Every ``*Config`` dataclass reachable through a public medmem module's public names."""
+    import dataclasses
+    import importlib
+    import pkgutil
+
+    import medmem
+
+    found: dict[str, type] = {}
+    for info in pkgutil.walk_packages(medmem.__path__, "medmem."):
+        if any(part.startswith("_") for part in info.name.split(".")):
+            continue
+        module = importlib.import_module(info.name)
+        for name in dir(module):
+            obj = getattr(module, name)
+            if (
+                not name.startswith("_")
+                and name.endswith("Config")
+                and isinstance(obj, type)
+                and obj.__module__.startswith("medmem")
+                and dataclasses.is_dataclass(obj)
+            ):
+                found[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return found
+
+
+def _study_config() -> Any:
+    from medmem.study import load_study
+
+    return load_study(CONFIGS / "study/tiny-phantoms.yaml")
+
+
+# Configs without defaults for every field; the others are built with no arguments.
+CONFIG_EXAMPLES: dict[str, Callable[[], Any]] = {
+    "StudyConfig": _study_config,
+    "DataConfig": lambda: DataConfig(source="phantoms"),
+    "Text2ImageConfig": lambda: load_t2i_config(CONFIGS / "text2image/ldm-t2i-cpu.yaml"),
+}
+
+
+def test_the_config_walk_finds_the_known_configs() -> None:
+    names = {cls.__name__ for cls in _public_config_classes().values()}
+    assert {"DetectorConfig", "VariationConfig", "AlignConfig", "GenerativeConfig"} <= names
+
+
+@pytest.mark.parametrize("path", sorted(_public_config_classes()))
+def test_every_public_config_is_a_config_section_that_round_trips(path: str) -> None:
+    import json
+
+    from medmem._section import ConfigSection
+
+    cls = _public_config_classes()[path]
+    assert issubclass(cls, ConfigSection), f"{path} should derive from ConfigSection"
+    config = CONFIG_EXAMPLES.get(cls.__name__, cls)()
+    data = json.loads(json.dumps(config.to_dict()))  # plain JSON, as saved
+    assert cls.from_dict(data) == config
+    assert config.replace() == config

@@ -289,18 +289,6 @@ class DetectorConfig(ConfigSection):
                     changes[name] = None
         return replace(self, **changes)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DetectorConfig:
-        """Build from a dict (e.g. parsed JSON/YAML); unknown keys fail with a did-you-mean."""
-        check_keys(data, [f.name for f in fields(cls)], "DetectorConfig")
-        kwargs = dict(data)
-        for name in ("image_size", "input_size", "resnet_layers", "resnet_channels"):
-            if isinstance(kwargs.get(name), list):
-                kwargs[name] = tuple(kwargs[name])
-        if isinstance(kwargs.get("variations"), dict):
-            kwargs["variations"] = VariationConfig.from_dict(kwargs["variations"])
-        return cls(**kwargs)
-
     def identity_dict(self) -> dict[str, Any]:
         """The settings that determine the trained weights (no runtime-only fields).
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from medmem._errors import InputError
+from medmem._section import ConfigSection
 from medmem._validation import check_choice, check_in_range, check_seed
 
 #: Every variation kind, in the order they are applied.
@@ -109,7 +110,7 @@ _LEGACY_DEFAULTS: dict[str, Any] = {"kind_prob": 1.0, "zero_pad_prob": 0.0}
 
 
 @dataclass(frozen=True)
-class VariationConfig:
+class VariationConfig(ConfigSection):
     """Which variations to draw, and how strong they may be.
 
     Args:
@@ -256,26 +257,17 @@ class VariationConfig:
             raise InputError(f"variations.jpeg_quality_range must be integers, got {q!r}.")
         set_(self, "jpeg_quality_range", (int(q[0]), int(q[1])))
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (tuples become lists)."""
-        out = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VariationConfig:
+    def from_dict(cls, data: Any, where: str | None = None) -> VariationConfig:
         """Inverse of :meth:`to_dict`; unknown keys fail with a did-you-mean.
 
         A dict that lists ``kinds`` but has no ``kind_prob`` was written before either
         existed, when every listed kind was applied and shifts repeated the edge; it is
         read that way (kind_prob 1, zero_pad_prob 0) so an old configuration replays.
         """
-        from medmem._validation import check_keys
-
-        check_keys(data, [f.name for f in fields(cls)], "variations")
-        kwargs = {k: _tuple_or(v) for k, v in data.items()}
-        if "kinds" in kwargs and "kind_prob" not in kwargs:
-            kwargs = {**_LEGACY_DEFAULTS, **kwargs}
-        return cls(**kwargs)
+        if isinstance(data, dict) and "kinds" in data and "kind_prob" not in data:
+            data = {**_LEGACY_DEFAULTS, **data}
+        return super().from_dict(data, where or "variations")
 
     @classmethod
     def paper(cls) -> VariationConfig:
@@ -311,10 +303,6 @@ class VariationConfig:
                     f"variation preset {k!r} cannot be combined with kind names in {name!r}."
                 )
         return cls(kinds=kinds)
-
-
-def _tuple_or(v: Any) -> Any:
-    return tuple(v) if isinstance(v, list) else v
 
 
 def _check_range(
