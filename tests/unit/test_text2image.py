@@ -17,14 +17,23 @@ from medmem.text2image import (
     MARKER_GROUP,
     MID_WINDOW,
     MITIGATIONS,
+    Generation,
     Mitigation,
     Text2ImageConfig,
     TextEncoder,
     TextToImageModel,
+    auroc_per_step,
     detection,
+    detection_table,
     gap_gradient,
     generate,
+    label_summary,
+    marker_ablation,
+    marker_attribution,
+    marker_with_vs_without,
     mitigated_generate,
+    plot_score_per_step,
+    plot_step_auroc,
     pool_tokens,
     rank_prompts,
     token_significance,
@@ -418,3 +427,118 @@ def test_resume_refuses_other_settings_naming_them(tmp_path: Path) -> None:
     other = cfg.replace(train=cfg.train.replace(seed=1))
     with pytest.raises(InputError, match=r"other settings \(train\.seed: 0 saved vs 1 now\)"):
         train_t2i(other, tmp_path / "run", resume=True, quiet=True)
+
+
+def test_generation_saves_and_loads(tiny: TextToImageModel, tmp_path: Path) -> None:
+    gen = generate(tiny, tiny.encode_prompts(PROMPTS[:2]), n_per_prompt=2, seed=1, quiet=True)
+    path = gen.save(tmp_path / "scores.safetensors", seconds=1.5)
+    back, meta = Generation.load(path)
+    assert meta["seconds"] == 1.5 and back.timesteps == gen.timesteps
+    assert back.num_train_timesteps == gen.num_train_timesteps
+    for name in ("images", "d", "entropy"):
+        assert torch.equal(getattr(back, name), getattr(gen, name))
+    np.testing.assert_array_equal(back.scores()["d_mid"], gen.scores()["d_mid"])
+
+
+def _study_prompts() -> pd.DataFrame:
+    """Two duplicated prompts that score high, two single and two unseen that score low;
+    one prompt per group carries a marker."""
+    return pd.DataFrame(
+        {
+            "group": ["duplicated"] * 2 + ["single"] * 2 + ["unseen"] * 2,
+            "d_first": [5.0, 4.0, 1.0, 2.0, 3.0, 0.5],
+            "entropy_first": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+            "n_markers": [1, 0, 0, 1, 2, 0],
+        }
+    )
+
+
+def test_detection_table_and_auroc_per_step_by_group() -> None:
+    prompts = _study_prompts()
+    table = detection_table(prompts)
+    assert list(table)[:2] == [
+        "d_first | duplicated vs single",
+        "entropy_first | duplicated vs single",
+    ]
+    assert table["d_first | duplicated vs single"]["auroc"] == 1.0
+    assert table["d_first | duplicated vs single+unseen"]["auroc"] == 1.0
+    assert table["entropy_first | duplicated vs unseen"]["auroc"] == 0.5  # all tied
+    # (P, G, S): step 0 separates the groups, step 1 reverses them
+    d = torch.tensor(
+        [[[5.0, 0.0]], [[4.0, 0.0]], [[1.0, 3.0]], [[2.0, 3.0]], [[0.0, 3.0]], [[0.5, 3.0]]]
+    )
+    per_step = auroc_per_step(d, prompts["group"].to_numpy())
+    assert per_step == {"single": [1.0, 0.0], "unseen": [1.0, 0.0]}
+    assert auroc_per_step(d.mean(1).numpy(), prompts["group"]) == per_step
+
+
+def test_marker_summaries() -> None:
+    prompts = _study_prompts()
+    wv = marker_with_vs_without(prompts)
+    assert list(wv) == ["duplicated", "single", "unseen"]
+    assert wv["duplicated"] == {
+        "n_with": 1,
+        "n_without": 1,
+        "d_first_with": 5.0,
+        "d_first_without": 4.0,
+        "auroc_with_vs_without_d_first": 1.0,
+    }
+    tokens = pd.DataFrame(
+        {
+            "prompt_id": [0, 0, 1, 1, 2, 2],
+            "group": ["duplicated"] * 4 + ["single"] * 2,
+            "rank": [1, 2, 1, 2, 1, 2],
+            "share": [0.75, 0.25, 0.5, 0.5, 0.9, 0.1],
+            "is_marker": [True, False, False, False, False, True],
+        }
+    )
+    att = marker_attribution(tokens)
+    assert att["duplicated"] == {
+        "n_prompts_with_markers": 1,
+        "mean_significance_share_of_markers": 0.75,
+        "mean_share_of_words_that_are_markers": 0.5,
+        "prompts_with_a_marker_ranked_first": 1,
+    }
+    assert att["single"]["prompts_with_a_marker_ranked_first"] == 0
+    ablations = pd.DataFrame(
+        {
+            "prompt": [0, 4, 0, 4],
+            "group": ["duplicated", "unseen"] * 2,
+            "ablation": ["keep", "keep", "remove", "remove"],
+            "d_first": [4.0, 2.0, 2.0, 3.0],
+            "d_mean": [1.0, 1.0, 1.0, 1.0],
+        }
+    )
+    means, paired = marker_ablation(ablations)
+    assert len(means) == 4 and set(means[0]) == {"group", "ablation", "d_first", "d_mean"}
+    assert paired == {
+        "remove | duplicated": {"n": 1, "mean_relative_change_d_first": -0.5},
+        "remove | unseen": {"n": 1, "mean_relative_change_d_first": 0.5},
+    }
+
+
+def test_label_summary_counts_own_copies() -> None:
+    labels = pd.DataFrame(
+        {
+            "group": ["duplicated", "duplicated", "single", "single"],
+            "own_copies": [2, 1, 0, 1],
+            "n_generations": [4, 4, 4, 4],
+            "d_first": [3.0, 2.0, 0.5, 1.0],
+        }
+    )
+    s = label_summary(labels)
+    assert (s["n_memorized"], s["n_not_memorized"]) == (3, 1)
+    assert s["memorized_by_group"] == {"duplicated": 1.0, "single": 0.5}
+    assert s["own_copy_rate_by_group"] == {"duplicated": 3 / 8, "single": 1 / 8}
+    assert s["detection"]["d_first"]["auroc"] == 1.0
+    assert label_summary(labels.assign(own_copies=1))["detection"] is None
+
+
+def test_step_plots_are_written(tmp_path: Path) -> None:
+    prompts = _study_prompts()
+    d = np.arange(12, dtype=float).reshape(6, 1, 2)
+    path = plot_score_per_step(d, prompts["group"], [999, 500], tmp_path / "steps.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    per_step = {"timesteps": [999, 500], "original": auroc_per_step(d, prompts["group"])}
+    path = plot_step_auroc(per_step, tmp_path / "auroc.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"

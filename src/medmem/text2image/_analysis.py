@@ -12,6 +12,7 @@ import pandas as pd
 
 from medmem._io import atomic_save, atomic_write_text
 from medmem.text2image._encoder import MARKER_RE, EncodedText, TextEncoder, is_marker, words_of
+from medmem.text2image._scores import MID_WINDOW
 
 MARKER_GROUP = "<de-identification marker>"
 
@@ -181,10 +182,73 @@ def plot_bars(
     return path
 
 
+def plot_score_per_step(
+    d: Any, groups: Sequence[str] | np.ndarray, timesteps: Sequence[int], path: str | Path
+) -> Path:
+    """Mean d_t at each sampling step per prompt group; ``d`` is a ``Generation.d``
+    (P, G, S) or (P, S) per prompt."""
+    from medmem._plots import subplots
+
+    d = np.asarray(d, dtype=float)
+    d = d.mean(1) if d.ndim == 3 else d
+    groups = np.asarray(groups)
+    fig, ax = subplots(figsize=(6, 3.5))
+    for g in dict.fromkeys(groups):
+        mean = d[groups == g].mean(0)
+        ax.plot(range(len(mean)), mean, label=f"{g} (n={int((groups == g).sum())})")
+    ax.set_xlabel(f"sampling step (DDIM, t = {timesteps[0]} ... {timesteps[-1]})")
+    ax.set_ylabel("mean d_t")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return path
+
+
+def plot_step_auroc(
+    per_step: dict[str, Any],
+    path: str | Path,
+    *,
+    window: tuple[float, float] = MID_WINDOW,
+    num_train_timesteps: int = 1000,
+) -> Path:
+    """AUROC of d_t at each sampling step, one panel per negative group, one line per model.
+
+    ``per_step`` maps ``"timesteps"`` to the S timesteps and each model's name to
+    :func:`auroc_per_step`'s dict; the shaded band is ``window`` (d_mid's steps).
+    """
+    from medmem._plots import subplots
+
+    t = np.array(per_step["timesteps"])
+    models = [k for k in per_step if k != "timesteps"]
+    negatives = list(per_step[models[0]]) if models else []
+    fig, axes = subplots(1, len(negatives), figsize=(5 * len(negatives), 3.6), sharey=True,
+                         squeeze=False)  # fmt: skip
+    axes = axes[0]
+    lo, hi = (w * num_train_timesteps for w in window)
+    for ax, neg in zip(axes, negatives, strict=True):
+        for name in models:
+            ax.plot(t, per_step[name][neg], marker=".", label=name)
+        ax.axvspan(lo, hi, color="0.85", zorder=0)
+        ax.axhline(0.5, color="0.5", lw=0.8, ls=":")
+        ax.axhline(0.9, color="0.5", lw=0.8, ls="--")
+        ax.set_xlim(t.max() + 20, t.min() - 20)
+        ax.set_xlabel("sampling timestep t (noisiest left)")
+        ax.set_title(f"duplicated vs {neg} prompts")
+    axes[0].set_ylabel("AUROC of d_t at that step")
+    axes[-1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    path = Path(path)
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return path
+
+
 __all__ = [
     "MARKER_GROUP",
     "plot_bars",
     "plot_score_histogram",
+    "plot_score_per_step",
+    "plot_step_auroc",
     "pool_tokens",
     "rank_prompts",
     "token_table",

@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,6 +78,27 @@ class Generation:
             "d_mid": self.d[:, :, mid].mean((1, 2)).numpy(),
             "entropy_first": self.entropy[:, :, 0].mean(1).numpy(),
         }
+
+    def save(self, path: str | Path, **meta: Any) -> Path:
+        """Images, d_t and entropy as one safetensors file (no latents), with the
+        timesteps and any JSON-able ``meta`` (e.g. ``seconds``); :meth:`load` reads it."""
+        from medmem._io import save_tensors
+
+        tensors = {"d": self.d, "entropy": self.entropy, "images": self.images}
+        info = {"timesteps": list(self.timesteps), **meta}
+        info["num_train_timesteps"] = self.num_train_timesteps
+        save_tensors(path, {k: v.contiguous() for k, v in tensors.items()}, info)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple[Generation, dict[str, Any]]:
+        """``(generation, meta)`` of a file written by :meth:`save`."""
+        from medmem._io import load_tensors
+
+        meta, t = load_tensors(path, fix="Write it with Generation.save.")
+        gen = cls(t["images"], t["d"], t["entropy"], list(meta["timesteps"]),
+                  num_train_timesteps=int(meta.get("num_train_timesteps", 1000)))  # fmt: skip
+        return gen, meta
 
 
 def initial_noise(model: TextToImageModel, n: int, seed: int) -> torch.Tensor:
