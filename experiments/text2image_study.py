@@ -584,7 +584,9 @@ def stage_report(cfg: dict, out: Path) -> None:
     variants = None
     if (out / "variants.csv").exists():
         per_step = json.loads((out / "variants-per-step.json").read_text())
-        t2i.plot_step_auroc(per_step, figs / "text2image-step-auroc-models.png")
+        t2i.plot_step_auroc(
+            per_step, figs / "text2image-step-auroc-models.png", negatives=("unseen", "single")
+        )
         lo, hi = t2i.MID_WINDOW
         timing = {name: out / f"t2i-{name}" / "timing.json" for name in cfg.get("variants", {})}
         variants = {

@@ -209,19 +209,22 @@ def plot_step_auroc(
     per_step: dict[str, Any],
     path: str | Path,
     *,
+    negatives: Sequence[str] | None = None,
     window: tuple[float, float] = MID_WINDOW,
     num_train_timesteps: int = 1000,
 ) -> Path:
     """AUROC of d_t at each sampling step, one panel per negative group, one line per model.
 
     ``per_step`` maps ``"timesteps"`` to the S timesteps and each model's name to
-    :func:`auroc_per_step`'s dict; the shaded band is ``window`` (d_mid's steps).
+    :func:`auroc_per_step`'s dict; ``negatives`` orders the panels (None: as in that dict);
+    the shaded band is ``window`` (d_mid's steps).
     """
     from medmem._plots import subplots
 
     t = np.array(per_step["timesteps"])
     models = [k for k in per_step if k != "timesteps"]
-    negatives = list(per_step[models[0]]) if models else []
+    if negatives is None:
+        negatives = list(per_step[models[0]]) if models else []
     fig, axes = subplots(1, len(negatives), figsize=(5 * len(negatives), 3.6), sharey=True,
                          squeeze=False)  # fmt: skip
     axes = axes[0]
