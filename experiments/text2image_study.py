@@ -43,22 +43,9 @@ from medmem.generative import load_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("text2image_study")
-STAGES = (
-    "pairs",
-    "autoencoder",
-    "t2i",
-    "scores",
-    "tokens",
-    "markers",
-    "detector",
-    "mitigations",
-    "fix_t2i",
-    "fix_eval",
-    "variants",
-    "variants_eval",
-    "unconditional",
-    "labels",
-    "report",
+STAGES = tuple(
+    "pairs autoencoder t2i scores tokens markers detector mitigations fix_t2i fix_eval "
+    "variants variants_eval unconditional labels report".split()
 )
 PNEUMONIA_MESH = r"pneumonia|consolidation|opacity|infiltrat"
 GROUPS = ("duplicated", "single", "unseen")
