@@ -53,7 +53,9 @@ class TinyNet(torch.nn.Module):
 def scripted(tmp_path, spatial_dims: int = 2, pool: bool = True, name: str = "tiny.pt"):
     path = tmp_path / name
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", "`torch.jit.(script|save)` is deprecated", DeprecationWarning
+        )
         torch.jit.save(torch.jit.script(TinyNet(spatial_dims, pool)), str(path))
     return path
 

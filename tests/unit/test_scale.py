@@ -17,7 +17,7 @@ from medmem import _distributed
 from medmem.data import ArrayDataset
 from medmem.detector import Detector, _cache
 
-pytestmark = pytest.mark.filterwarnings("ignore:the detector did not learn")
+pytestmark = pytest.mark.filterwarnings("ignore:the detector did not learn:medmem.MedmemWarning")
 
 TINY = dict(resnet_channels=(8, 8, 16, 16), embed_dim=16, epochs=1, batch_size=4, lr=1e-3, seed=0)
 
