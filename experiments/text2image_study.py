@@ -167,13 +167,7 @@ def model_config(cfg: dict, out: Path, variant: str | None = None) -> Any:
     """The model config on the study's pairs, with the overrides of ``variants.<variant>``."""
     c = t2i.load_t2i_config(ROOT / cfg["model_config"])
     c = c.replace(data=str(out / "pairs.csv"), autoencoder=str(out / "autoencoder" / "model"))
-
-    def merge(into: dict, over: dict) -> dict:
-        for k, v in over.items():
-            into[k] = merge(dict(into.get(k) or {}), v) if isinstance(v, dict) else v
-        return into
-
-    return c if variant is None else c.from_dict(merge(c.to_dict(), cfg["variants"][variant]))
+    return c if variant is None else c.merge(cfg["variants"][variant], variant)
 
 
 def stage_t2i(cfg: dict, out: Path) -> None:

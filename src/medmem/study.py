@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -55,7 +54,7 @@ from medmem._io import (
     save_tensors,
 )
 from medmem._plots import draw_histogram, save_figure, subplots
-from medmem._section import ConfigSection
+from medmem._section import ConfigSection, deep_merge
 from medmem._validation import (
     check_choice,
     check_keys,
@@ -119,16 +118,6 @@ _METRICS_VERSION = "fid-vs-validation-1"
 
 
 # ------------------------------------------------------------------------------ config
-def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in (changes or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 @dataclass(frozen=True)
 class StudyConfig(ConfigSection):
     """A factor study (see the module docstring).
@@ -195,7 +184,7 @@ class StudyConfig(ConfigSection):
 
     def generative_config(self, model: str, **factors: Any) -> GenerativeConfig:
         """The generative config of variant ``model`` with the cell's factor values."""
-        d = _deep_merge(self.generative, self.models[model])
+        d = deep_merge(self.generative, self.models[model])
         d.setdefault("data", {})
         d.setdefault("train", {})
         if factors.get("n_train") is not None:
@@ -260,7 +249,7 @@ def load_study(path: str | Path) -> StudyConfig:
             "(e.g. ../generative/ldm-2d-cpu.yaml)."
         )
     resolve_paths(gen, PATH_KEYS, gen_base)  # relative to the file naming them
-    gen = _deep_merge(gen, data.pop("generative_overrides", None) or {})
+    gen = deep_merge(gen, data.pop("generative_overrides", None) or {})
     data.setdefault("name", path.stem)
     try:
         return StudyConfig(generative=gen, **data)

@@ -226,4 +226,16 @@ def test_every_public_config_is_a_config_section_that_round_trips(path: str) -> 
     config = CONFIG_EXAMPLES.get(cls.__name__, cls)()
     data = json.loads(json.dumps(config.to_dict()))  # plain JSON, as saved
     assert cls.from_dict(data) == config
-    assert config.replace() == config
+    assert config.replace() == config and config.merge({}) == config
+
+
+def test_merge_changes_nested_settings_only() -> None:
+    from medmem._errors import InputError
+
+    base = load_t2i_config(CONFIGS / "text2image/ldm-t2i-cpu.yaml")
+    changed = base.merge({"train": {"seed": 7}, "text": {"caption_replacement": 0.4}}, "seed7")
+    assert changed.train == base.train.replace(seed=7)
+    assert changed.text == base.text.replace(caption_replacement=0.4)
+    assert changed.diffusion == base.diffusion and changed.data == base.data
+    with pytest.raises(InputError, match=r"seed7.train: unknown setting 'sed'"):
+        base.merge({"train": {"sed": 1}}, "seed7")
