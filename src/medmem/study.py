@@ -926,13 +926,15 @@ def _baseline_value(table: pd.DataFrame, study: StudyConfig, factor: str) -> Any
     return None
 
 
-def _group_mask(table: pd.DataFrame, study: StudyConfig, factor: str) -> pd.Series:
+def _group_mask(
+    table: pd.DataFrame, study: StudyConfig, factor: str, *, any_seed: bool = False
+) -> pd.Series:
     """Baseline rows, the factor ``factor`` free (model free too), per model's own
     iterations when the iterations factor is fixed (models may train for different
-    lengths)."""
+    lengths); ``any_seed``: every generator seed, not only the baseline's."""
     mask = pd.Series(True, index=table.index)
     for factor2 in ("n_train", "augment", "seed"):
-        if factor2 == factor:
+        if factor2 == factor or (any_seed and factor2 == "seed"):
             continue
         value = study.baseline[factor2]
         if value is None:
@@ -971,19 +973,45 @@ def _factor_figure(
 ) -> bool:
     """Line plots of the baseline cells against ``factor``, one line per model variant
     that was run at several values; each panel is (ylabel, [(column, style, label suffix,
-    reference column drawn dotted)]). False when no model varies the factor."""
-    rows = table[_group_mask(table, study, factor) & ~table["augment"].astype(bool)]
+    reference column drawn dotted)]). With several generator seeds a point is their mean
+    and its bar their range; a column with a ``control_`` twin (the negative control's
+    value) gets it as a dashed line. False when no model varies the factor."""
+    rows = table[_group_mask(table, study, factor, any_seed=True) & ~table["augment"].astype(bool)]
     models = [m for m, g in rows.groupby("model") if g[factor].nunique() > 1]
     if not models:
         return False
     fig, axes = subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=110)
     for m in models:
-        g = rows[rows["model"] == m].sort_values(factor)
+        by = rows[rows["model"] == m].groupby(factor, sort=True)
         for ax, (_, lines) in zip(axes, panels, strict=True):
             for column, style, suffix, reference in lines:
-                line = ax.plot(g[factor], g[column], style, label=f"{m}{suffix}")[0]
+                values = by[column].agg(["mean", "min", "max", "count"]).astype(float)
+                x = values.index.to_numpy()
+                line = ax.plot(x, values["mean"], style, label=f"{m}{suffix}")[0]
+                if (values["count"] > 1).any():
+                    ax.errorbar(
+                        x,
+                        values["mean"],
+                        yerr=[values["mean"] - values["min"], values["max"] - values["mean"]],
+                        fmt="none",
+                        ecolor=line.get_color(),
+                        capsize=2,
+                        lw=1,
+                    )
+                twin = f"control_{column}"
+                if twin in rows and rows[twin].notna().any():
+                    ctrl = by[twin].mean().astype(float)
+                    ax.plot(
+                        ctrl.index.to_numpy(), ctrl.to_numpy(), "x--", color=line.get_color(),
+                        lw=1, label=f"{m}{suffix} control",
+                    )  # fmt: skip
                 if reference is not None:
-                    ax.axhline(g[reference].mean(), color=line.get_color(), ls=":", lw=1)
+                    ax.axhline(
+                        rows[rows["model"] == m][reference].mean(),
+                        color=line.get_color(),
+                        ls=":",
+                        lw=1,
+                    )
     for ax, (ylabel, _) in zip(axes, panels, strict=True):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -1004,6 +1032,13 @@ def plot_study(
     written: list[Path] = []
     if "role" in table:  # the controls are beside their cells, not cells of their own
         table = table[table["role"].fillna("main") != "control"]
+    if "control_n_mem" in table:  # the controls' shares, for the dashed lines
+        table = table.assign(
+            control_pct_mem=100 * table["control_n_mem"].astype(float) / table["n_train"],
+            control_pct_copies=100
+            * table["control_n_copies"].astype(float)
+            / table["n_synthetic"].astype(float),
+        )
     title = study.name
 
     # Fig. 2: histograms of the baseline cell of each model variant
@@ -1031,7 +1066,7 @@ def plot_study(
         save_figure(fig, written[-1])
 
     # Fig. 3: augmentation on/off per model
-    aug = table[_group_mask(table, study, "augment")]
+    aug = table[_group_mask(table, study, "augment", any_seed=True)]
     models_both = [m for m, g in aug.groupby("model") if g["augment"].nunique() == 2]
     if models_both:
         fig, axes = subplots(1, 2, figsize=(8.5, 3.4), dpi=110)
@@ -1044,13 +1079,29 @@ def plot_study(
             strict=True,
         ):
             for j, flag in enumerate((False, True)):
-                vals = [
-                    float(aug[(aug["model"] == m) & (aug["augment"] == flag)][col].mean())
+                groups = [
+                    aug[(aug["model"] == m) & (aug["augment"] == flag)][col].astype(float)
                     for m in models_both
                 ]
+                vals = [float(g.mean()) for g in groups]
+                # several generator seeds: the bar is their mean, the whisker their range
+                spread = [
+                    [v - float(g.min()) for v, g in zip(vals, groups, strict=True)],
+                    [float(g.max()) - v for v, g in zip(vals, groups, strict=True)],
+                ]
                 bars = ax.bar(x + (j - 0.5) * width, vals, width,
+                              yerr=spread if any(len(g) > 1 for g in groups) else None,
+                              capsize=2,
                               label="augmentation" if flag else "no augmentation")  # fmt: skip
                 ax.bar_label(bars, fmt="%.1f", fontsize=7)
+                twin = f"control_{col}"
+                if twin in aug and aug[twin].notna().any():
+                    ctrl = [
+                        float(aug[(aug["model"] == m) & (aug["augment"] == flag)][twin].mean())
+                        for m in models_both
+                    ]
+                    ax.plot(x + (j - 0.5) * width, ctrl, "kx", ms=7,
+                            label="negative control" if j == 0 else None)  # fmt: skip
             ax.set_xticks(x, models_both)
             ax.set_ylabel(label)
         axes[0].legend(fontsize=8)

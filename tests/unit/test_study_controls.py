@@ -17,7 +17,7 @@ from medmem.study import COLUMNS, StudyConfig, load_study, plan, run_study, seed
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "study" / "tiny-phantoms.yaml"
-MAIN = ["ldm_n12_aug0_it4_s0", "ldm_n12_aug0_it4_s1", "ldm_n12_aug1_it4_s0"]
+MAIN = ["ldm_n12_aug0_it2_s0", "ldm_n12_aug0_it4_s0", "ldm_n12_aug0_it4_s1", "ldm_n12_aug1_it4_s0"]
 
 
 def _study(**changes) -> StudyConfig:
@@ -30,7 +30,7 @@ def _study(**changes) -> StudyConfig:
     }
     d.update(
         {
-            "vary": {"augment": [True]},
+            "vary": {"iterations": [2], "augment": [True]},
             "seeds": {"values": [1], "factors": ["baseline"]},
             "control": True,
             "quality": False,
@@ -44,12 +44,13 @@ def test_plan_repeats_chosen_cells_per_seed_and_adds_a_control_per_cell():
     cells = plan(_study())
     main = [c for c in cells if not c.control]
     controls = [c for c in cells if c.control]
-    assert [c.key for c in main] == MAIN  # seeds only for the baseline; seed 0 kept first
+    # seeds only for the baseline (seed 0 kept); it2 shares the baseline's run
+    assert [c.key for c in main] == MAIN
     assert [c.key for c in controls] == [f"{k}_control" for k in MAIN]
     assert all(c.config.data.split == "control" for c in controls)
     assert {c.run_key for c in controls}.isdisjoint({c.run_key for c in main})
     # every cell repeated when seeds is a plain list; the old format is unchanged
-    every = plan(_study(seeds=[0, 2], control=False))
+    every = plan(_study(seeds=[0, 2], control=False, vary={"augment": [True]}))
     assert {c.key for c in every} == {
         "ldm_n12_aug0_it4_s0",
         "ldm_n12_aug0_it4_s2",
@@ -98,7 +99,7 @@ def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "controls"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FID of 12 images and an untrained detector
-        return out, run_study(_study(), out, quiet=True, figures=False)
+        return out, run_study(_study(), out, quiet=True)
 
 
 def test_rows_carry_the_control_counts_and_the_excess(finished):
@@ -107,8 +108,8 @@ def test_rows_carry_the_control_counts_and_the_excess(finished):
     assert list(table.columns) == list(COLUMNS)
     main = table[table["role"] == "main"]
     ctrl = table[table["role"] == "control"]
-    assert list(main["cell"]) == sorted(MAIN, key=lambda k: ("aug1" in k, k))
-    assert list(table["role"]) == ["main"] * 3 + ["control"] * 3  # controls last
+    assert list(main["cell"]) == MAIN
+    assert list(table["role"]) == ["main"] * 4 + ["control"] * 4  # controls last
     for rec in main.to_dict("records"):
         c = ctrl[ctrl["cell"] == rec["cell"] + "_control"].iloc[0]
         assert rec["control_n_copies"] == c["n_copies"] and rec["control_n_mem"] == c["n_mem"]
@@ -124,23 +125,26 @@ def test_rows_carry_the_control_counts_and_the_excess(finished):
     row = json.loads((out / "cells" / f"{MAIN[0]}_control" / "row.json").read_text())
     assert row["control_of"] == MAIN[0] and row["n_control_images"] == 12
     assert "control_n_copies" in (out / "results.md").read_text()
+    # figures: main cells only, seeds as ranges, the controls beside them
+    for name in ("augmentation", "iterations"):
+        assert (out / "figures" / f"{name}.png").stat().st_size > 5000
 
 
 def test_seed_table_reports_mean_interval_and_per_seed_values(finished):
     out, result = finished
     seeds = json.loads((out / "results-seeds.json").read_text())
     assert "Student-t" in seeds["interval"]
-    rows = {(r["role"], r["augment"]): r for r in seeds["rows"]}
-    base = rows[("main", False)]
+    rows = {(r["role"], r["augment"], r["iterations"]): r for r in seeds["rows"]}
+    base = rows[("main", False, 4)]
     assert base["n_seeds"] == 2 and base["seeds"] == [0, 1]
     assert base["n_copies"] == pytest.approx(sum(base["n_copies_values"]) / 2)
     assert base["n_copies_ci_low"] <= base["n_copies"] <= base["n_copies_ci_high"]
     assert base["excess_copies_control_values"][0] is not None
-    one = rows[("main", True)]
+    one = rows[("main", True, 4)]
     assert one["n_seeds"] == 1 and one["n_copies_ci_low"] is None
     csv = pd.read_csv(out / "results-seeds.csv")
-    assert len(csv) == 4 and "n_copies_values" in csv
+    assert len(csv) == 6 and "n_copies_values" in csv
     assert "Student-t" in (out / "results-seeds.md").read_text()
     assert math.isnan(seed_table(result.table).query("n_seeds == 1")["n_mem_ci_low"].iloc[0])
     again = run_study(_study(), out, quiet=True, figures=False)  # resumes, nothing redone
-    assert again.computed == [] and len(again.skipped) == 6
+    assert again.computed == [] and len(again.skipped) == 8
