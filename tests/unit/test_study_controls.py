@@ -70,7 +70,9 @@ def test_control_patients_are_disjoint_and_as_many():
         assert set(control.patient_ids).isdisjoint(train.patient_ids)
         assert set(control.patient_ids).isdisjoint(val.patient_ids)
         assert list(val.ids) == list(val2.ids)  # audited against the same validation set
-    # the main cells' data (and hashes) are those of the config without the option
+    # the main cells' data (and hashes) are those of the config without the option, and
+    # of configs written before data.split existed
+    assert "split" not in plan(_study())[0].config.identity_dict()["data"]
     plain = _study(control=False, seeds=None)
     assert (
         plan(plain)[0].config.identity_dict()
