@@ -1651,13 +1651,13 @@ def audit(
         "validation_set": val.fingerprint(),
         "synthetic_set": synthetic.fingerprint(),
     }
-    if null_synthetic is not None:
-        s["fingerprints"]["null_synthetic_set"] = null_synthetic.fingerprint()
-        s["sources"] = {"null_synthetic": getattr(null_synthetic, "source", None)}
     s["sources"] = {
         name: getattr(ds, "source", None)
         for name, ds in (("training", train), ("validation", val), ("synthetic", synthetic))
-    } | (s.get("sources") or {})
+    }
+    if null_synthetic is not None:
+        s["fingerprints"]["null_synthetic_set"] = null_synthetic.fingerprint()
+        s["sources"]["null_synthetic"] = getattr(null_synthetic, "source", None)
     s["skipped_files"] = [
         {"set": name, **item}
         for name, ds in (("training", train), ("validation", val), ("synthetic", synthetic))
