@@ -1064,6 +1064,64 @@ def _calibration_info(
     return info
 
 
+def _null_summary(
+    rho_null: np.ndarray,
+    rho_train_null: np.ndarray,
+    tau: float,
+    tau_mem: float,
+    n_copies: int,
+    n_mem: int,
+    n_syn: int,
+    confidence: float,
+    chance: dict[str, Any],
+) -> dict[str, Any]:
+    """``summary["null_synthetic"]``: images of a generator that never saw the training set,
+    scored like the synthetic images, as the chance level of generator outputs.
+
+    ``rho_null``: each null image's nearest-training score; ``rho_train_null``: each
+    training image's nearest-null score. Intervals: Wilson for the share above tau (scaled
+    by n_synthetic), Newcombe's hybrid score interval for the excess (the audit's copies and
+    the null images as two independent samples of generator outputs).
+    """
+    from medmem._stats import difference_interval, wilson_interval
+
+    n, n_train = int(rho_null.size), int(rho_train_null.size)
+    k = int((rho_null >= tau).sum())
+    share = k / n
+    lo, hi = wilson_interval(k, n, confidence)
+    d_lo, d_hi = difference_interval(n_copies, n_syn, k, n, confidence)
+    k_mem = int((rho_train_null >= tau_mem).sum())
+    m_lo, m_hi = wilson_interval(k_mem, n_train, confidence)
+    dm_lo, dm_hi = difference_interval(n_mem, n_train, k_mem, n_train, confidence)
+    out: dict[str, Any] = {
+        "n": n,
+        "n_above_tau": k,
+        "share_above_tau": share,
+        "share_above_tau_ci": [lo, hi],
+        "expected_copies": share * n_syn,
+        "expected_copies_ci": [lo * n_syn, hi * n_syn],
+        "excess_copies": n_copies - share * n_syn,
+        "excess_copies_ci": [d_lo * n_syn, d_hi * n_syn],
+        "n_mem": k_mem,
+        "pct_mem": 100.0 * k_mem / n_train,
+        "n_mem_ci": [m_lo * n_train, m_hi * n_train],
+        "excess_mem": n_mem - k_mem,
+        "excess_mem_ci": [dm_lo * n_train, dm_hi * n_train],
+        "n_mem_comparable": n == n_syn,
+        "validation_expected_copies": chance.get("expected_copies"),
+        "validation_expected_copies_ci": chance.get("expected_copies_ci"),
+        "confidence": confidence,
+        "method": "images of a generator that never saw the training set (null_synthetic), "
+        "scored against the training set exactly as the synthetic images (same score, tau); "
+        "expected_copies = their share at or above tau x n_synthetic (Wilson interval); "
+        "excess_copies = n_copies - expected_copies (Newcombe hybrid score interval for the "
+        "difference of the two shares, x n_synthetic); n_mem = training images whose nearest "
+        "null image reaches tau_mem, the chance level of n_mem when the null set has "
+        "n_synthetic images (n_mem_comparable)",
+    }
+    return out
+
+
 def audit_embeddings(
     train: np.ndarray,
     val: np.ndarray,
@@ -1083,6 +1141,8 @@ def audit_embeddings(
     control_sources: Sequence[int] | None = None,
     controls_info: dict[str, Any] | None = None,
     search: Near | None = None,
+    null_synthetic: np.ndarray | None = None,
+    null_ids: Sequence[str] | None = None,
 ) -> AuditResult:
     """Algorithm 1 on embeddings: calibrate tau and tau_mem, verdicts for both directions.
 
@@ -1111,6 +1171,11 @@ def audit_embeddings(
             ``synthetic``, ``controls``), scores descending; :func:`audit` passes the
             aligned scores of :mod:`medmem.verify`. None: correlations of the embeddings
             (the paper's score).
+        null_synthetic: embeddings of images from a generator that never saw the training
+            set (set ``null`` of ``search``), scored like the synthetic images: their share
+            at or above tau is the chance level of generator outputs,
+            ``summary["null_synthetic"]`` (see :func:`_null_summary`).
+        null_ids: names of the null rows (default ``null00000``...).
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -1285,6 +1350,31 @@ def audit_embeddings(
         )
         summary["chance"]["expected_copies_ci"] = summary["intervals"]["expected_copies"]
         summary["chance"]["excess_copies_ci"] = summary["intervals"]["excess_copies"]
+    if null_synthetic is not None:
+        e_null = _standardize_named(
+            null_synthetic,
+            "null synthetic embeddings",
+            _ids(null_ids, len(null_synthetic), "null"),
+        )
+        if len(e_null) == 0 or e_null.shape[1] != e_tr.shape[1]:
+            raise InputError(
+                "null_synthetic: give at least one image, embedded with the same detector as "
+                "the other sets."
+            )
+        sets["null"] = e_null
+        rho_null, _ = near("null", "train", 1)
+        rho_train_null, _ = near("train", "null", 1)
+        summary["null_synthetic"] = _null_summary(
+            rho_null[:, 0].astype(np.float64),
+            rho_train_null[:, 0].astype(np.float64),
+            tau,
+            tau_mem,
+            n_copies,
+            n_mem,
+            n_syn,
+            confidence,
+            summary["chance"],
+        )
     summary["timings_s"] = {"search_and_calibration": round(time.perf_counter() - t0, 3)}
     return AuditResult(summary=summary, training=training, synthetic=synthetic_df)
 
@@ -1305,6 +1395,19 @@ def _check_datasets(train: Any, val: Any, synthetic: Any) -> None:
         raise InputError(
             f"the sets are preprocessed to different sizes ({detail}): load them with the same "
             "image_size."
+        )
+
+
+def _check_null_dataset(train: Any, null: Any) -> None:
+    """The null synthetic set: a dataset of the training set's kind and size."""
+    check_dataset(null, "null synthetic set", needs=("spatial_dims", "content_hash", "__len__"))
+    if len(null) == 0:
+        raise InputError("the null synthetic set is empty: give at least one image.")
+    if null.spatial_dims != train.spatial_dims or tuple(null.image_size) != tuple(train.image_size):
+        raise InputError(
+            f"the null synthetic set ({null.spatial_dims}D, {tuple(null.image_size)}) differs "
+            f"from the training set ({train.spatial_dims}D, {tuple(train.image_size)}): load "
+            "it with the same image_size."
         )
 
 
@@ -1360,6 +1463,7 @@ def audit(
     score: str = "aligned",
     align: AlignConfig | None = None,
     identity_detector: Any = None,
+    null_synthetic: Any = None,
 ) -> AuditResult:
     """Audit a synthetic set against the training set it may have copied.
 
@@ -1400,6 +1504,12 @@ def audit(
             image, a calibrated identity threshold, re-identified patients; summary key
             ``identity``, see :func:`medmem._identity.identity_section`). Needs the training
             images' patient ids.
+        null_synthetic: a dataset of images sampled from a generator that never saw the
+            training set (e.g. the same configuration trained on other patients). Scored
+            exactly like ``synthetic`` (same score and tau), never counted in N_copies: its
+            share at or above tau x n_synthetic is the chance level of generator outputs,
+            reported with the excess of N_copies over it in ``summary["null_synthetic"]``
+            beside the validation-based ``summary["chance"]``.
 
     Example:
         >>> import medmem
@@ -1424,6 +1534,8 @@ def audit(
     n_bootstrap, confidence, seed = args["n_bootstrap"], args["confidence"], args["seed"]
     n_controls, control_kinds = args["n_controls"], args["control_kinds"]
     _check_datasets(train, val, synthetic)
+    if null_synthetic is not None:
+        _check_null_dataset(train, null_synthetic)
     if score == "aligned":
         align = (align or AlignConfig()).resolved(int(train.spatial_dims))
     n_overlap = check_patient_overlap(train, val, allow=allow_patient_overlap)
@@ -1471,6 +1583,7 @@ def audit(
     e_tr = detector.embed(train, **kw)
     e_va = detector.embed(val, **kw)
     e_sy = detector.embed(synthetic, **kw)
+    e_null = None if null_synthetic is None else detector.embed(null_synthetic, **kw)
     timings["embedding"] = round(time.perf_counter() - t, 3)
     e_ctrl, ctrl_src, ctrl_info, ctrl_img = None, None, None, None
     if n_controls > 0:
@@ -1498,6 +1611,9 @@ def audit(
         if ctrl_img is not None and e_ctrl is not None:
             small["controls"] = scorer.small(torch.from_numpy(ctrl_img))
             emb["controls"] = e_ctrl
+        if e_null is not None:
+            small["null"] = stack_images(null_synthetic, size)
+            emb["null"] = e_null
         search = AlignedSearch(scorer, small, emb)
         timings["verification_setup"] = round(time.perf_counter() - t, 3)
     result = audit_embeddings(
@@ -1517,6 +1633,8 @@ def audit(
         control_sources=ctrl_src,
         controls_info=ctrl_info,
         search=search,
+        null_synthetic=e_null,
+        null_ids=None if null_synthetic is None else null_synthetic.ids,
     )
     s = result.summary
     s["score"] = _score_summary(score, align, search)
@@ -1537,6 +1655,9 @@ def audit(
         name: getattr(ds, "source", None)
         for name, ds in (("training", train), ("validation", val), ("synthetic", synthetic))
     }
+    if null_synthetic is not None:
+        s["fingerprints"]["null_synthetic_set"] = null_synthetic.fingerprint()
+        s["sources"]["null_synthetic"] = getattr(null_synthetic, "source", None)
     s["skipped_files"] = [
         {"set": name, **item}
         for name, ds in (("training", train), ("validation", val), ("synthetic", synthetic))
@@ -1732,6 +1853,21 @@ def format_verdict(s: dict[str, Any]) -> str:
             f"  expected by chance if none were copies: {c['expected_copies']:.1f}"
             f"{rng('expected_copies', '{:.1f}')}; excess {c['excess_copies']:+.1f}"
             f"{rng('excess_copies', '{:+.1f}')}"
+        )
+    null = s.get("null_synthetic")
+    if isinstance(null, dict) and "expected_copies" in null:
+        conf = 100 * float(null.get("confidence", 0.95))
+
+        def pair(v: Any, fmt: str) -> str:
+            return f" ({conf:g}% CI {fmt.format(v[0])}-{fmt.format(v[1])})" if v else ""
+
+        lines.append(
+            f"  expected from a generator that never saw the training set (null synthetic, "
+            f"{null['n_above_tau']} of {null['n']} above tau): "
+            f"{null['expected_copies']:.1f}{pair(null.get('expected_copies_ci'), '{:.1f}')}; "
+            f"excess {null['excess_copies']:+.1f}"
+            f"{pair(null.get('excess_copies_ci'), '{:+.1f}')}; N_mem at chance "
+            f"{null['n_mem']}"
         )
     paper = s.get("paper")
     if name != "paper" and isinstance(paper, dict):

@@ -51,4 +51,48 @@ def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
     return float(u / (pos.size * neg.size))
 
 
-__all__ = ["auroc", "wilson_interval"]
+def difference_interval(
+    k1: int, n1: int, k2: int, n2: int, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Newcombe's hybrid score interval for the difference of proportions k1/n1 - k2/n2
+    (independent samples; built from the two Wilson intervals, well-behaved at 0 and 1).
+
+    Example:
+        >>> lo, hi = difference_interval(10, 50, 2, 50)
+        >>> round(lo, 3), round(hi, 3)
+        (0.031, 0.294)
+    """
+    if n1 <= 0 or n2 <= 0:
+        return (float("nan"), float("nan"))
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson_interval(k1, n1, confidence)
+    l2, u2 = wilson_interval(k2, n2, confidence)
+    d = p1 - p2
+    return (
+        d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2),
+        d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2),
+    )
+
+
+def t_interval(values: np.ndarray | list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Student-t interval for the mean of ``values`` (e.g. one count per generator seed);
+    (nan, nan) with fewer than two finite values.
+
+    Example:
+        >>> lo, hi = t_interval([3.0, 5.0, 4.0])
+        >>> round(lo, 2), round(hi, 2)
+        (1.52, 6.48)
+    """
+    from scipy.stats import t as student_t
+
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size < 2:
+        return (float("nan"), float("nan"))
+    half = float(student_t.ppf(0.5 + confidence / 2, x.size - 1)) * float(
+        x.std(ddof=1) / math.sqrt(x.size)
+    )
+    return (float(x.mean() - half), float(x.mean() + half))
+
+
+__all__ = ["auroc", "difference_interval", "t_interval", "wilson_interval"]

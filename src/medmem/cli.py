@@ -271,7 +271,7 @@ def _load(
         image_size = image_size or tuple(like.image_size)
     # patient ids matter for training and validation (the overlap check); synthetic file
     # names are the generator's and need not follow the pattern
-    pattern = None if option == "--synthetic" else opts["patient_id_pattern"]
+    pattern = None if option in ("--synthetic", "--null-synthetic") else opts["patient_id_pattern"]
     try:
         return load_dataset(
             src,
@@ -423,6 +423,14 @@ def train_detector(
     help="Validation images of patients not in training: folder, glob or CSV.",
 )
 @click.option("--synthetic", "syn_src", required=True, help="Synthetic images to audit.")
+@click.option(
+    "--null-synthetic",
+    "null_src",
+    default=None,
+    help="Images sampled from a generator that never saw the training set (e.g. trained on "
+    "other patients): scored like --synthetic; their share above tau gives the copies a "
+    "non-memorizing generator would produce (summary.json null_synthetic).",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option(
     "--detector",
@@ -508,6 +516,7 @@ def audit_cmd(
     train_src: str,
     val_src: str,
     syn_src: str,
+    null_src: str | None,
     out: Path,
     detector_dir: Path | None,
     identity_dir: Path | None,
@@ -556,7 +565,7 @@ def audit_cmd(
         ctx,
         out,
         overwrite,
-        inputs=[train_src, val_src, syn_src],
+        inputs=[train_src, val_src, syn_src] + ([null_src] if null_src else []),
         keep=[detector_dir, cache_dir, identity_dir],
         need_bytes=_AUDIT_BYTES if detector_dir else 2 * _AUDIT_BYTES,  # + detector, checkpoint
     )
@@ -574,6 +583,13 @@ def audit_cmd(
     train = _load_for_detector(train_src, data_opts, detector, detector_dir, quiet=quiet)
     val = _load(val_src, data_opts, image_size=size, like=train, option="--val", quiet=quiet)
     syn = _load(syn_src, data_opts, image_size=size, like=train, option="--synthetic", quiet=quiet)
+    null = (
+        None
+        if null_src is None
+        else _load(
+            null_src, data_opts, image_size=size, like=train, option="--null-synthetic", quiet=quiet
+        )
+    )
     result = audit(
         train,
         val,
@@ -594,6 +610,7 @@ def audit_cmd(
         checkpoint_dir=None if detector is not None else resume_root(out),
         score=score,
         identity_detector=identity_detector,
+        null_synthetic=null,
     )
     if not _is_writer():
         return

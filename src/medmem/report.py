@@ -62,6 +62,10 @@ VERDICT_IDS = {
     "controls_caught": "summary['controls']['caught']",
     "control_sensitivity": "summary['controls']['sensitivity']",
     "control_sensitivity_ci_low/high": "summary['controls']['sensitivity_ci']",
+    "null_n, null_n_above_tau, null_expected_copies, null_excess_copies, null_n_mem": (
+        "summary['null_synthetic'][key] (n, n_above_tau, expected_copies, excess_copies, "
+        "n_mem); null_<key>_ci_low/high: its intervals"
+    ),
     "verdict": "the headline; data-verdict = none | copies | within_chance | above_chance",
     "q_<key>": "quality[key], key in fid, precision, recall, density, coverage, "
     "ms_ssim_synthetic, ms_ssim_real; q_extractor: quality['extractor']",
@@ -388,6 +392,48 @@ the training data. Share the output of <code>medmem screen</code> instead.</p>
 </section>"""
 
 
+def _null_synthetic(s: dict[str, Any]) -> str:
+    """The null-synthetic section: copies expected from a generator that never saw the
+    training set, beside the validation-based chance estimate; '' without one."""
+    null = s.get("null_synthetic")
+    if not isinstance(null, dict) or "expected_copies" not in null:
+        return ""
+    conf = null.get("confidence")
+    val = null.get("validation_expected_copies")
+    val_ci = null.get("validation_expected_copies_ci")
+    val_text = (
+        f" The validation-based estimate (real images of patients not in training) is "
+        f"{_e(_fmt(val, '.1f'))}"
+        f"{_ci('null_validation_expected_copies', val_ci, '.1f', conf)}."
+        if val is not None
+        else ""
+    )
+    comparable = (
+        ""
+        if null.get("n_mem_comparable")
+        else f" (the null set has {_e(null['n'])} images, the synthetic set "
+        f"{_e(s['n_synthetic'])}: N_mem depends on the set size, compare with care)"
+    )
+    return (
+        '<section class="card" id="null-synthetic"><h2>Chance level of generator outputs '
+        "(null synthetic set)</h2>"
+        f"<p>{_num('null_n_above_tau', null['n_above_tau'])} of {_num('null_n', null['n'])} "
+        "images from a generator that never saw the training set reach tau "
+        f"({_e(_fmt(100 * null['share_above_tau'], '.1f'))}%). Among "
+        f"{_e(s['n_synthetic'])} synthetic images that implies "
+        f"{_num('null_expected_copies', null['expected_copies'], '.1f')} false copies"
+        f"{_ci('null_expected_copies', null.get('expected_copies_ci'), '.1f', conf)}; the "
+        f"audit found {_e(s['n_copies'])}, an excess of "
+        f"{_num('null_excess_copies', null['excess_copies'], '+.1f')}"
+        f"{_ci('null_excess_copies', null.get('excess_copies_ci'), '+.1f', conf)}."
+        f"{val_text} Training images whose nearest null image reaches tau_mem: "
+        f"{_num('null_n_mem', null['n_mem'])}"
+        f"{_ci('null_n_mem', null.get('n_mem_ci'), '.1f', conf)} (N_mem "
+        f"{_e(s['n_mem'])}){comparable}.</p>"
+        f"<p class='sub'>{_e(null.get('method', ''))}</p></section>"
+    )
+
+
 def _histogram(result: Any) -> str:
     t = result.training
     s = result.summary
@@ -634,6 +680,7 @@ def render_report(result: Any, *, quality: dict[str, Any] | None = None, n_galle
         [
             _verdict(s),
             _explanation(s),
+            _null_synthetic(s),
             _histogram(result),
             _gallery(result, n_gallery),
             _copies_table(result),

@@ -17,6 +17,19 @@ detector's feature space. Cells that differ only in ``iterations`` share one tra
 trained further for each value. Everything is written as it finishes; a study that is
 stopped and run again skips finished cells (a cell is redone only if its settings change).
 
+Two options make the counts comparable with chance (issue 17):
+
+* ``control: true``: every cell gets a negative-control cell, the same generator
+  configuration trained on as many images of *other* patients (in neither its training set
+  nor validation; ``data.split: control``), sampled and audited against the cell's real
+  training set. Its N_copies / N_mem are the chance level of generator outputs; each
+  cell's row carries them (``control_n_copies``, ``control_n_mem``) and the excess over
+  them with a Newcombe interval.
+* ``seeds: [0, 1, 2]`` (every cell) or ``seeds: {values: [0, 1, 2], factors: [baseline,
+  augment]}`` (the baseline and the cells varying those factors): the cells are run once
+  per generator seed; ``results-seeds.csv`` / ``.md`` / ``.json`` give, per configuration,
+  the mean over seeds, a 95% Student-t interval across seeds and the per-seed values.
+
 Example:
     >>> from medmem.study import load_study, run_study
     >>> study = load_study("configs/study/nih-cxr-cpu.yaml")  # doctest: +SKIP
@@ -110,6 +123,32 @@ COLUMNS = (
     "train_seconds",
     "sample_seconds",
     "audit_seconds",
+    # the negative control (``control: true``); role: "main" or "control"
+    "role",
+    "control_n_mem",
+    "control_n_copies",
+    "excess_mem_control",
+    "excess_mem_control_ci_low",
+    "excess_mem_control_ci_high",
+    "excess_copies_control",
+    "excess_copies_control_ci_low",
+    "excess_copies_control_ci_high",
+)
+# per-seed aggregation (results-seeds.*): the configuration's columns and the metrics
+SEED_GROUP = ("role", "model", "model_type", "n_train", "iterations", "augment")
+SEED_METRICS = (
+    "n_mem",
+    "pct_mem",
+    "n_copies",
+    "pct_copies",
+    "expected_copies",
+    "excess_copies",
+    "control_n_copies",
+    "excess_copies_control",
+    "control_n_mem",
+    "excess_mem_control",
+    "fid",
+    "ms_ssim",
 )
 ROW_FILE = "row.json"
 _SYNTHETIC_FILE = "synthetic.safetensors"
@@ -139,6 +178,12 @@ class StudyConfig(ConfigSection):
         detector: overrides of the shared detector's settings (``DetectorConfig``).
         percentile: q of tau.
         quality: compute FID, precision/recall and MS-SSIM per cell.
+        seeds: generator seeds to repeat cells with: a list (every cell), or a mapping
+            ``{values: [...], factors: [...]}`` naming ``baseline`` and/or the varied
+            factors whose cells are repeated; the baseline's seed is always among them.
+            None: one seed per cell (``baseline.seed``).
+        control: add a negative-control cell per cell (the same configuration trained on
+            as many images of other patients, audited against the cell's training set).
     """
 
     name: str
@@ -153,6 +198,8 @@ class StudyConfig(ConfigSection):
     detector: dict[str, Any] = field(default_factory=dict)
     percentile: float = 95.0
     quality: bool = True
+    seeds: list[int] | dict[str, Any] | None = None
+    control: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -179,8 +226,38 @@ class StudyConfig(ConfigSection):
         if self.steps is not None:
             check_positive_int(self.steps, "study.steps")
         check_percentile(self.percentile, "study.percentile")
+        object.__setattr__(self, "seeds", self._checked_seeds())
+        if not isinstance(self.control, bool):
+            raise InputError("study.control must be true or false.")
         for name in models:
             self.generative_config(name)  # fail now, not after hours of training
+
+    def _checked_seeds(self) -> dict[str, Any] | None:
+        """``seeds`` as ``{"values": [...], "factors": [...] or None (every cell)}``."""
+        if self.seeds is None:
+            return None
+        seeds: Any = self.seeds
+        if isinstance(seeds, (list, tuple)):
+            seeds = {"values": list(seeds), "factors": None}
+        if not isinstance(seeds, dict):
+            raise InputError(
+                "study.seeds must be a list of seeds or {values: [...], factors: [...]}."
+            )
+        check_keys(seeds, ("values", "factors"), "study.seeds")
+        values = seeds.get("values")
+        if not isinstance(values, (list, tuple)) or not values:
+            raise InputError("study.seeds.values must be a non-empty list of seeds.")
+        values = [check_positive_int(v, "study.seeds.values", minimum=0) for v in values]
+        base = int(self.baseline["seed"])
+        values = list(dict.fromkeys([base, *values]))  # the baseline's seed first
+        factors = seeds.get("factors")
+        if factors is not None:
+            if isinstance(factors, str) or not isinstance(factors, (list, tuple)):
+                raise InputError("study.seeds.factors must be a list, e.g. [baseline, augment].")
+            for f in factors:
+                check_choice(f, "study.seeds.factors", ("baseline", *FACTORS))
+            factors = list(factors)
+        return {"values": values, "factors": factors}
 
     def generative_config(self, model: str, **factors: Any) -> GenerativeConfig:
         """The generative config of variant ``model`` with the cell's factor values."""
@@ -193,6 +270,8 @@ class StudyConfig(ConfigSection):
             d["train"]["augment"] = bool(factors["augment"])
         if factors.get("seed") is not None:
             d["train"]["seed"] = int(factors["seed"])
+        if factors.get("control"):
+            d["data"]["split"] = "control"
         d["tracking"] = {}  # the study audits each cell itself
         try:
             cfg = GenerativeConfig.from_dict(d, f"study.models.{model}")
@@ -219,6 +298,8 @@ class StudyConfig(ConfigSection):
             "detector": self.detector,
             "percentile": self.percentile,
             "quality": self.quality,
+            "seeds": self.seeds,
+            "control": self.control,
         }
 
 
@@ -233,7 +314,8 @@ def load_study(path: str | Path) -> StudyConfig:
     data = read_yaml_mapping(path, "study config")
     keys = [
         "name", "generative", "generative_overrides", "models", "baseline", "vary", "design",
-        "n_synthetic", "sampler", "steps", "detector", "percentile", "quality",
+        "n_synthetic", "sampler", "steps", "detector", "percentile", "quality", "seeds",
+        "control",
     ]  # fmt: skip
     check_keys(data, keys, str(path))
     gen = data.pop("generative", None)
@@ -268,17 +350,35 @@ class Cell:
     augment: bool
     seed: int
     config: GenerativeConfig = field(repr=False, compare=False)
+    #: a negative control: ``config`` trains on other patients (``data.split: control``)
+    control: bool = False
 
     @property
     def key(self) -> str:
-        """Folder name of the cell, e.g. ``ldm_n100_aug0_it3000_s0``."""
+        """Folder name of the cell, e.g. ``ldm_n100_aug0_it3000_s0`` (a control cell:
+        ``..._s0_control``)."""
         aug = int(self.augment)
-        return f"{self.model}_n{self.n_train}_aug{aug}_it{self.iterations}_s{self.seed}"
+        key = f"{self.model}_n{self.n_train}_aug{aug}_it{self.iterations}_s{self.seed}"
+        return key + ("_control" if self.control else "")
 
     @property
     def run_key(self) -> str:
         """The training run shared by cells that differ only in ``iterations``."""
-        return f"{self.model}_n{self.n_train}_aug{int(self.augment)}_s{self.seed}"
+        key = f"{self.model}_n{self.n_train}_aug{int(self.augment)}_s{self.seed}"
+        return key + ("_control" if self.control else "")
+
+    @property
+    def main_key(self) -> str:
+        """The key of the cell this one is the control of (its own key when not a control)."""
+        return self.key.removesuffix("_control")
+
+    @property
+    def audited_config(self) -> GenerativeConfig:
+        """The config whose training (and validation) set the cell is audited against: a
+        control's generator trained elsewhere, but is audited against the real training set."""
+        if not self.control:
+            return self.config
+        return self.config.replace(data=self.config.data.replace(split="train"))
 
     def settings_hash(self, study: StudyConfig, detector_fp: str) -> str:
         """What decides the cell's numbers: its generative settings, the sampler, the
@@ -310,10 +410,21 @@ def plan(study: StudyConfig, *, n_available: int | None = None) -> list[Cell]:
         combos: list[dict[str, Any]] = [base]
         for factor, values in study.vary.items():
             combos = [c | {factor: v} for c in combos for v in values]
+        origins = ["baseline"] * len(combos)  # crossings: seeds repeat every cell
     else:
         combos = [base] + [
             base | {factor: v} for factor, values in study.vary.items() for v in values
         ]
+        origins = ["baseline"] + [f for f, values in study.vary.items() for _ in values]
+    if study.seeds is not None:  # repeat the chosen cells once per generator seed
+        chosen = None if study.design == "factorial" else study.seeds["factors"]
+        repeated: list[dict[str, Any]] = []
+        for c, origin in zip(combos, origins, strict=True):
+            if origin != "seed" and (chosen is None or origin in chosen):
+                repeated += [c | {"seed": s} for s in study.seeds["values"]]
+            else:
+                repeated.append(c)
+        combos = repeated
     cells: dict[tuple, Cell] = {}
     for c in combos:
         n_train = c["n_train"]
@@ -330,7 +441,21 @@ def plan(study: StudyConfig, *, n_available: int | None = None) -> list[Cell]:
     first = {}
     for cell in cells.values():
         first.setdefault(cell.run_key, len(first))
-    return sorted(cells.values(), key=lambda c: (first[c.run_key], c.iterations))
+    main = sorted(cells.values(), key=lambda c: (first[c.run_key], c.iterations))
+    if not study.control:
+        return main
+    controls = [
+        Cell(
+            c.model, c.n_train, c.iterations, c.augment, c.seed,
+            study.generative_config(
+                c.model, n_train=c.n_train, augment=c.augment, seed=c.seed,
+                iterations=c.iterations, control=True,
+            ),
+            control=True,
+        )
+        for c in main
+    ]  # fmt: skip
+    return main + controls
 
 
 # ----------------------------------------------------------------------------- running
@@ -350,7 +475,7 @@ def _shared_detector(
 ) -> tuple[Detector, str]:
     """The one detector of the study, trained on the largest training set and kept in
     ``out/detector``; retrained when that set or the detector settings change."""
-    largest = max(cells, key=lambda c: c.n_train)
+    largest = max((c for c in cells if not c.control), key=lambda c: c.n_train)
     train_ds, _ = build_datasets(largest.config, quiet=quiet)
     wanted = {"train_fingerprint": train_ds.fingerprint(), "settings": study.detector}
     key = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
@@ -456,12 +581,30 @@ def _quality_row(q: dict[str, Any] | None) -> dict[str, float]:
     }
 
 
+def _check_control_patients(cell: Cell, train_ds: Any, val_ds: Any) -> dict[str, Any]:
+    """A control generator's training set: as large as the audited training set, and no
+    patient in common with it or with validation (raises otherwise)."""
+    control_ds, _ = build_datasets(cell.config, quiet=True)
+    pids = {p for p in control_ds.patient_ids if p is not None}
+    shared = pids & ({p for p in train_ds.patient_ids} | {p for p in val_ds.patient_ids})
+    if shared or len(control_ds) != len(train_ds):
+        raise InputError(
+            f"control cell {cell.key}: its training set must hold {len(train_ds)} images of "
+            f"patients outside training and validation; it holds {len(control_ds)} images "
+            f"and shares {len(shared)} patients."
+        )
+    return {"n_control_images": len(control_ds), "n_control_patients": len(pids)}
+
+
 def _run_cell(
     cell: Cell, study: StudyConfig, detector: Detector, out: Path, settings: str, quiet: bool
 ) -> dict[str, Any]:
     folder = out / "cells" / cell.key
     folder.mkdir(parents=True, exist_ok=True)
-    train_ds, val_ds = build_datasets(cell.config, quiet=True)
+    train_ds, val_ds = build_datasets(cell.audited_config, quiet=True)
+    control_info: dict[str, Any] = {}
+    if cell.control:
+        control_info = _check_control_patients(cell, train_ds, val_ds)
     n_syn = study.n_synthetic or len(train_ds)
     images, gen_meta = _synthetic_set(cell, n_syn, study, out, quiet)
     syn = ArrayDataset(
@@ -517,6 +660,8 @@ def _run_cell(
         "train_seconds": gen_meta["train_seconds"],
         "sample_seconds": gen_meta["sample_seconds"],
         "audit_seconds": audit_s,
+        "role": "control" if cell.control else "main",
+        **({"control_of": cell.main_key, **control_info} if cell.control else {}),
     }
     atomic_write_json(
         folder / ROW_FILE,
@@ -636,10 +781,68 @@ def markdown_table(frame: pd.DataFrame, columns: list[str] | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
+def _with_controls(rows: list[dict[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Each main row with its control's counts beside it (matched on the cell key) and the
+    excess over them, with Newcombe's hybrid score interval for the difference of the two
+    shares (copies of n_synthetic, memorized of n_train), scaled to counts."""
+    from medmem._stats import difference_interval
+
+    controls = {r.get("control_of"): r for r in rows if r.get("role") == "control"}
+    out = []
+    for r in rows:
+        r = dict(r)
+        r.setdefault("role", "main")  # rows written before controls existed
+        c = controls.get(r["cell"]) if r["role"] == "main" else None
+        if c is not None:
+            for what, n in (("copies", "n_synthetic"), ("mem", "n_train")):
+                k1, k2 = int(r[f"n_{what}"]), int(c[f"n_{what}"])
+                n1, n2 = int(r[n]), int(c[n])
+                lo, hi = difference_interval(k1, n1, k2, n2, confidence)
+                r[f"control_n_{what}"] = k2
+                r[f"excess_{what}_control"] = k1 - k2 * n1 / n2
+                r[f"excess_{what}_control_ci_low"] = lo * n1
+                r[f"excess_{what}_control_ci_high"] = hi * n1
+        out.append(r)
+    return out
+
+
+def seed_table(frame: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """One row per configuration (``SEED_GROUP``) over its generator seeds: ``n_seeds``,
+    ``seeds``, and per metric of ``SEED_METRICS`` the mean, a Student-t interval across
+    seeds (``<metric>_ci_low/high``; n/a for one seed) and the per-seed values
+    (``<metric>_values``, in the order of ``seeds``)."""
+    from medmem._stats import t_interval
+
+    records = []
+    if len(frame) == 0:
+        return pd.DataFrame(columns=[*SEED_GROUP, "n_seeds", "seeds"])
+    group = frame.assign(role=frame["role"].fillna("main"))
+    for keys, g in group.groupby(list(SEED_GROUP), sort=False, dropna=False):
+        g = g.sort_values("seed", kind="stable")
+        rec: dict[str, Any] = dict(zip(SEED_GROUP, keys, strict=True))
+        rec["n_seeds"] = len(g)
+        rec["seeds"] = [int(s) for s in g["seed"]]
+        for m in SEED_METRICS:
+            vals = pd.to_numeric(g[m], errors="coerce").astype(float).to_numpy()
+            finite = vals[np.isfinite(vals)]
+            lo, hi = t_interval(finite, confidence)
+            rec[m] = float(finite.mean()) if finite.size else math.nan
+            rec[f"{m}_ci_low"], rec[f"{m}_ci_high"] = lo, hi
+            rec[f"{m}_values"] = [None if not math.isfinite(v) else float(v) for v in vals]
+        records.append(rec)
+    return pd.DataFrame(records)
+
+
 def write_table(rows: list[dict[str, Any]], out: Path) -> pd.DataFrame:
-    """Write ``results.csv`` and ``results.md`` (one row per finished cell)."""
+    """Write ``results.csv`` and ``results.md`` (one row per finished cell; control cells
+    after the others, and each cell's control counts beside it), and ``results-seeds.*``
+    (means and intervals across generator seeds, :func:`seed_table`)."""
+    rows = _with_controls(rows)
     frame = pd.DataFrame([{c: r.get(c) for c in COLUMNS} for r in rows], columns=list(COLUMNS))
-    frame = frame.sort_values(["model", "n_train", "augment", "iterations", "seed"], kind="stable")
+    frame["role"] = frame["role"].fillna("main")
+    order = ["model", "n_train", "augment", "iterations", "seed"]
+    frame = frame.assign(_control=frame["role"] == "control")
+    frame = frame.sort_values(["_control", *order], kind="stable").drop(columns="_control")
     frame = frame.reset_index(drop=True)
     atomic_save(out / "results.csv", lambda p: frame.to_csv(p, index=False))
     show = [
@@ -647,8 +850,59 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> pd.DataFrame:
         "pct_mem", "n_copies", "pct_copies", "expected_copies", "fid", "fid_train_val", "ms_ssim",
         "precision", "recall", "train_seconds",
     ]  # fmt: skip
+    if (frame["role"] == "control").any():
+        show[6:6] = ["role"]
+        show += ["control_n_mem", "control_n_copies", "excess_copies_control"]
     atomic_write_text(out / "results.md", markdown_table(frame, show))
+    seeds = seed_table(frame)
+    if len(seeds) and (seeds["n_seeds"] > 1).any():
+        _write_seed_table(seeds, out)
     return frame
+
+
+def _write_seed_table(seeds: pd.DataFrame, out: Path) -> None:
+    """results-seeds.json (everything), .csv (per-seed values as 'a;b;c') and .md."""
+    records = seeds.to_dict("records")
+    clean = [
+        {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+        for r in records
+    ]
+    atomic_write_json(
+        out / "results-seeds.json",
+        {
+            "interval": "95% Student-t interval of the mean across generator seeds (n_seeds - 1 "
+            "degrees of freedom); n/a for one seed",
+            "rows": clean,
+        },
+    )
+    flat = seeds.copy()
+    for col in flat.columns:
+        if col == "seeds" or col.endswith("_values"):
+            flat[col] = [";".join("n/a" if v is None else f"{v:g}" for v in x) for x in flat[col]]
+    atomic_save(out / "results-seeds.csv", lambda p: flat.to_csv(p, index=False))
+    show = []
+    for r in records:
+
+        def cell(m: str, r: dict[str, Any] = r) -> str:
+            lo, hi = r[f"{m}_ci_low"], r[f"{m}_ci_high"]
+            ci = f" ({_fmt(lo)} to {_fmt(hi)})" if math.isfinite(lo) else ""
+            return f"{_fmt(r[m])}{ci}"
+
+        show.append(
+            {
+                **{k: r[k] for k in ("role", "model", "n_train", "iterations", "augment")},
+                "seeds": ",".join(map(str, r["seeds"])),
+                "N_mem": cell("n_mem"),
+                "N_copies": cell("n_copies"),
+                "N_copies per seed": ", ".join(_fmt(v) for v in r["n_copies_values"]),
+                "control N_copies": cell("control_n_copies"),
+                "excess over control": cell("excess_copies_control"),
+            }
+        )
+    text = "Mean over generator seeds (95% Student-t interval across seeds).\n\n" + markdown_table(
+        pd.DataFrame(show)
+    )
+    atomic_write_text(out / "results-seeds.md", text)
 
 
 def _baseline_value(table: pd.DataFrame, study: StudyConfig, factor: str) -> Any:
@@ -662,13 +916,15 @@ def _baseline_value(table: pd.DataFrame, study: StudyConfig, factor: str) -> Any
     return None
 
 
-def _group_mask(table: pd.DataFrame, study: StudyConfig, factor: str) -> pd.Series:
+def _group_mask(
+    table: pd.DataFrame, study: StudyConfig, factor: str, *, any_seed: bool = False
+) -> pd.Series:
     """Baseline rows, the factor ``factor`` free (model free too), per model's own
     iterations when the iterations factor is fixed (models may train for different
-    lengths)."""
+    lengths); ``any_seed``: every generator seed, not only the baseline's."""
     mask = pd.Series(True, index=table.index)
     for factor2 in ("n_train", "augment", "seed"):
-        if factor2 == factor:
+        if factor2 == factor or (any_seed and factor2 == "seed"):
             continue
         value = study.baseline[factor2]
         if value is None:
@@ -707,19 +963,45 @@ def _factor_figure(
 ) -> bool:
     """Line plots of the baseline cells against ``factor``, one line per model variant
     that was run at several values; each panel is (ylabel, [(column, style, label suffix,
-    reference column drawn dotted)]). False when no model varies the factor."""
-    rows = table[_group_mask(table, study, factor) & ~table["augment"].astype(bool)]
+    reference column drawn dotted)]). With several generator seeds a point is their mean
+    and its bar their range; a column with a ``control_`` twin (the negative control's
+    value) gets it as a dashed line. False when no model varies the factor."""
+    rows = table[_group_mask(table, study, factor, any_seed=True) & ~table["augment"].astype(bool)]
     models = [m for m, g in rows.groupby("model") if g[factor].nunique() > 1]
     if not models:
         return False
     fig, axes = subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=110)
     for m in models:
-        g = rows[rows["model"] == m].sort_values(factor)
+        by = rows[rows["model"] == m].groupby(factor, sort=True)
         for ax, (_, lines) in zip(axes, panels, strict=True):
             for column, style, suffix, reference in lines:
-                line = ax.plot(g[factor], g[column], style, label=f"{m}{suffix}")[0]
+                values = by[column].agg(["mean", "min", "max", "count"]).astype(float)
+                x = values.index.to_numpy()
+                line = ax.plot(x, values["mean"], style, label=f"{m}{suffix}")[0]
+                if (values["count"] > 1).any():
+                    ax.errorbar(
+                        x,
+                        values["mean"],
+                        yerr=[values["mean"] - values["min"], values["max"] - values["mean"]],
+                        fmt="none",
+                        ecolor=line.get_color(),
+                        capsize=2,
+                        lw=1,
+                    )
+                twin = f"control_{column}"
+                if twin in rows and rows[twin].notna().any():
+                    ctrl = by[twin].mean().astype(float)
+                    ax.plot(
+                        ctrl.index.to_numpy(), ctrl.to_numpy(), "x--", color=line.get_color(),
+                        lw=1, label=f"{m}{suffix} control",
+                    )  # fmt: skip
                 if reference is not None:
-                    ax.axhline(g[reference].mean(), color=line.get_color(), ls=":", lw=1)
+                    ax.axhline(
+                        rows[rows["model"] == m][reference].mean(),
+                        color=line.get_color(),
+                        ls=":",
+                        lw=1,
+                    )
     for ax, (ylabel, _) in zip(axes, panels, strict=True):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -738,6 +1020,15 @@ def plot_study(
     figdir = Path(figdir) if figdir is not None else out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    if "role" in table:  # the controls are beside their cells, not cells of their own
+        table = table[table["role"].fillna("main") != "control"]
+    if "control_n_mem" in table:  # the controls' shares, for the dashed lines
+        table = table.assign(
+            control_pct_mem=100 * table["control_n_mem"].astype(float) / table["n_train"],
+            control_pct_copies=100
+            * table["control_n_copies"].astype(float)
+            / table["n_synthetic"].astype(float),
+        )
     title = study.name
 
     # Fig. 2: histograms of the baseline cell of each model variant
@@ -765,7 +1056,7 @@ def plot_study(
         save_figure(fig, written[-1])
 
     # Fig. 3: augmentation on/off per model
-    aug = table[_group_mask(table, study, "augment")]
+    aug = table[_group_mask(table, study, "augment", any_seed=True)]
     models_both = [m for m, g in aug.groupby("model") if g["augment"].nunique() == 2]
     if models_both:
         fig, axes = subplots(1, 2, figsize=(8.5, 3.4), dpi=110)
@@ -778,13 +1069,29 @@ def plot_study(
             strict=True,
         ):
             for j, flag in enumerate((False, True)):
-                vals = [
-                    float(aug[(aug["model"] == m) & (aug["augment"] == flag)][col].mean())
+                groups = [
+                    aug[(aug["model"] == m) & (aug["augment"] == flag)][col].astype(float)
                     for m in models_both
                 ]
+                vals = [float(g.mean()) for g in groups]
+                # several generator seeds: the bar is their mean, the whisker their range
+                spread = [
+                    [v - float(g.min()) for v, g in zip(vals, groups, strict=True)],
+                    [float(g.max()) - v for v, g in zip(vals, groups, strict=True)],
+                ]
                 bars = ax.bar(x + (j - 0.5) * width, vals, width,
+                              yerr=spread if any(len(g) > 1 for g in groups) else None,
+                              capsize=2,
                               label="augmentation" if flag else "no augmentation")  # fmt: skip
                 ax.bar_label(bars, fmt="%.1f", fontsize=7)
+                twin = f"control_{col}"
+                if twin in aug and aug[twin].notna().any():
+                    ctrl = [
+                        float(aug[(aug["model"] == m) & (aug["augment"] == flag)][twin].mean())
+                        for m in models_both
+                    ]
+                    ax.plot(x + (j - 0.5) * width, ctrl, "kx", ms=7,
+                            label="negative control" if j == 0 else None)  # fmt: skip
             ax.set_xticks(x, models_both)
             ax.set_ylabel(label)
         axes[0].legend(fontsize=8)
@@ -840,5 +1147,6 @@ __all__ = [
     "plan",
     "plot_study",
     "run_study",
+    "seed_table",
     "write_table",
 ]

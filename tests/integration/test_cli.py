@@ -297,3 +297,40 @@ def test_summary_carries_controls_chance_and_patients(phantom_sets, tmp_path) ->
     assert r.exit_code == 0, r.output
     s2 = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert "controls" not in s2 and "patients" not in s2
+
+
+def test_null_synthetic_flag_round_trips_into_summary_and_verdict(phantom_sets, tmp_path) -> None:
+    write_phantoms(tmp_path / "null", n_patients=8, size=32, fmt="npy", first_patient=300)
+    out = tmp_path / "a"
+    r = _run(
+        [
+            "audit",
+            "--train",
+            str(phantom_sets / "train"),
+            "--val",
+            str(phantom_sets / "val"),
+            "--synthetic",
+            str(phantom_sets / "syn"),
+            "--null-synthetic",
+            str(tmp_path / "null"),
+            "--patient-id-pattern",
+            r"^(P\d+)_",
+            "--no-controls",
+            "--score",
+            "embedding",
+            "--out",
+            str(out),
+            *TINY,
+        ]
+    )
+    assert r.exit_code == 0, r.output
+    assert "expected from a generator that never saw the training set" in r.output
+    s = json.loads((out / "summary.json").read_text())
+    null = s["null_synthetic"]
+    assert null["n"] == 8 and 0 <= null["n_above_tau"] <= 8
+    assert null["expected_copies"] == pytest.approx(null["share_above_tau"] * 6)
+    assert s["sources"]["null_synthetic"].endswith("null")
+    assert len(s["fingerprints"]["null_synthetic_set"]) == 64
+    assert 'id="null-synthetic"' in (out / "report.html").read_text()
+    r = CliRunner().invoke(main, ["audit", "--help"])
+    assert "--null-synthetic" in r.output

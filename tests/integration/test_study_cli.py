@@ -46,3 +46,19 @@ def test_study_errors_are_one_line(tmp_path):
     res = CliRunner().invoke(main, ["study", TINY, "--out", str(tmp_path / "s"), "--cell", "x"])
     assert res.exit_code == 2
     assert "unknown cells ['x']" in res.output
+
+
+def test_study_plan_lists_seeds_and_control_cells_from_yaml(tmp_path):
+    config = tmp_path / "controls.yaml"
+    config.write_text(
+        Path(TINY)
+        .read_text()
+        .replace("n_patients: 40, val_fraction: 0.5", "n_patients: 48, val_fraction: 0.25")
+        + "\ncontrol: true\nseeds: {values: [0, 3], factors: [baseline]}\n"
+    )
+    res = CliRunner().invoke(main, ["study", str(config), "--plan"])
+    assert res.exit_code == 0, res.output
+    cells = res.output.split()
+    assert len(cells) == 16  # 7 cells + the baseline with seed 3, and a control for each
+    assert "ldm_n12_aug0_it4_s3" in cells and "ldm_n12_aug0_it4_s3_control" in cells
+    assert sum(c.endswith("_control") for c in cells) == 8

@@ -26,6 +26,7 @@ MODEL_KINDS = ("ldm", "vae", "gan")
 AUTOENCODER_KINDS = ("kl", "vq")
 SAMPLERS = ("ddpm", "ddim")
 DATA_SOURCES = ("files", "phantoms")
+DATA_SPLITS = ("train", "control")
 BETA_SCHEDULES = ("linear_beta", "scaled_linear_beta")
 
 
@@ -83,6 +84,11 @@ class DataConfig(ConfigSection):
         follow_ups: phantom images per patient.
         in_memory: hold the preprocessed training set in memory (fast; needs RAM).
         seed: seeds the split and the shuffle.
+        split: "train" (default): the training set described above; "control": as many
+            images of *other* patients (in neither that training set nor validation), for
+            a negative-control generator trained on a disjoint set of the same size
+            (``medmem study``'s control cells). Needs ``n_train``, and no ``val`` patients
+            among the training files.
     """
 
     source: str = "files"
@@ -96,9 +102,17 @@ class DataConfig(ConfigSection):
     follow_ups: int = 1
     in_memory: bool = True
     seed: int = 0
+    split: str = "train"
 
     def __post_init__(self) -> None:
         check_choice(self.source, "data.source", DATA_SOURCES)
+        check_choice(self.split, "data.split", DATA_SPLITS)
+        if self.split == "control" and self.n_train is None:
+            raise InputError(
+                "data.split 'control' needs data.n_train: the control set has as many images "
+                "as the training set, from other patients, so the training set must leave "
+                "patients over."
+            )
         if self.source == "files" and not self.train:
             raise InputError(
                 "data.train is required with data.source 'files': give a folder, glob or CSV "
@@ -510,6 +524,8 @@ class GenerativeConfig(ConfigSection):
         }
         d.pop("sampling")
         d.pop("tracking")
+        if d["data"].get("split") == "train":  # the default: hashes as before it existed
+            d["data"].pop("split")
         return d
 
 

@@ -76,7 +76,9 @@ def build_datasets(config: GenerativeConfig, *, quiet: bool = False) -> tuple[An
 
     Without ``data.val``, ``val_fraction`` of the patients (a seeded draw) are held out, so
     validation images never share a patient with training images. ``n_train`` then keeps
-    the first n training images of a seeded shuffle.
+    the first n training images of a seeded shuffle. ``data.split = "control"`` returns
+    instead, as the first set, as many images of the remaining patients (none of them in
+    that training set or in validation), the training set of a negative-control generator.
     """
     d = config.data
     if d.source == "phantoms":
@@ -107,13 +109,33 @@ def build_datasets(config: GenerativeConfig, *, quiet: bool = False) -> tuple[An
                 f"data.n_train={d.n_train} but only {len(train_idx)} training images are "
                 "available; lower n_train."
             )
-        train_idx = train_idx[: d.n_train]
+        if d.split == "control":
+            train_idx = _control_rows(train, train_idx, d.n_train)
+        else:
+            train_idx = train_idx[: d.n_train]
     train = subset(train, np.sort(train_idx).tolist())
     if len(train) < 2 or len(val) < 2:
         raise InputError(
             f"need at least 2 training and 2 validation images, got {len(train)} and {len(val)}."
         )
     return train, val
+
+
+def _control_rows(full: Any, pool: np.ndarray, n: int) -> np.ndarray:
+    """Rows of ``full`` for a control training set: ``n`` images, in the pool's (shuffled)
+    order, of patients none of whose images is among the pool's first ``n`` (the audited
+    training set). Images without a patient id count as their own patient."""
+    pids = [p if p is not None else f"__img{i}" for i, p in enumerate(full.patient_ids)]
+    audited = {pids[int(i)] for i in pool[:n]}
+    rest = np.array([int(i) for i in pool[n:] if pids[int(i)] not in audited], dtype=np.int64)
+    if len(rest) < n:
+        raise InputError(
+            f"data.split 'control' needs {n} training images of patients outside the "
+            f"training set, but only {len(rest)} are left ({len(pool)} available, "
+            f"{n} in training): lower n_train to at most half the available images, or "
+            "add patients."
+        )
+    return rest[:n]
 
 
 def augment(x: torch.Tensor, rng: np.random.Generator, settings: TrainConfig) -> torch.Tensor:
