@@ -7,15 +7,24 @@ memorized training images (N_mem) and synthetic copies (N_copies) with one fixed
 * augmentation on/off (2.4.3, Fig. 3);
 * model size (2.4.3);
 * training iterations, with FID and MS-SSIM alongside (2.4.2, Fig. 8);
-* training-set size (2.4.1, Fig. 7).
+* training-set size (2.4.1, Fig. 7), at comparable training: ``size_budget: epochs`` (the
+  default, as the paper's fixed 3k epochs) scales every stage's iterations by
+  n_train / n_ref (n_ref: the baseline's training-set size), so that each image is seen as
+  often whatever the set's size; ``size_budget: iterations`` holds the iterations fixed
+  (studies written before the option; larger sets are then trained for fewer epochs).
 
 A study is a YAML file: a base generative config (``medmem.generative``), named model
 variants (overrides of the base), a baseline cell and the factor values to vary. Each cell
 trains its generator, samples ``N_syn = N_train`` images (as the paper), audits them with
-one shared detector trained on the largest training set, and measures quality in that
-detector's feature space. Cells that differ only in ``iterations`` share one training run,
-trained further for each value. Everything is written as it finishes; a study that is
-stopped and run again skips finished cells (a cell is redone only if its settings change).
+one shared detector trained on the largest training set, and measures quality (FID to the
+validation images) in two feature spaces, named in every column and figure:
+``fid_detector`` (that detector's: trained on the audited images, so not independent of
+the memorization it measures) and ``fid_independent`` (``independent_features``: a second
+detector trained on other patients, in no cell's training set nor validation; or on the
+validation patients; or a fixed random-init encoder; nothing is downloaded). Cells that
+differ only in ``iterations`` share one training run, trained further for each value.
+Everything is written as it finishes; a study that is stopped and run again skips finished
+cells (a cell is redone only if its settings change).
 
 Two options make the counts comparable with chance (issue 17):
 
@@ -94,13 +103,22 @@ DESIGNS = ("one_at_a_time", "factorial")
 OLD_COLUMN_NAMES = {
     "patients_memorized": "n_patients_mem",
     "pct_patients_memorized": "pct_patients_mem",
+    # FID named by its feature space (issue 17): the old columns were the detector's
+    "fid": "fid_detector",
+    "fid_train_val": "fid_train_val_detector",
 }
+SIZE_BUDGETS = ("epochs", "iterations")
+# the second feature space of FID: a detector trained on patients in no cell's training set
+# nor validation, one trained on the validation patients, a fixed random-init encoder, none
+INDEPENDENT_FEATURES = ("other_patients", "validation", "random", "none")
 COLUMNS = (
     "cell",
     "model",
     "model_type",
     "n_train",
     "iterations",
+    "epochs",
+    "size_budget",
     "augment",
     "seed",
     "n_synthetic",
@@ -114,8 +132,11 @@ COLUMNS = (
     "excess_copies",
     "n_patients_mem",
     "pct_patients_mem",
-    "fid",
-    "fid_train_val",
+    "fid_detector",
+    "fid_train_val_detector",
+    "fid_independent",
+    "fid_train_val_independent",
+    "independent_features",
     "ms_ssim",
     "ms_ssim_real",
     "precision",
@@ -147,13 +168,14 @@ SEED_METRICS = (
     "excess_copies_control",
     "control_n_mem",
     "excess_mem_control",
-    "fid",
+    "fid_detector",
+    "fid_independent",
     "ms_ssim",
 )
 ROW_FILE = "row.json"
 _SYNTHETIC_FILE = "synthetic.safetensors"
 # what the quality columns measure; a change recomputes finished cells' audits
-_METRICS_VERSION = "fid-vs-validation-1"
+_METRICS_VERSION = "fid-vs-validation-2"  # 2: fid_independent beside fid_detector
 
 
 # ------------------------------------------------------------------------------ config
@@ -184,6 +206,15 @@ class StudyConfig(ConfigSection):
             None: one seed per cell (``baseline.seed``).
         control: add a negative-control cell per cell (the same configuration trained on
             as many images of other patients, audited against the cell's training set).
+        size_budget: how cells of other training-set sizes are trained: "epochs" (default,
+            the paper's comparison: every stage's iterations scaled by n_train / n_ref, n_ref
+            the baseline's n_train) or "iterations" (held fixed, as studies before it).
+        independent_features: the second feature space of FID (``fid_independent``):
+            "other_patients" (default: a detector with the study's detector settings trained
+            on the images of patients in no cell's training set nor validation),
+            "validation" (trained on the validation images, FID's reference set),
+            "random" (the detector's encoder with seeded random weights: independent of
+            every image, but weak) or "none".
     """
 
     name: str
@@ -200,6 +231,8 @@ class StudyConfig(ConfigSection):
     quality: bool = True
     seeds: list[int] | dict[str, Any] | None = None
     control: bool = False
+    size_budget: str = "epochs"
+    independent_features: str = "other_patients"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -229,6 +262,8 @@ class StudyConfig(ConfigSection):
         object.__setattr__(self, "seeds", self._checked_seeds())
         if not isinstance(self.control, bool):
             raise InputError("study.control must be true or false.")
+        check_choice(self.size_budget, "study.size_budget", SIZE_BUDGETS)
+        check_choice(self.independent_features, "study.independent_features", INDEPENDENT_FEATURES)
         for name in models:
             self.generative_config(name)  # fail now, not after hours of training
 
@@ -281,7 +316,18 @@ class StudyConfig(ConfigSection):
             last = cfg.stages[-1]
             section = cfg.stage_settings(last).replace(iterations=int(factors["iterations"]))
             cfg = cfg.replace(**{last: section})
+        scale = factors.get("scale")
+        if scale is not None and scale != 1:  # fixed epochs: every stage sees each image as often
+            for stage in cfg.stages:
+                section = cfg.stage_settings(stage)
+                its = max(1, round(section.iterations * float(scale)))
+                cfg = cfg.replace(**{stage: section.replace(iterations=its)})
         return cfg
+
+    def budget_scale(self, n_train: int, n_ref: int) -> float:
+        """Factor on the iterations of a cell with ``n_train`` training images: n_train /
+        n_ref under ``size_budget: epochs`` (n_ref: the baseline's n_train), else 1."""
+        return n_train / n_ref if self.size_budget == "epochs" else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able settings (``StudyConfig.from_dict(d)`` gives them back)."""
@@ -300,6 +346,8 @@ class StudyConfig(ConfigSection):
             "quality": self.quality,
             "seeds": self.seeds,
             "control": self.control,
+            "size_budget": self.size_budget,
+            "independent_features": self.independent_features,
         }
 
 
@@ -315,7 +363,7 @@ def load_study(path: str | Path) -> StudyConfig:
     keys = [
         "name", "generative", "generative_overrides", "models", "baseline", "vary", "design",
         "n_synthetic", "sampler", "steps", "detector", "percentile", "quality", "seeds",
-        "control",
+        "control", "size_budget", "independent_features",
     ]  # fmt: skip
     check_keys(data, keys, str(path))
     gen = data.pop("generative", None)
@@ -380,9 +428,11 @@ class Cell:
             return self.config
         return self.config.replace(data=self.config.data.replace(split="train"))
 
-    def settings_hash(self, study: StudyConfig, detector_fp: str) -> str:
+    def settings_hash(
+        self, study: StudyConfig, detector_fp: str, independent_fp: str | None = None
+    ) -> str:
         """What decides the cell's numbers: its generative settings, the sampler, the
-        detector and the audit settings; a finished cell is reused only if it matches."""
+        detector(s) and the audit settings; a finished cell is reused only if it matches."""
         blob = {
             "generative": self.config.identity_dict(),
             "n_synthetic": study.n_synthetic,
@@ -393,6 +443,8 @@ class Cell:
             "metrics": _METRICS_VERSION,
             "detector": detector_fp,
         }
+        if study.quality and independent_fp is not None:
+            blob["independent"] = independent_fp
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -404,7 +456,11 @@ def _n_available(study: StudyConfig) -> int:
 
 def plan(study: StudyConfig, *, n_available: int | None = None) -> list[Cell]:
     """The study's cells in run order: the baseline's run first, then the runs in the order
-    the config varies the factors; the cells of one run by rising iterations."""
+    the config varies the factors; the cells of one run by rising iterations.
+
+    Under ``size_budget: epochs`` a cell with another training-set size than the
+    baseline's trains every stage for n_train / n_ref times the iterations (its key and
+    ``iterations`` give the last stage's count)."""
     base = dict(study.baseline)
     if study.design == "factorial":
         combos: list[dict[str, Any]] = [base]
@@ -426,13 +482,17 @@ def plan(study: StudyConfig, *, n_available: int | None = None) -> list[Cell]:
                 repeated.append(c)
         combos = repeated
     cells: dict[tuple, Cell] = {}
+    n_ref = study.baseline["n_train"]
+    if n_ref is None or any(c["n_train"] is None for c in combos):
+        n_available = n_available if n_available is not None else _n_available(study)
+        n_ref = n_available if n_ref is None else n_ref
     for c in combos:
         n_train = c["n_train"]
         if n_train is None:
-            n_train = n_available if n_available is not None else _n_available(study)
+            n_train = n_available
         cfg = study.generative_config(
             c["model"], n_train=n_train, augment=c["augment"], seed=c["seed"],
-            iterations=c["iterations"],
+            iterations=c["iterations"], scale=study.budget_scale(int(n_train), int(n_ref)),
         )  # fmt: skip
         iterations = cfg.stage_settings(cfg.stages[-1]).iterations
         cell = Cell(c["model"], int(n_train), iterations, bool(c["augment"]), int(c["seed"]), cfg)
@@ -447,10 +507,7 @@ def plan(study: StudyConfig, *, n_available: int | None = None) -> list[Cell]:
     controls = [
         Cell(
             c.model, c.n_train, c.iterations, c.augment, c.seed,
-            study.generative_config(
-                c.model, n_train=c.n_train, augment=c.augment, seed=c.seed,
-                iterations=c.iterations, control=True,
-            ),
+            c.config.replace(data=c.config.data.replace(split="control")),
             control=True,
         )
         for c in main
@@ -494,6 +551,79 @@ def _shared_detector(
     det.save(folder, overwrite=True)
     atomic_write_json(info, {"key": key, "n_train": len(train_ds), **wanted})
     return det, det.fingerprint
+
+
+def _independent_training_set(study: StudyConfig, cells: list[Cell]) -> Any:
+    """The images the independent FID extractor trains on (``independent_features``):
+    "validation": the validation set; "other_patients": every image of the training pool
+    whose patient is in no main cell's training set (nor, by the split, in validation)."""
+    from medmem.generative._data import subset
+
+    main = [c for c in cells if not c.control]
+    largest = max(main, key=lambda c: c.n_train)
+    pool_cfg = largest.config.replace(data=largest.config.data.replace(n_train=None))
+    pool, val = build_datasets(pool_cfg, quiet=True)
+    if study.independent_features == "validation":
+        return val
+    used: set[Any] = set()
+    seen: set[str] = set()
+    for c in main:
+        key = json.dumps(c.config.identity_dict()["data"], sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        train_ds, _ = build_datasets(c.config, quiet=True)
+        used |= {
+            p if p is not None else f"__id{i}"
+            for i, p in zip(train_ds.ids, train_ds.patient_ids, strict=True)
+        }
+    rest = [
+        i
+        for i, (iid, p) in enumerate(zip(pool.ids, pool.patient_ids, strict=True))
+        if (p if p is not None else f"__id{iid}") not in used
+    ]
+    batch = int(study.detector.get("batch_size", 8))
+    if len(rest) < max(4, min(batch, 16)):
+        raise InputError(
+            f"study {study.name!r}: independent_features 'other_patients' needs images of "
+            f"patients in no cell's training set nor validation; only {len(rest)} of the "
+            f"{len(pool)} training-pool images are left after the largest training set "
+            f"({largest.n_train}). Lower the largest n_train, or set independent_features "
+            "to 'validation' (trained on the validation patients) or 'random'."
+        )
+    return subset(pool, rest)
+
+
+def _independent_extractor(
+    study: StudyConfig, cells: list[Cell], out: Path, quiet: bool
+) -> tuple[Detector | None, dict[str, Any]]:
+    """The second feature space of FID (``independent_features``) and a description of it
+    (kind, images and patients it learned from, fingerprint); (None, {}) for "none"."""
+    kind = study.independent_features
+    if not study.quality or kind == "none":
+        return None, {}
+    base = cells[0].config
+    if kind == "random":
+        det = Detector.random(base.spatial_dims, base.image_size, **study.detector)
+        return det, {"kind": kind, "n_images": 0, "fingerprint": det.fingerprint}
+    ds = _independent_training_set(study, cells)
+    pids = {p for p in ds.patient_ids if p is not None}
+    wanted = {"kind": kind, "train_fingerprint": ds.fingerprint(), "settings": study.detector}
+    key = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
+    folder = out / "detector-independent"
+    info = folder / "study-detector.json"
+    desc = {"kind": kind, "n_images": len(ds), "n_patients": len(pids)}
+    if info.exists() and json.loads(info.read_text(encoding="utf-8")).get("key") == key:
+        det = Detector.load(folder)
+        return det, {**desc, "fingerprint": det.fingerprint}
+    logger.info("training the study's independent FID extractor (%s) on %d images", kind, len(ds))
+    det = Detector.train(
+        ds, checkpoint_dir=out / f"detector-independent-checkpoint-{key}", quiet=quiet,
+        **study.detector,
+    )  # fmt: skip
+    det.save(folder, overwrite=True)
+    atomic_write_json(info, {"key": key, "n_train": len(ds), **desc, **wanted})
+    return det, {**desc, "fingerprint": det.fingerprint}
 
 
 def _read_row(folder: Path, settings: str) -> dict[str, Any] | None:
@@ -567,13 +697,19 @@ def _synthetic_set(
     return images, meta
 
 
-def _quality_row(q: dict[str, Any] | None) -> dict[str, float]:
+def _quality_row(q: dict[str, Any] | None) -> dict[str, Any]:
     if q is None:
-        keys = ("fid", "fid_train_val", "ms_ssim", "ms_ssim_real", "precision", "recall")
-        return {k: math.nan for k in keys}
+        keys = (
+            "fid_detector", "fid_train_val_detector", "fid_independent",
+            "fid_train_val_independent", "ms_ssim", "ms_ssim_real", "precision", "recall",
+        )  # fmt: skip
+        return {k: math.nan for k in keys} | {"independent_features": None}
     return {
-        "fid": float(q["fid"]),
-        "fid_train_val": float(q["fid_train_val"]),
+        "fid_detector": float(q["fid"]),
+        "fid_train_val_detector": float(q["fid_train_val"]),
+        "fid_independent": float(q.get("fid_independent", math.nan)),
+        "fid_train_val_independent": float(q.get("fid_train_val_independent", math.nan)),
+        "independent_features": q.get("independent_features"),
         "ms_ssim": float(q["ms_ssim_synthetic"]),
         "ms_ssim_real": float(q["ms_ssim_real"]),
         "precision": float(q["precision"]),
@@ -597,7 +733,13 @@ def _check_control_patients(cell: Cell, train_ds: Any, val_ds: Any) -> dict[str,
 
 
 def _run_cell(
-    cell: Cell, study: StudyConfig, detector: Detector, out: Path, settings: str, quiet: bool
+    cell: Cell,
+    study: StudyConfig,
+    detector: Detector,
+    out: Path,
+    settings: str,
+    quiet: bool,
+    independent: tuple[Detector | None, dict[str, Any]] = (None, {}),
 ) -> dict[str, Any]:
     folder = out / "cells" / cell.key
     folder.mkdir(parents=True, exist_ok=True)
@@ -632,6 +774,13 @@ def _run_cell(
             extract_features(val_ds, detector, quiet=True),
             extract_features(train_ds, detector, quiet=True),
         )
+        ind, ind_info = independent
+        if ind is not None:  # the same FIDs in a feature space not learned from training
+            f_val = extract_features(val_ds, ind, quiet=True)
+            q["fid_independent"] = fid(f_val, extract_features(syn, ind, quiet=True))
+            q["fid_train_val_independent"] = fid(f_val, extract_features(train_ds, ind, quiet=True))
+            q["independent_features"] = ind_info["kind"]
+            q["independent_extractor"] = ind_info
     result.save(folder / "audit", overwrite=True, report=True, quality=q)
     audit_s = time.perf_counter() - t0
     s = result.summary
@@ -732,11 +881,20 @@ def run_study(
                 f"unknown cells {unknown}; the study's cells are {[c.key for c in cells]}."
             )
     detector, det_fp = _shared_detector(study, cells, out, quiet)
-    settings = {c.key: c.settings_hash(study, det_fp) for c in cells}
+    independent = _independent_extractor(study, cells, out, quiet)
+    ind_fp = independent[1].get("fingerprint")
+    settings = {c.key: c.settings_hash(study, det_fp, ind_fp) for c in cells}
 
     def finished() -> list[dict[str, Any]]:  # read from disk: other processes may add cells
-        rows = [_read_row(out / "cells" / c.key, settings[c.key]) for c in cells]
-        return [r for r in rows if r is not None]
+        rows = []
+        for c in cells:
+            row = _read_row(out / "cells" / c.key, settings[c.key])
+            if row is not None:  # how the cell was trained, also for rows written before
+                last = c.config.stage_settings(c.config.stages[-1])
+                row["epochs"] = last.iterations * last.batch_size / c.n_train
+                row["size_budget"] = study.size_budget
+                rows.append(row)
+        return rows
 
     computed, skipped = [], []
     for i, cell in enumerate(cells, 1):
@@ -752,7 +910,7 @@ def run_study(
             logger.info("study %s: cell %d/%d %s", study.name, i, len(cells), cell.key)
             if not quiet:
                 print(f"[study] cell {i}/{len(cells)}: {cell.key}", flush=True)
-            _run_cell(cell, study, detector, out, settings[cell.key], quiet)
+            _run_cell(cell, study, detector, out, settings[cell.key], quiet, independent)
         computed.append(cell.key)
         write_table(finished(), out)
     rows = finished()
@@ -846,14 +1004,28 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> pd.DataFrame:
     frame = frame.reset_index(drop=True)
     atomic_save(out / "results.csv", lambda p: frame.to_csv(p, index=False))
     show = [
-        "model", "model_type", "n_train", "iterations", "augment", "seed", "tau", "n_mem",
-        "pct_mem", "n_copies", "pct_copies", "expected_copies", "fid", "fid_train_val", "ms_ssim",
+        "model", "model_type", "n_train", "iterations", "epochs", "augment", "seed", "tau",
+        "n_mem", "pct_mem", "n_copies", "pct_copies", "expected_copies", "fid_detector",
+        "fid_train_val_detector", "fid_independent", "fid_train_val_independent", "ms_ssim",
         "precision", "recall", "train_seconds",
     ]  # fmt: skip
     if (frame["role"] == "control").any():
-        show[6:6] = ["role"]
+        show[7:7] = ["role"]
         show += ["control_n_mem", "control_n_copies", "excess_copies_control"]
-    atomic_write_text(out / "results.md", markdown_table(frame, show))
+    budgets = sorted({str(b) for b in frame["size_budget"].dropna()})
+    budget = {
+        "['epochs']": "fixed epochs (size_budget: epochs; iterations scaled by n_train / n_ref)",
+        "['iterations']": "fixed iterations (size_budget: iterations)",
+    }.get(str(budgets), "an unrecorded budget (rows written before size_budget)")
+    kinds = ", ".join(sorted({str(k) for k in frame["independent_features"].dropna()})) or "n/a"
+    notes = [
+        f"Training-set size at {budget}. FID to the validation images in two feature spaces: "
+        "fid_detector (the study's detector, trained on the largest training set) and "
+        f"fid_independent (independent_features: {kinds}).",
+        "",
+        "",
+    ]
+    atomic_write_text(out / "results.md", "\n".join(notes) + markdown_table(frame, show))
     seeds = seed_table(frame)
     if len(seeds) and (seeds["n_seeds"] > 1).any():
         _write_seed_table(seeds, out)
@@ -939,7 +1111,15 @@ def _group_mask(
             else:
                 cfg = study.generative_config(m)
                 its[m] = cfg.stage_settings(cfg.stages[-1]).iterations
-        mask &= table.apply(lambda r: r["iterations"] == its[r["model"]], axis=1)
+        n_ref = study.baseline["n_train"]
+        if n_ref is None:
+            n_ref = table["n_train"].max()
+
+        def budget(r: pd.Series) -> int:  # fixed epochs: the iterations scale with n_train
+            scale = study.budget_scale(int(r["n_train"]), int(n_ref))
+            return its[r["model"]] if scale == 1 else max(1, round(its[r["model"]] * scale))
+
+        mask &= table.apply(lambda r: r["iterations"] == budget(r), axis=1)
     return mask
 
 
@@ -1020,6 +1200,10 @@ def plot_study(
     figdir = Path(figdir) if figdir is not None else out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    table = table.rename(columns=OLD_COLUMN_NAMES)  # results written before the renames
+    for col in ("fid_independent", "fid_train_val_independent"):
+        if col not in table:
+            table = table.assign(**{col: math.nan})
     if "role" in table:  # the controls are beside their cells, not cells of their own
         table = table[table["role"].fillna("main") != "control"]
     if "control_n_mem" in table:  # the controls' shares, for the dashed lines
@@ -1106,8 +1290,23 @@ def plot_study(
         ("N_mem (% of training)", [("pct_mem", "o-", "", None)]),
         ("N_copies (% of synthetic)", [("pct_copies", "o-", "", None)]),
     ]
+    kinds = sorted({str(k) for k in table.get("independent_features", pd.Series()).dropna()})
+    independent = f"independent features ({', '.join(kinds) or 'n/a'})"
+    fid_panels: list[_Panel] = [
+        (
+            "FID to validation, detector features\n(dotted: training data)",
+            [("fid_detector", "o-", "", "fid_train_val_detector")],
+        )
+    ]
+    if np.isfinite(table["fid_independent"].astype(float)).any():
+        fid_panels.append(
+            (
+                f"FID to validation, {independent}\n(dotted: training data)",
+                [("fid_independent", "o-", "", "fid_train_val_independent")],
+            )
+        )
     quality_panels: list[_Panel] = [
-        ("FID to validation (dotted: training data)", [("fid", "o-", "", "fid_train_val")]),
+        *fid_panels,
         ("MS-SSIM of synthetic pairs (dotted: real)", [("ms_ssim", "o-", "", "ms_ssim_real")]),
         ("%", [("pct_mem", "o-", " N_mem %", None), ("pct_copies", "s--", " N_copies %", None)]),
     ]
@@ -1119,16 +1318,23 @@ def plot_study(
         if _factor_figure(table, study, factor, xlabel, panels, f"{title}: {fig_title}", path):
             written.append(path)
 
-    # memorization against quality, per model variant
-    pts = table[np.isfinite(table["fid"].astype(float))]
-    if len(pts):
-        fig, ax = subplots(figsize=(5.6, 4.0), dpi=110)
-        for m, g in pts.groupby("model"):
-            ax.scatter(g["fid"], g["pct_copies"], label=m, s=30)
-        ax.set_xlabel("FID (detector features; lower is better)")
-        ax.set_ylabel("N_copies (% of synthetic)")
-        ax.legend(fontsize=8)
-        ax.set_title(f"{title}: memorization against quality", fontsize=10)
+    # memorization against quality, per model variant, in each feature space
+    spaces = [
+        (col, label)
+        for col, label in (("fid_detector", "detector features"), ("fid_independent", independent))
+        if np.isfinite(table[col].astype(float)).any()
+    ]
+    if spaces:
+        fig, axes = subplots(1, len(spaces), figsize=(5.6 * len(spaces), 4.0), dpi=110)
+        axes = np.atleast_1d(axes)
+        for ax, (col, label) in zip(axes, spaces, strict=True):
+            pts = table[np.isfinite(table[col].astype(float))]
+            for m, g in pts.groupby("model"):
+                ax.scatter(g[col], g["pct_copies"], label=m, s=30)
+            ax.set_xlabel(f"FID, {label} (lower is better)")
+            ax.set_ylabel("N_copies (% of synthetic)")
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{title}: memorization against quality", fontsize=10)
         fig.tight_layout()
         written.append(figdir / "quality-vs-memorization.png")
         save_figure(fig, written[-1])

@@ -24,7 +24,8 @@ EXPECTED_CELLS = {
     "ldm_n12_aug0_it2_s0",
     "ldm_n12_aug0_it4_s0",
     "ldm_n12_aug1_it4_s0",
-    "ldm_n16_aug0_it4_s0",
+    # fixed epochs (size_budget: epochs, the default): 16 images train 16/12 x 4 iterations
+    "ldm_n16_aug0_it5_s0",
     "ldm-small_n12_aug0_it4_s0",
     "vae_n12_aug0_it4_s0",
     "gan_n12_aug0_it4_s0",
@@ -72,8 +73,8 @@ def test_factorial_design_crosses_the_factors():
     assert keys == {
         "ldm_n12_aug0_it4_s0",
         "ldm_n12_aug1_it4_s0",
-        "ldm_n16_aug0_it4_s0",
-        "ldm_n16_aug1_it4_s0",
+        "ldm_n16_aug0_it5_s0",
+        "ldm_n16_aug1_it5_s0",
     }
 
 
@@ -87,11 +88,17 @@ def test_study_writes_the_table_with_every_cell_and_column(finished):
     assert table["tau"].between(-1, 1).all()
     assert ((table["n_copies"] >= 0) & (table["n_copies"] <= table["n_synthetic"])).all()
     assert ((table["n_mem"] >= 0) & (table["n_mem"] <= table["n_train"])).all()
-    assert table["fid"].notna().all() and table["ms_ssim"].between(0, 1).all()
+    assert table["fid_detector"].notna().all() and table["ms_ssim"].between(0, 1).all()
+    # FID in a second feature space, named (the tiny config: a random-init encoder)
+    assert table["fid_independent"].notna().all()
+    assert set(table["independent_features"]) == {"random"}
+    assert set(table["size_budget"]) == {"epochs"}
+    assert table["epochs"].gt(0).all()
     # one shared detector: tau depends only on the training set it is calibrated against
     assert table.groupby("n_train")["tau"].nunique().eq(1).all()
     md = (out / "results.md").read_text()
-    assert md.count("\n") == len(table) + 2 and "| model |" in md
+    assert md.count("\n") == len(table) + 4 and "| model |" in md
+    assert "fixed epochs" in md and "fid_independent (independent_features: random)" in md
     for name in ("histograms", "augmentation", "training-size", "iterations"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 5000
     for cell in EXPECTED_CELLS:

@@ -498,6 +498,39 @@ class Detector:
         det._fit(dataset, checkpoint_dir=checkpoint_dir, quiet=quiet, labels=labels)
         return det
 
+    @classmethod
+    def random(
+        cls,
+        spatial_dims: int,
+        image_size: Sequence[int],
+        *,
+        config: DetectorConfig | None = None,
+        **overrides: Any,
+    ) -> Detector:
+        """An untrained detector: the encoder of ``config`` with its seeded random initial
+        weights (``config.seed``), never trained on any image.
+
+        A feature space independent of every data set, e.g. for a second FID beside the
+        detector's own. Weak (random features see texture and intensity, little anatomy),
+        but nothing in it was learned from the audited images.
+
+        Example:
+            >>> det = Detector.random(2, (32, 32), embed_dim=16)
+            >>> det.n_train_
+            0
+        """
+        if config is None:
+            config = DetectorConfig(spatial_dims=int(spatial_dims))
+        if overrides:
+            config = config.replace(**overrides)
+        config = config.replace(image_size=tuple(int(s) for s in image_size))
+        det = cls(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            det.model_ = build_encoder(config).eval()
+        det.n_train_ = 0
+        return det
+
     def _fit(
         self,
         dataset: Dataset,
