@@ -25,10 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 SHOW = [
-    "model", "model_type", "n_train", "iterations", "augment", "tau", "n_mem", "pct_mem",
-    "n_copies", "pct_copies", "expected_copies", "n_patients_mem", "fid", "fid_train_val",
-    "ms_ssim",
-    "ms_ssim_real", "precision", "recall", "train_seconds",
+    "model", "model_type", "n_train", "iterations", "epochs", "augment", "seed", "role",
+    "tau", "n_mem", "pct_mem", "n_copies", "pct_copies", "expected_copies", "control_n_mem",
+    "control_n_copies", "n_patients_mem", "fid_detector", "fid_train_val_detector",
+    "fid_independent", "fid_train_val_independent", "ms_ssim", "ms_ssim_real", "precision",
+    "recall", "train_seconds",
 ]  # fmt: skip
 
 
@@ -50,11 +51,15 @@ def publish(folder: Path) -> dict:
         f"(the output of `medmem study`). Machine: {machine()}, shared with other jobs.",
         f"The numbers are in [study-{name}.json](study-{name}.json).",
         "",
-        markdown_table(table, SHOW),
+        # columns a study written before them lacks (epochs, role, controls, fid_independent)
+        markdown_table(table, [c for c in SHOW if c in table and table[c].notna().any()]),
         "pct_mem: % of n_train; pct_copies: % of n_synthetic (= n_train); expected_copies:",
         "copies expected by chance at tau (the audit's estimate from validation images);",
-        "fid: Frechet distance in the shared detector's feature space, synthetic vs validation",
-        "images (fid_train_val: training vs validation images, the reference);",
+        "fid_detector: Frechet distance in the shared detector's feature space, synthetic vs",
+        "validation images (fid_train_val_detector: training vs validation images, the",
+        "reference); fid_independent: the same in a second feature space not learned from the",
+        f"training images (independent_features: {study.get('independent_features', 'none')});",
+        "results written before the renames had only the detector's FID, as `fid`;",
         "ms_ssim: mean MS-SSIM of synthetic pairs (ms_ssim_real: of validation pairs);",
         "train_seconds: training time spent for the cell in its run (cells of one run share",
         "the earlier iterations).",
