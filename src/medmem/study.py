@@ -5,7 +5,7 @@ memorized training images (N_mem) and synthetic copies (N_copies) with one fixed
 
 * prevalence and model type: LDM vs the autoencoder (VAE) and GAN baselines (2.2, 2.4.2);
 * augmentation on/off (2.4.3, Fig. 3);
-* model size (2.4.3);
+* model size (medmem's addition: no section of the paper varies it);
 * training iterations, with FID and MS-SSIM alongside (2.4.2, Fig. 8);
 * training-set size (2.4.1, Fig. 7), at comparable training: ``size_budget: epochs`` (the
   default, as the paper's fixed 3k epochs) scales every stage's iterations by
