@@ -3,7 +3,9 @@
 Dar et al. train generators under controlled changes of one factor at a time and count
 memorized training images (N_mem) and synthetic copies (N_copies) with one fixed detector:
 
-* prevalence and model type: LDM vs the autoencoder (VAE) and GAN baselines (2.2, 2.4.2);
+* prevalence (2.2) and model type: LDM vs the autoencoder (VAE) and GAN baselines
+  (medmem's addition: the paper trains LDMs only; its model comparison is MedDiff vs
+  MONAI, a VQ vs a KL first stage, in 3D);
 * augmentation on/off (2.4.3, Fig. 3);
 * model size (medmem's addition: no section of the paper varies it);
 * training iterations, with FID and MS-SSIM alongside (2.4.2, Fig. 8);
