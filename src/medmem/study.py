@@ -402,6 +402,8 @@ class Cell:
     config: GenerativeConfig = field(repr=False, compare=False)
     #: a negative control: ``config`` trains on other patients (``data.split: control``)
     control: bool = False
+    #: every stage's iterations scaled by n_train / n_ref (``size_budget: epochs``)
+    scaled: bool = field(default=False, compare=False)
 
     @property
     def key(self) -> str:
@@ -415,6 +417,9 @@ class Cell:
     def run_key(self) -> str:
         """The training run shared by cells that differ only in ``iterations``."""
         key = f"{self.model}_n{self.n_train}_aug{int(self.augment)}_s{self.seed}"
+        # a scaled run has other earlier-stage iterations than one of the same size trained
+        # under fixed iterations (a study folder run before size_budget): never resumed from it
+        key += "_epochs" if self.scaled else ""
         return key + ("_control" if self.control else "")
 
     @property
@@ -497,7 +502,11 @@ def plan(study: StudyConfig, *, n_available: int | None = None) -> list[Cell]:
             iterations=c["iterations"], scale=study.budget_scale(int(n_train), int(n_ref)),
         )  # fmt: skip
         iterations = cfg.stage_settings(cfg.stages[-1]).iterations
-        cell = Cell(c["model"], int(n_train), iterations, bool(c["augment"]), int(c["seed"]), cfg)
+        scaled = study.budget_scale(int(n_train), int(n_ref)) != 1
+        cell = Cell(
+            c["model"], int(n_train), iterations, bool(c["augment"]), int(c["seed"]), cfg,
+            scaled=scaled,
+        )  # fmt: skip
         cells.setdefault((cell.model, cell.n_train, iterations, cell.augment, cell.seed), cell)
     # runs in the order the config names them (baseline first), each by rising iterations
     first = {}
@@ -511,6 +520,7 @@ def plan(study: StudyConfig, *, n_available: int | None = None) -> list[Cell]:
             c.model, c.n_train, c.iterations, c.augment, c.seed,
             c.config.replace(data=c.config.data.replace(split="control")),
             control=True,
+            scaled=c.scaled,
         )
         for c in main
     ]  # fmt: skip

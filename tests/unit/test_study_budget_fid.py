@@ -64,6 +64,11 @@ def test_fixed_epochs_scale_every_stage_by_the_training_set_size():
 def test_fixed_iterations_keep_old_plans_and_controls_follow_their_cells():
     old = _tiny(vary={"n_train": [16]}, size_budget="iterations")
     assert {c.key for c in plan(old)} == {"ldm_n12_aug0_it4_s0", "ldm_n16_aug0_it4_s0"}
+    assert {c.run_key for c in plan(old)} == {"ldm_n12_aug0_s0", "ldm_n16_aug0_s0"}
+    # a scaled cell never resumes the run of a fixed-iterations study in the same folder
+    # (its autoencoder trained another number of iterations): its own run folder
+    new = {c.n_train: c.run_key for c in plan(_tiny(vary={"n_train": [16]}))}
+    assert new == {12: "ldm_n12_aug0_s0", 16: "ldm_n16_aug0_s0_epochs"}
     assert all(_iterations(c) == {"autoencoder": 4, "diffusion": 4} for c in plan(old))
     # a control trains exactly as its cell, on other patients
     d = load_study(TINY).to_dict()
