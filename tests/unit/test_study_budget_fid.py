@@ -137,6 +137,8 @@ def test_study_reports_fid_in_both_named_feature_spaces(tmp_path):
     for name in ("quality-vs-memorization", "augmentation"):
         assert (out / "figures" / f"{name}.png").exists()
     # another independent feature space recomputes the audits, not the generators
+    samples = sorted(out.glob("cells/*/synthetic.safetensors"))
+    before = [p.stat().st_mtime_ns for p in samples]
     again = run_study(
         StudyConfig(**{**study.to_dict(), "independent_features": "random"}),
         out,
@@ -145,6 +147,7 @@ def test_study_reports_fid_in_both_named_feature_spaces(tmp_path):
     )
     assert sorted(again.computed) == sorted(table["cell"]) and again.skipped == []
     assert set(again.table["independent_features"]) == {"random"}
+    assert len(samples) == len(table) and [p.stat().st_mtime_ns for p in samples] == before
 
 
 def test_rows_written_before_the_renames_are_read(tmp_path):
