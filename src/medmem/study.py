@@ -1302,7 +1302,9 @@ def plot_study(
         ("N_mem (% of training)", [("pct_mem", "o-", "", None)]),
         ("N_copies (% of synthetic)", [("pct_copies", "o-", "", None)]),
     ]
-    kinds = sorted({str(k) for k in table.get("independent_features", pd.Series(dtype=object)).dropna()})
+    kinds = sorted(
+        {str(k) for k in table.get("independent_features", pd.Series(dtype=object)).dropna()}
+    )
     independent = f"independent features ({', '.join(kinds) or 'n/a'})"
     fid_panels: list[_Panel] = [
         (
