@@ -51,3 +51,21 @@ def test_the_real_3d_study_lists_its_cells() -> None:
     assert len(keys) == 18 and sum(k.endswith("_control") for k in keys) == 9
     assert "ldm-vq_n40_aug0_it1500_s0" in keys and "ldm_n40_aug1_it1500_s2" in keys
     assert {"ldm_n40_aug0_it500_s0", "ldm_n40_aug0_it3000_s0"} <= set(keys)
+
+
+@pytest.mark.skipif(not IXI.exists(), reason=f"{IXI} absent (../shared/data is not here)")
+def test_the_real_3d_study_has_subjects_for_its_controls_and_independent_features() -> None:
+    from medmem.generative import build_datasets
+    from medmem.study import _independent_training_set
+
+    study = load_study(ROOT / "configs" / "study" / "ixi-3d-cpu.yaml")
+    cells = plan(study)
+    control = next(c for c in cells if c.control)
+    ctrl, val = build_datasets(control.config, quiet=True)
+    train, _ = build_datasets(control.audited_config, quiet=True)
+    assert len(ctrl) == len(train) == 40 and len(val) == 37
+    assert set(ctrl.patient_ids).isdisjoint(set(train.patient_ids) | set(val.patient_ids))
+    assert train.image_size == (32, 32, 32)
+    independent = _independent_training_set(study, cells)
+    assert len(independent) == 185 - 37 - 40
+    assert set(independent.patient_ids).isdisjoint(set(train.patient_ids) | set(val.patient_ids))
