@@ -27,8 +27,8 @@ calibration applies unchanged: tau is a conformal quantile of validation images'
 
 Cost: each training image is held as ``n_views`` views of ``size^d`` values, twice with the
 high-passed copy (about 360 KB in 2D and 2.8 MB in 3D with the defaults); each query costs
-a few matrix products per candidate. Pairs outside the candidates (the embedding's top ``n_candidates`` and the
-pixels' top ``n_pixel_candidates``) are taken as non-matches.
+a few matrix products per candidate. Pairs outside the candidates (the embedding's top
+``n_candidates`` and the pixels' top ``n_pixel_candidates``) are taken as non-matches.
 """
 
 from __future__ import annotations
