@@ -67,7 +67,9 @@ class AlignConfig(ConfigSection):
             covers (1 = whole image; 0.75 = a centred 75% box enlarged).
         flips: also try the training image mirrored along each axis in turn.
         n_candidates: training images per query taken from the embedding's nearest.
-        n_pixel_candidates: training images per query taken from the pixels' nearest.
+        n_pixel_candidates: training images per query taken from the pixels' nearest (and,
+            with ``flips``, as many from the nearest of the query mirrored along each axis,
+            so that a mirrored copy is found even by a detector that never saw flips).
         highpass: scale (Gaussian sigma, in working-grid pixels) of the high-pass copy
             of each image: a pair's NCC is the mean of the NCC of the images and of their
             high-passed copies (image minus its blur), which removes the anatomy every
@@ -355,15 +357,21 @@ class AlignedSearch:
 
     def _pairs(self, a: str, b: str, k_emb: int) -> tuple[np.ndarray, np.ndarray]:
         """Candidate pairs (row of ``a``, row of ``b``): each row's ``k_emb`` nearest by
-        embedding and ``n_pixel_candidates`` nearest by pixels, without repeats."""
+        embedding and ``n_pixel_candidates`` nearest by pixels (with ``flips``, also by the
+        pixels of the row mirrored along each axis), without repeats."""
         cfg = self.scorer.config
         ea, eb = self.emb[a], self.emb[b]
         n_a, n_b = len(ea), len(eb)
         cols = [nearest(ea, eb, k=min(n_b, k_emb))[1]]
         if cfg.n_pixel_candidates > 0:
-            pa = self.small[a].flatten(1).numpy()
+            k_pix = min(n_b, cfg.n_pixel_candidates)
             pb = self.small[b].flatten(1).numpy()
-            cols.append(nearest(pa, pb, k=min(n_b, cfg.n_pixel_candidates))[1])
+            views = [self.small[a]]
+            if cfg.flips:  # a mirrored copy's source is found by the mirrored query's pixels
+                d = self.scorer.spatial_dims
+                views += [torch.flip(self.small[a], dims=[-1 - ax]) for ax in range(d)]
+            for v in views:
+                cols.append(nearest(v.flatten(1).numpy(), pb, k=k_pix)[1])
         cand = np.concatenate(cols, axis=1)
         rows = np.repeat(np.arange(n_a), cand.shape[1])
         _, first = np.unique(rows * n_b + cand.ravel(), return_index=True)
