@@ -16,10 +16,21 @@ over that patient's training images) with
 * ``copy``: the detector trained with the copy objective (same images, same settings);
 * ``pixel``: Pearson correlation of the pixels.
 
+Each is also scored with a *margin* (the identity score minus the mean score of the next
+``MARGIN_K`` training patients), calibrated the same way.
+
+Statistics: per seed, 95% percentile-bootstrap intervals over patients (follow-up, novel
+and validation patients resampled independently, the threshold recalibrated in every
+replicate, the same draws for every method); over seeds (each a new patient split and new
+detector seeds), the mean with a Student t 95% interval. Each finished seed is kept in
+``<name>-runs/seed<k>.json`` (raw scores), so seeds can run in separate processes and
+``--render`` summarizes them without training.
+
 CPU-cheap by design: 64x64 images, a fixed number of epochs, no early stopping.
 
 Usage:
-    python -m benchmarks.identity            # docs/results/identity.{json,md}
+    python -m benchmarks.identity --seeds 0 1 2      # docs/results/identity.{json,md}
+    python -m benchmarks.identity --seeds 0 1 2 --render   # the page again from the runs
 """
 
 from __future__ import annotations
