@@ -747,63 +747,64 @@ def render(r: dict) -> str:
                 + f" | {m['threshold']:.4f} |"
             )
     lc = r["learning_curve"]
-    lines += [
-        "",
-        "## Learning curve over the repeat patients used (identity mode)",
-        "",
-        "Repeat patient: a training patient with 2 or more training images (after its "
-        "follow-up is kept out, so 3 or more images in the subset). Only these give the "
-        "identity objective positive pairs; the other training patients' images each get an "
-        "id of their own, so every point trains on the same images.",
-        "",
-        "| share of repeat patients | repeat patients per seed | "
-        + " | ".join(f"AUROC seed {s}" for s in seeds)
-        + " | AUROC mean | TPR at 1% FPR mean |",
-        "|---|---|" + "---|" * n + "---|---|",
-    ]
-    for b in lc["by_share"]:
-        pts = {p["seed"]: p for p in lc["points"] if p["share"] == b["share"]}
-        cells = [_vci(pts[s]["auroc"], pts[s]["auroc_ci"]) for s in seeds]
-        used = ", ".join(str(int(v)) for v in b["repeat_patients_used"]["values"])
-        lines.append(
-            f"| {100 * b['share']:.0f}% | {used} | "
-            + " | ".join(cells)
-            + f" | {_mci(b['auroc'])} | {_mci(b['tpr_at_1pct_fpr'])} |"
-        )
-    tr = lc.get("trend")
-    if tr:
-        sl = tr["slope_per_doubling"]
-        ex = tr["extrapolated_repeat_patients_for_auroc_0.90"]
-
-        def num(v: float | None) -> str:
-            if v is None:
-                return "no finite number (the slope interval reaches 0)"
-            return "more than a million" if v > 1e6 else f"about {v:,.0f}"
-
-        slope_txt = _mci(sl)
+    if len(lc["by_share"]) >= 2:
         lines += [
             "",
-            f"Trend (log-linear fit per seed, AUROC = m + b log2(repeat patients)): slope b = "
-            f"{slope_txt} AUROC per doubling of the repeat patients (mean [95% interval] over "
-            f"seeds; per seed {sl['values']}; patient sampling only {_pci(sl)}).",
+            "## Learning curve over the repeat patients used (identity mode)",
             "",
-            f"*Extrapolation, far outside the measured range "
-            f"({min(p['repeat_patients_used'] for p in lc['points'])}-"
-            f"{max(p['repeat_patients_used'] for p in lc['points'])} repeat patients), "
-            "not a measurement:* if the trend held, AUROC 0.90 would need "
-            f"{num(ex['at_mean_slope'])} repeat patients at the mean slope (range "
-            f"{num(ex['at_upper_slope'])} at the interval's steepest slope to "
-            f"{num(ex['at_lower_slope'])} at its shallowest). A log-linear trend in a bounded "
-            "quantity cannot hold indefinitely, and 64x64 inputs and the CPU budget may cap it "
-            "sooner: read it as an order of magnitude at most.",
+            "Repeat patient: a training patient with 2 or more training images (after its "
+            "follow-up is kept out, so 3 or more images in the subset). Only these give the "
+            "identity objective positive pairs; the other training patients' images each get an "
+            "id of their own, so every point trains on the same images.",
             "",
-            f"Why the x-axis stops near {max(p['repeat_patients_used'] for p in lc['points'])}: "
-            f"the whole subset has {sub['patients_with_3_or_more_images']} patients with 3 or "
-            "more images (a training image pair left after the held-out follow-up); with 60% "
-            f"of patients in training about {0.6 * sub['patients_with_3_or_more_images']:.0f} "
-            "of them land in training. Putting every such patient in training would not even "
-            "double the x-axis.",
+            "| share of repeat patients | repeat patients per seed | "
+            + " | ".join(f"AUROC seed {s}" for s in seeds)
+            + " | AUROC mean | TPR at 1% FPR mean |",
+            "|---|---|" + "---|" * n + "---|---|",
         ]
+        for b in lc["by_share"]:
+            pts = {p["seed"]: p for p in lc["points"] if p["share"] == b["share"]}
+            cells = [_vci(pts[s]["auroc"], pts[s]["auroc_ci"]) for s in seeds]
+            used = ", ".join(str(int(v)) for v in b["repeat_patients_used"]["values"])
+            lines.append(
+                f"| {100 * b['share']:.0f}% | {used} | "
+                + " | ".join(cells)
+                + f" | {_mci(b['auroc'])} | {_mci(b['tpr_at_1pct_fpr'])} |"
+            )
+        tr = lc.get("trend")
+        if tr:
+            sl = tr["slope_per_doubling"]
+            ex = tr["extrapolated_repeat_patients_for_auroc_0.90"]
+
+            def num(v: float | None) -> str:
+                if v is None:
+                    return "no finite number (the slope interval reaches 0)"
+                return "more than a million" if v > 1e6 else f"about {v:,.0f}"
+
+            slope_txt = _mci(sl)
+            lines += [
+                "",
+                f"Trend (log-linear fit per seed, AUROC = m + b log2(repeat patients)): slope b = "
+                f"{slope_txt} AUROC per doubling of the repeat patients (mean [95% interval] over "
+                f"seeds; per seed {sl['values']}; patient sampling only {_pci(sl)}).",
+                "",
+                f"*Extrapolation, far outside the measured range "
+                f"({min(p['repeat_patients_used'] for p in lc['points'])}-"
+                f"{max(p['repeat_patients_used'] for p in lc['points'])} repeat patients), "
+                "not a measurement:* if the trend held, AUROC 0.90 would need "
+                f"{num(ex['at_mean_slope'])} repeat patients at the mean slope (range "
+                f"{num(ex['at_upper_slope'])} at the interval's steepest slope to "
+                f"{num(ex['at_lower_slope'])} at its shallowest). A log-linear trend in a bounded "
+                "quantity cannot hold indefinitely, and 64x64 inputs and the CPU budget may cap it "
+                "sooner: read it as an order of magnitude at most.",
+                "",
+                f"Why the x-axis stops near {max(p['repeat_patients_used'] for p in lc['points'])}: "
+                f"the whole subset has {sub['patients_with_3_or_more_images']} patients with 3 or "
+                "more images (a training image pair left after the held-out follow-up); with 60% "
+                f"of patients in training about {0.6 * sub['patients_with_3_or_more_images']:.0f} "
+                "of them land in training. Putting every such patient in training would not even "
+                "double the x-axis.",
+            ]
     mg = r["summary"]["margin"]
     lines += [
         "",
@@ -856,6 +857,13 @@ def render(r: dict) -> str:
 def _excludes_zero(d: dict | None) -> bool:
     ci = (d or {}).get("ci")
     return bool(ci) and (ci[0] > 0 or ci[1] < 0)
+
+
+def _verdict(d: dict) -> str:
+    """What the interval of a difference says."""
+    if not _excludes_zero(d):
+        return "the interval includes 0: no established difference"
+    return "the interval excludes 0: " + ("a gain" if d["mean"] > 0 else "a loss")
 
 
 def reading(r: dict) -> list[str]:
@@ -934,22 +942,15 @@ def reading(r: dict) -> list[str]:
             f"- Longer training ({c['epochs']} epochs instead of {r['settings']['epochs']}, "
             f"the check above) changes the identity AUROC by {_mci(d)} (paired, over seeds "
             f"{sorted(d['per_seed'])}): "
-            + (
-                "the interval excludes 0."
-                if _excludes_zero(d)
-                else "the interval includes 0: no established gain."
-            )
+            + _verdict(d)
+            + (f"; the {c['epochs']}-epoch run itself: AUROC {_mci(c['identity']['auroc'])}.")
         )
     mg = r["summary"]["margin"].get("identity")
     if mg:
         lines.append(
             f"- The margin score gives the identity mode AUROC {_mci(mg['auroc'])}, "
             f"{_mci(mg['auroc_minus_raw'])} against its raw score (paired; "
-            + (
-                "the interval excludes 0"
-                if _excludes_zero(mg["auroc_minus_raw"])
-                else "the interval includes 0: no established gain"
-            )
+            + _verdict(mg["auroc_minus_raw"])
             + ")."
         )
     novel = {k: m["novel_rate_at_threshold"]["mean"] for k, m in summ.items()}
