@@ -747,6 +747,7 @@ def render(r: dict) -> str:
                 + f" | {m['threshold']:.4f} |"
             )
     lc = r["learning_curve"]
+    top = max((p["repeat_patients_used"] for p in lc["points"]), default=0)
     if len(lc["by_share"]) >= 2:
         lines += [
             "",
@@ -798,7 +799,7 @@ def render(r: dict) -> str:
                 "quantity cannot hold indefinitely, and 64x64 inputs and the CPU budget may cap it "
                 "sooner: read it as an order of magnitude at most.",
                 "",
-                f"Why the x-axis stops near {max(p['repeat_patients_used'] for p in lc['points'])}: "
+                f"Why the x-axis stops near {top}: "
                 f"the whole subset has {sub['patients_with_3_or_more_images']} patients with 3 or "
                 "more images (a training image pair left after the held-out follow-up); with 60% "
                 f"of patients in training about {0.6 * sub['patients_with_3_or_more_images']:.0f} "
