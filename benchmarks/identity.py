@@ -917,13 +917,15 @@ def reading(r: dict) -> list[str]:
                 else "; the extrapolation above therefore has no upper end."
             )
         )
+    reps = [v["train_repeat_patients"] for v in r["sizes"].values()]
     steep = (tr or {}).get("extrapolated_repeat_patients_for_auroc_0.90", {}).get("at_upper_slope")
     lines.append(
         f"- Measured limit: the subset's repeat patients. Of its {sub['patients']} patients "
         f"{sub['patients_with_2_or_more_images']} have 2 or more images but only "
         f"{sub['patients_with_3_or_more_images']} have 3 or more, i.e. still 2 training "
-        "images after the follow-up is kept out; a 60/20/20 patient split leaves about 30 "
-        "repeat patients for training. Then 64x64 inputs and a CPU budget. Packhauser et al. "
+        "images after the follow-up is kept out; a 60/20/20 patient split leaves "
+        f"{min(reps)}-{max(reps)} repeat patients for training (seeds {r['seeds']}). "
+        "Then 64x64 inputs and a CPU budget. Packhauser et al. "
         "(AUC 0.994) trained their verification network on ChestX-ray14 (about 30,000 "
         "patients, many with follow-ups)."
         + (
