@@ -666,6 +666,7 @@ def render(r: dict) -> str:
     sub = r["subset"]
     s0 = r["sizes"][str(seeds[0])]
     loads = ", ".join(f"seed {k}: {v}" for k, v in r["load_average_at_start"].items())
+    total = sum(v["total"] for v in r["seconds"].values())
     secs = ", ".join(f"seed {k}: {v['total']:.0f}" for k, v in r["seconds"].items())
     lines = [
         "# Identity benchmark: follow-ups of training patients vs novel patients (NIH)",
@@ -692,9 +693,15 @@ def render(r: dict) -> str:
         "every replicate, the same draws for every method (paired differences); the trained "
         f"detectors are held fixed. Over seeds: mean with a Student t 95% interval over the "
         f"{n} seeds (each seed a new patient split and new training), the interval to quote.",
-        f"- Machine: {r['machine']}, shared with other jobs while this ran (1-minute load "
-        f"average at the start of each seed: {loads}; one thread per process): the seconds "
-        f"are upper bounds. Seconds per seed: {secs}; per method in the JSON.",
+        f"- Machine: {r['machine']}"
+        + (
+            ", shared with other jobs while this ran"
+            if max(r["load_average_at_start"].values()) > 1.5
+            else ""
+        )
+        + f" (1-minute load average at the start of each seed: {loads}; one thread per "
+        "process; a load above the core count means other work competed): the seconds are "
+        f"upper bounds. Seconds per seed: {secs} (sum {total:.0f}); per method in the JSON.",
         "",
         f"## Results over {n} seeds (mean [95% interval over seeds])",
         "",
