@@ -915,7 +915,7 @@ def reading(r: dict) -> list[str]:
                 "the interval excludes 0, so AUROC does rise with the repeat patients"
                 if _excludes_zero(sl)
                 else "the interval includes 0, so even the rise is not established over "
-                "this short range (a factor of 4 in repeat patients)"
+                "this short range (a factor of 4 in repeat patients within each split)"
             )
             + (
                 ". The extrapolation above is the honest reach of these data: an order of "
