@@ -126,3 +126,56 @@ def test_audit_reports_the_score_and_catches_shifted_copies(pixel_detector) -> N
     assert aligned.training["memorized"].to_numpy()[:5].all()
     with pytest.raises(InputError, match="score"):
         medmem.audit(*sets, score="pixels", **kw)
+
+
+def _search(background: float, n_candidates: int = 10, **kw: object) -> AlignedSearch:
+    train = smooth(12, (32, 32), seed=8)
+    syn = torch.cat([torch.flip(train[:3], dims=[-2]), smooth(5, (32, 32), seed=9)])
+    rng = np.random.default_rng(1)
+    emb = {"train": rng.normal(size=(12, 6)), "synthetic": rng.normal(size=(8, 6))}
+    cfg = AlignConfig(n_candidates=n_candidates, background=background, **kw)  # type: ignore[arg-type]
+    scorer = AlignedScorer(train, cfg)
+    return AlignedSearch(
+        scorer, {"train": scorer.small(train), "synthetic": scorer.small(syn)}, emb
+    )
+
+
+def test_background_is_the_mean_of_ranks_two_to_five_and_is_subtracted() -> None:
+    """score = aligned NCC - beta * mean of the query's 2nd..5th best candidates, against a
+    direct computation from the raw aligned scores of every pair."""
+    raw, raw_idx = _search(0.0, n_candidates=12)("synthetic", "train", 12)  # every pair
+    expected_bg = raw[:, 1:5].mean(axis=1)
+    search = _search(0.5, n_candidates=12)
+    np.testing.assert_allclose(search.background("synthetic"), expected_bg, atol=1e-9)
+    top, idx = search("synthetic", "train", 3)
+    np.testing.assert_array_equal(idx, raw_idx[:, :3])  # a per-query constant: same ranking
+    np.testing.assert_allclose(top, raw[:, :3] - 0.5 * expected_bg[:, None], atol=1e-9)
+    # from the training side, a pair keeps the synthetic image's background
+    back, back_idx = search("train", "synthetic", 1)
+    for t in range(3):
+        assert back_idx[t, 0] == t
+        assert back[t, 0] == pytest.approx(top[t, 0])
+    # the copies stand out from their background; novel images do not
+    assert top[:3, 0].min() > top[3:, 0].max()
+
+
+def test_mirrored_query_pixels_find_a_flipped_copys_source() -> None:
+    """With random embeddings and one embedding candidate, the pixels of the mirrored query
+    still bring an up-down flipped copy's source into the candidates."""
+    search = _search(0.0, n_candidates=1, n_pixel_candidates=1)
+    _, idx = search("synthetic", "train", 1)
+    np.testing.assert_array_equal(idx[:3, 0], [0, 1, 2])
+    plain = _search(0.0, n_candidates=1, n_pixel_candidates=1, flips=False)
+    _, idx_plain = plain("synthetic", "train", 1)
+    assert (idx_plain[:3, 0] != [0, 1, 2]).any()  # without mirrors the flipped copies are lost
+
+
+def test_highpass_channel_keeps_exact_copies_at_one() -> None:
+    train = smooth(4, (32, 32), seed=10)
+    for hp, tol in ((0.0, 1e-5), (2.0, 2e-3)):  # the view's resampling, amplified by the
+        scorer = AlignedScorer(train, AlignConfig(highpass=hp))  # high-pass, costs < 0.002
+        np.testing.assert_allclose(scorer.score_pairs(train, range(4), range(4)), 1.0, atol=tol)
+    with pytest.raises(InputError, match="align.highpass"):
+        AlignConfig(highpass=-1.0).resolved(2)
+    with pytest.raises(InputError, match="align.background"):
+        AlignConfig(background=2.0).resolved(2)
