@@ -109,13 +109,13 @@ def main() -> int:
         t = time.perf_counter()
         pool = None
         if args.score == "aligned":
-            size = int(AlignConfig().resolved(2).size or 32)  # as medmem.audit reads them
-            train_2x = stack_images(train, 2 * size)
+            work = int(AlignConfig().resolved(2).size or 32)  # as medmem.audit reads them
+            train_2x = stack_images(train, 2 * work)
             scorer = AlignedScorer(train_2x, AlignConfig())
             small = {
                 "train": scorer.small(train_2x),
-                "val": stack_images(val_pool, size),
-                "synthetic": stack_images(novel, size),
+                "val": stack_images(val_pool, work),
+                "synthetic": stack_images(novel, work),
             }
             emb = {"train": e_tr, "val": e_vp, "synthetic": e_nv}
             ids = {"val": [f"v{i}" for i in range(len(val_pool))]}
