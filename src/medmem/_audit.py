@@ -1709,9 +1709,11 @@ def _score_summary(
         }
     return {
         "method": "aligned",
-        "description": "normalized cross-correlation after the best alignment (flips, "
-        "rotations, zooms, shifts) of the training image, per tile, the worst tile left out; "
-        "candidate pairs from the detector's embeddings and the pixels",
+        "description": "normalized cross-correlation (of the images and of their high-passed "
+        "copies) after the best alignment (flips, rotations, zooms, shifts) of the training "
+        "image, per tile, the worst tile left out, minus background x the image's mean over "
+        "its 2nd to (1 + background_ranks)-th best candidates; candidate pairs from the "
+        "detector's embeddings and the pixels (also of the mirrored image)",
         "size": align.size,
         "max_shift": align.max_shift,
         "rotations": list(align.rotations or ()),
@@ -1719,6 +1721,9 @@ def _score_summary(
         "flips": align.flips,
         "n_candidates": align.n_candidates,
         "n_pixel_candidates": align.n_pixel_candidates,
+        "highpass": align.highpass,
+        "background": align.background,
+        "background_ranks": align.background_ranks,
         "n_views": search.scorer.n_views if search is not None else None,
         "n_pairs_scored": search.n_pairs if search is not None else None,
     }
@@ -1825,7 +1830,8 @@ def format_verdict(s: dict[str, Any]) -> str:
     if isinstance(score, dict) and score.get("method") == "aligned":
         lines.append(
             "score: aligned (correlation after the best flip/rotation/zoom/shift of each "
-            "candidate training image, tile by tile; --score embedding for the paper's)"
+            "candidate training image, tile by tile, minus half the image's background; "
+            "--score embedding for the paper's)"
         )
     elif isinstance(score, dict):
         lines.append("score: embedding correlation (the paper's)")

@@ -477,7 +477,8 @@ def train_detector(
     help="How a synthetic (or validation) image is scored against a training image. aligned: "
     "the detector's embeddings pick the candidate training images, then each pair is "
     "scored by its normalized cross-correlation after the best alignment (flips, rotations, "
-    "zooms, shifts), tile by tile; catches shifted, zoomed and partly replaced copies. "
+    "zooms, shifts), tile by tile, minus half its correlation with other candidates (its "
+    "background); catches shifted, zoomed and partly replaced copies. "
     "embedding: the correlation of the detector's embeddings alone, as the paper.",
 )
 @click.option(

@@ -119,6 +119,8 @@ def test_audit_reports_the_score_and_catches_shifted_copies(pixel_detector) -> N
     plain = medmem.audit(*sets, score="embedding", **kw)
     assert aligned.summary["score"]["method"] == "aligned"
     assert aligned.summary["score"]["n_pairs_scored"] > 0
+    assert aligned.summary["score"]["background"] == 0.5
+    assert aligned.summary["score"]["highpass"] == 2.0
     assert plain.summary["score"]["method"] == "embedding"
     flagged = aligned.synthetic["copy"].to_numpy()
     assert flagged[:5].all()
