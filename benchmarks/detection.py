@@ -529,11 +529,13 @@ def render(r: dict) -> str:
             else "."
         ),
         "- Score: *medmem (name)* rows use the audit's default score (`--score aligned`: the "
-        "detector's embeddings pick 10 candidate training images per image, the pixels 5 more, "
-        "and each pair is scored by its normalized cross-correlation after the best flip, "
-        "rotation, zoom and shift, tile by tile with the worst tile left out; "
-        "src/medmem/verify.py). *medmem (default, embedding score)* is the paper's score, the "
-        "correlation of the same detector's embeddings.",
+        "detector's embeddings pick 10 candidate training images per image, the pixels 5 more "
+        "(and 5 for the image mirrored along each axis), and each pair is scored by its "
+        "normalized cross-correlation (of the images and of their high-passed copies) after "
+        "the best flip, rotation, zoom and shift, tile by tile with the worst tile left out, "
+        "minus half the image's background (its mean over its 2nd to 5th best candidates); "
+        "src/medmem/verify.py, docs/scoring.md). *medmem (default, embedding score)* is the "
+        "paper's score, the correlation of the same detector's embeddings.",
         "- tau: the audit's default (conformal on validation->training scores, nominal "
         "false-copy rate 5%); the paper's tau (95th percentile of training->validation) beside.",
         "",
