@@ -301,6 +301,17 @@ class AlignedScorer:
         return out
 
 
+def _ranked(
+    rows: np.ndarray, cand: np.ndarray, sc: np.ndarray, n_rows: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs sorted by row, then score descending, then lower candidate index; and each
+    pair's rank within its row (0 = best)."""
+    order = np.lexsort((cand, -sc, rows))
+    rows, cand, sc = rows[order], cand[order], sc[order]
+    rank = np.arange(len(rows)) - np.searchsorted(rows, np.arange(n_rows))[rows]
+    return rows, cand, sc, rank
+
+
 class AlignedSearch:
     """``nearest`` over aligned scores for named sets of images (the audit's search).
 
@@ -388,11 +399,7 @@ class AlignedSearch:
         out = np.zeros(n, dtype=np.float64)
         if cfg.background:
             rows, cand = self._pairs(q_set, "train", cfg.n_candidates)
-            sc = self._scores(q_set, rows, cand)
-            order = np.lexsort((-sc, rows))
-            rows, sc = rows[order], sc[order]
-            starts = np.searchsorted(rows, np.arange(n))
-            rank = np.arange(len(rows)) - starts[rows]
+            rows, _, sc, rank = _ranked(rows, cand, self._scores(q_set, rows, cand), n)
             keep = (rank >= 1) & (rank <= int(cfg.background_ranks))
             total = np.bincount(rows[keep], weights=sc[keep], minlength=n)
             count = np.bincount(rows[keep], minlength=n)
@@ -418,10 +425,7 @@ class AlignedSearch:
             sc = self._scores(a, rows, cand)
             if beta:
                 sc = sc - beta * self.background(a)[rows]
-        order = np.lexsort((cand, -sc, rows))  # by row; score descending; lower index first
-        rows, cand, sc = rows[order], cand[order], sc[order]
-        starts = np.searchsorted(rows, np.arange(n_a))
-        rank = np.arange(len(rows)) - starts[rows]
+        rows, cand, sc, rank = _ranked(rows, cand, sc, n_a)
         keep = rank < k
         top = np.full((n_a, k), -np.inf)
         idx = np.zeros((n_a, k), dtype=np.int64)

@@ -34,6 +34,14 @@ def _run(args: list[str]) -> object:
     return CliRunner().invoke(main, ["--quiet", *args], catch_exceptions=False)
 
 
+def _sets_args(phantom_sets) -> list[str]:
+    """``--train/--val/--synthetic`` for the shared phantom sets."""
+    return [
+        f"--{flag}={phantom_sets / name}"
+        for flag, name in (("train", "train"), ("val", "val"), ("synthetic", "syn"))
+    ]
+
+
 def test_audit_cli_trains_a_detector_and_writes_outputs(phantom_sets, tmp_path) -> None:
     out = tmp_path / "audit"
     r = _run(
@@ -305,12 +313,7 @@ def test_null_synthetic_flag_round_trips_into_summary_and_verdict(phantom_sets, 
     r = _run(
         [
             "audit",
-            "--train",
-            str(phantom_sets / "train"),
-            "--val",
-            str(phantom_sets / "val"),
-            "--synthetic",
-            str(phantom_sets / "syn"),
+            *_sets_args(phantom_sets),
             "--null-synthetic",
             str(tmp_path / "null"),
             "--patient-id-pattern",
