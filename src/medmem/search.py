@@ -23,9 +23,12 @@ from medmem import _distributed
 from medmem._errors import InputError
 from medmem._validation import check_embeddings, check_positive_int
 
-# A (512, 512) float32 block (1 MiB) stays in cache: on one CPU thread 512 ran faster than
-# 1024 (docs/benchmarks/search.md, block-size sweep). On a GPU pass a larger block_size.
-DEFAULT_BLOCK_SIZE = 512
+# A (1024, 1024) float32 block (4 MiB). On one CPU thread 512 and 1024 are within this
+# machine's run-to-run noise of each other (block-size sweep in docs/benchmarks/search.md;
+# three sweeps averaged 71% and 72% of the matmul rate); 1024 does the bookkeeping after
+# each product (row maxima, the rows that improved) a quarter as often, 256 and 2048 are
+# slower. On a GPU pass a larger block_size.
+DEFAULT_BLOCK_SIZE = 1024
 BACKENDS = ("torch", "faiss")
 _STANDARDIZE_ROWS = 65536  # rows standardised at a time: bounded float64 scratch memory
 
