@@ -153,6 +153,7 @@ def main() -> int:
                             "synthetic": [pool.ids["synthetic"][i] for i in si],
                         },
                         cache=pool.cache,
+                        coarse_cache=pool.coarse_cache,
                     )
                 for cal in ("conformal", "paper"):
                     try:

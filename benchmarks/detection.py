@@ -242,13 +242,17 @@ def score_embeddings(emb, sets: dict[str, torch.Tensor]) -> dict:
     return {"scores": out, **th}
 
 
-def aligned_search(det, sets: dict[str, torch.Tensor]) -> AlignedSearch:
-    """The audit's default score: candidates from ``det``'s embeddings (and the pixels),
-    each pair scored by its aligned NCC (medmem.verify)."""
+def aligned_search(
+    det, sets: dict[str, torch.Tensor], coarse_cache: dict | None = None
+) -> AlignedSearch:
+    """The audit's default score: candidates from ``det``'s embeddings, the pixels and the
+    coarse search, each pair scored by its aligned NCC (medmem.verify). ``coarse_cache``:
+    the coarse search's scores, shared by every detector's search (they do not depend on the
+    detector)."""
     scorer = AlignedScorer(sets["train"], AlignConfig())
     small = {k: scorer.small(v) for k, v in sets.items() if v is not None}
     emb = {k: det.embed(ArrayDataset(v), quiet=True) for k, v in sets.items() if v is not None}
-    return AlignedSearch(scorer, small, emb)
+    return AlignedSearch(scorer, small, emb, coarse_cache=coarse_cache)
 
 
 def score_aligned(search: AlignedSearch, sets: dict[str, torch.Tensor]) -> dict:
@@ -380,9 +384,10 @@ def main() -> int:
     )
     seconds["medmem (default, embedding score)"] = round(time.perf_counter() - t, 1)
     searches = {}
+    coarse: dict = {}  # the first detector's time includes the coarse search, once for all
     for name, det in detectors.items():
         t = time.perf_counter()
-        searches[name] = aligned_search(det, x)
+        searches[name] = aligned_search(det, x, coarse)
         raw[f"medmem ({name})"] = score_aligned(searches[name], x)
         seconds[f"medmem ({name})"] = round(time.perf_counter() - t, 1)
     if not args.no_ssim:
@@ -488,6 +493,7 @@ def main() -> int:
     seconds["controls"] = round(time.perf_counter() - t, 1)
     seconds["total"] = round(time.perf_counter() - t0, 1)
     report["seconds"] = seconds
+    report["align"] = AlignConfig().resolved(args.dims).to_dict()  # the aligned score's settings
     report["machine"] = machine()
     report["command"] = " ".join(["python", "-m", "benchmarks.detection", *sys.argv[1:]])
     stem = "detection" if args.dims == 2 else "detection-3d"
@@ -505,6 +511,7 @@ def render(r: dict) -> str:
     dim = f"{r['dims']}D"
     size = "x".join(map(str, r["image_size"]))
     d = r["detectors"]["default"]
+    coarse = r.get("align", {})  # runs before the coarse search recorded no settings
     lines = [
         f"# Copy-detection benchmark, {dim}, on real scans",
         "",
@@ -530,7 +537,15 @@ def render(r: dict) -> str:
         ),
         "- Score: *medmem (name)* rows use the audit's default score (`--score aligned`: the "
         "detector's embeddings pick 10 candidate training images per image, the pixels 5 more "
-        "(and 5 for the image mirrored along each axis), and each pair is scored by its "
+        "(and 5 for the image mirrored along each axis)"
+        + (
+            f", a coarse aligned search over every pair {coarse['coarse_candidates']} more "
+            f"({coarse['coarse_size']} px grid, shifts up to {coarse['coarse_max_shift']:.0%}, "
+            f"zooms {', '.join(f'{v:g}' for v in coarse['coarse_scales'])})"
+            if coarse.get("coarse_candidates")
+            else ""
+        )
+        + ", and each pair is scored by its "
         "normalized cross-correlation (of the images and of their high-passed copies) after "
         "the best flip, rotation, zoom and shift, tile by tile with the worst tile left out, "
         "minus half the image's background (its mean over its 2nd to 5th best candidates); "

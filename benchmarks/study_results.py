@@ -3,10 +3,10 @@
     python -m benchmarks.study_results runs/study-nih-cxr runs/study-phantoms-3d
 
 For each study folder: copies ``figures/*.png`` to ``docs/figures/study-<name>-*.png``,
-writes ``docs/results/study-<name>.md`` (the results table and run times, as measured)
-with its numbers in ``docs/results/study-<name>.json`` beside it, and adds the record to
-``docs/results/study.json``. The written analysis in
-``docs/results/study.md`` quotes these files.
+writes ``docs/results/study-<name>.md`` (the results table, the means across generator
+seeds and the run times, as measured) with its numbers in ``docs/results/study-<name>.json``
+beside it, and puts the record in ``docs/results/study.json`` (replacing one of the same
+name). The written analysis in ``docs/results/study.md`` quotes these files.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ DOCS = ROOT / "docs"
 SHOW = [
     "model", "model_type", "n_train", "iterations", "epochs", "augment", "seed", "role",
     "tau", "n_mem", "pct_mem", "n_copies", "pct_copies", "expected_copies", "control_n_mem",
-    "control_n_copies", "n_patients_mem", "fid_detector", "fid_train_val_detector",
+    "control_n_copies", "excess_copies_control", "excess_copies_control_ci_low",
+    "excess_copies_control_ci_high", "excess_mem_control", "excess_mem_control_ci_low",
+    "excess_mem_control_ci_high", "n_patients_mem", "fid_detector", "fid_train_val_detector",
     "fid_independent", "fid_train_val_independent", "ms_ssim", "ms_ssim_real", "precision",
     "recall", "train_seconds",
 ]  # fmt: skip
@@ -44,6 +46,16 @@ def publish(folder: Path) -> dict:
         figures.append(dest.relative_to(DOCS).as_posix())
     seconds = table[["train_seconds", "sample_seconds", "audit_seconds"]].sum()
     det = json.loads((folder / "detector" / "study-detector.json").read_text())
+    seeds_path = folder / "results-seeds.json"
+    seeds = json.loads(seeds_path.read_text())["rows"] if seeds_path.exists() else []
+    seeds_md = []
+    if seeds:
+        seeds_md = [
+            "## Across generator seeds",
+            "",
+            (folder / "results-seeds.md").read_text().strip(),
+            "",
+        ]
     md = [
         f"# Study `{name}`: results table (generated)",
         "",
@@ -64,6 +76,11 @@ def publish(folder: Path) -> dict:
         "train_seconds: training time spent for the cell in its run (cells of one run share",
         "the earlier iterations).",
         "",
+        "excess_*_control: the cell's count minus its negative control's (the same",
+        "generator trained on as many images of other patients, audited against the same",
+        "training set), with a 95% Newcombe interval (ci_low, ci_high).",
+        "",
+        *seeds_md,
         f"Shared detector: trained on {det['n_train']} images, settings {det['settings']}.",
         f"Total: training {seconds['train_seconds'] / 60:.1f} min, sampling "
         f"{seconds['sample_seconds'] / 60:.1f} min, audits and quality "
@@ -77,6 +94,7 @@ def publish(folder: Path) -> dict:
         "machine": machine(),
         "detector": det,
         "rows": json.loads(table.to_json(orient="records")),
+        "seeds": seeds,
         "figures": figures,
     }
     write_record(record)
@@ -104,8 +122,13 @@ def main() -> None:
             print(f"{r['name']}: {len(r['rows'])} cells -> {write_record(r)}")
         return
     record = [publish(f) for f in args.folders]
+    # study.json keeps the records of studies not published this time (matched by name)
     path = DOCS / "results" / "study.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    names = {r["name"] for r in record}
+    kept = (
+        [r for r in json.loads(path.read_text()) if r["name"] not in names] if path.exists() else []
+    )
+    path.write_text(json.dumps(kept + record, indent=2) + "\n")
     for r in record:
         print(f"{r['name']}: {len(r['rows'])} cells -> docs/results/study-{r['name']}.md")
 

@@ -35,6 +35,7 @@ datasets with a detector first. docs/calibration.md derives the guarantees.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import warnings
@@ -65,6 +66,8 @@ from medmem._validation import (
 )
 from medmem.search import DEFAULT_BLOCK_SIZE, nearest, standardize
 from medmem.verify import SCORES, AlignConfig, AlignedScorer, AlignedSearch, stack_images
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3  # 3: intervals.expected_copies (was expected_chance_copies)
 TRAINING_COLUMNS = [
@@ -1615,6 +1618,13 @@ def audit(
             small["null"] = stack_images(null_synthetic, size)
             emb["null"] = e_null
         search = AlignedSearch(scorer, small, emb)
+        if align.coarse_candidates and not search.coarse_used:
+            logger.info(
+                "coarse aligned search skipped: %d pairs > align.coarse_max_pairs=%d "
+                "(shifted or cropped copies rely on the detector's candidates)",
+                search.coarse_pairs,
+                align.coarse_max_pairs,
+            )
         timings["verification_setup"] = round(time.perf_counter() - t, 3)
     result = audit_embeddings(
         e_tr,
@@ -1713,7 +1723,8 @@ def _score_summary(
         "copies) after the best alignment (flips, rotations, zooms, shifts) of the training "
         "image, per tile, the worst tile left out, minus background x the image's mean over "
         "its 2nd to (1 + background_ranks)-th best candidates; candidate pairs from the "
-        "detector's embeddings and the pixels (also of the mirrored image)",
+        "detector's embeddings, the pixels (also of the mirrored image) and a coarse aligned "
+        "search over every pair (when coarse_used)",
         "size": align.size,
         "max_shift": align.max_shift,
         "rotations": list(align.rotations or ()),
@@ -1724,6 +1735,14 @@ def _score_summary(
         "highpass": align.highpass,
         "background": align.background,
         "background_ranks": align.background_ranks,
+        "coarse_candidates": align.coarse_candidates,
+        "coarse_size": align.coarse_size,
+        "coarse_max_shift": align.coarse_max_shift,
+        "coarse_scales": list(align.coarse_scales),
+        "coarse_max_pairs": align.coarse_max_pairs,
+        # the coarse search's size, and whether it ran (off above coarse_max_pairs)
+        "coarse_pairs": search.coarse_pairs if search is not None else None,
+        "coarse_used": search.coarse_used if search is not None else None,
         "n_views": search.scorer.n_views if search is not None else None,
         "n_pairs_scored": search.n_pairs if search is not None else None,
     }

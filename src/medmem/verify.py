@@ -28,7 +28,12 @@ calibration applies unchanged: tau is a conformal quantile of validation images'
 Cost: each training image is held as ``n_views`` views of ``size^d`` values, twice with the
 high-passed copy (about 360 KB in 2D and 2.8 MB in 3D with the defaults); each query costs
 a few matrix products per candidate. Pairs outside the candidates (the embedding's top
-``n_candidates`` and the pixels' top ``n_pixel_candidates``) are taken as non-matches.
+``n_candidates``, the pixels' top ``n_pixel_candidates`` and, in 2D, the coarse search's top
+``coarse_candidates``) are taken as non-matches. The coarse search scores every pair at a
+small grid (about 35 us per pair on one CPU core), so it runs only up to
+``coarse_max_pairs`` pairs (2 million: about 1,000 synthetic and validation images against
+2,000 training images); a shifted or cropped copy's source, which neither the detector nor
+the pixels may rank first, is among its best five.
 """
 
 from __future__ import annotations
@@ -81,6 +86,19 @@ class AlignConfig(ConfigSection):
             like many training images scores high against all of them; a copy stands out
             against one. 0: the aligned NCC alone.
         background_ranks: how many candidates after the best make the background.
+        coarse_candidates: training images per query taken from a coarse search that
+            scores *every* (query, training image) pair by its aligned NCC at a small grid
+            (``coarse_size``, shifts up to ``coarse_max_shift``, zooms ``coarse_scales``, no
+            rotation or flip): it finds the source of a shifted or cropped copy that neither
+            the detector nor the pixels rank first. None: 5 in 2D, 0 (off) in 3D, where it
+            did not find more sources than it cost.
+        coarse_size: side of the coarse search's grid.
+        coarse_max_shift: largest shift the coarse search tries (fraction of the side).
+        coarse_scales: zooms the coarse search tries (as ``scales``).
+        coarse_max_pairs: the coarse search runs only when (training images) x (images of
+            every other set) is at most this (it costs about 35 us per pair on one CPU
+            core); above it, it is skipped for every set alike, so that validation and
+            synthetic images are still scored the same way, and the summary says so.
     """
 
     size: int | None = None
@@ -93,6 +111,11 @@ class AlignConfig(ConfigSection):
     highpass: float | None = None
     background: float = 0.5
     background_ranks: int = 4
+    coarse_candidates: int | None = None
+    coarse_size: int = 24
+    coarse_max_shift: float = 0.15
+    coarse_scales: tuple[float, ...] = (1.0, 0.8)
+    coarse_max_pairs: int = 2_000_000
 
     def resolved(self, spatial_dims: int) -> AlignConfig:
         """A copy with the per-dimensionality defaults filled in, checked."""
@@ -117,6 +140,15 @@ class AlignConfig(ConfigSection):
         check_in_range(highpass, "align.highpass", 0.0, float(size) / 2)
         check_in_range(self.background, "align.background", 0.0, 1.0)
         check_positive_int(self.background_ranks, "align.background_ranks")
+        coarse = self.coarse_candidates
+        if coarse is None:
+            coarse = 5 if spatial_dims == 2 else 0
+        check_positive_int(coarse, "align.coarse_candidates", minimum=0)
+        check_positive_int(self.coarse_size, "align.coarse_size", minimum=8)
+        check_in_range(self.coarse_max_shift, "align.coarse_max_shift", 0.0, 0.4)
+        for v in self.coarse_scales:
+            check_in_range(v, "align.coarse_scales entry", 0.3, 1.5)
+        check_positive_int(self.coarse_max_pairs, "align.coarse_max_pairs", minimum=0)
         return AlignConfig(
             size=int(size),
             max_shift=float(self.max_shift),
@@ -128,6 +160,24 @@ class AlignConfig(ConfigSection):
             highpass=float(highpass),
             background=float(self.background),
             background_ranks=int(self.background_ranks),
+            coarse_candidates=int(coarse),
+            coarse_size=int(self.coarse_size),
+            coarse_max_shift=float(self.coarse_max_shift),
+            coarse_scales=tuple(float(v) for v in self.coarse_scales),
+            coarse_max_pairs=int(self.coarse_max_pairs),
+        )
+
+    def coarse(self) -> AlignConfig:
+        """The settings of the coarse search (plain aligned NCC at ``coarse_size``)."""
+        return AlignConfig(
+            size=self.coarse_size,
+            max_shift=self.coarse_max_shift,
+            rotations=(0.0,),
+            scales=self.coarse_scales,
+            flips=False,
+            highpass=0.0,
+            background=0.0,
+            coarse_candidates=0,
         )
 
 
@@ -324,7 +374,9 @@ class AlignedSearch:
     Every scored pair is cached, so a pair searched again (from the other side, or with a
     larger k) is not scored twice. ``ids`` names each set's rows (default: the set name and
     row number); searches that share ``cache`` and name their rows by the same ids reuse
-    each other's scores (subsets of one pool, as in a benchmark).
+    each other's scores (subsets of one pool, as in a benchmark); ``coarse_cache`` likewise
+    holds the coarse search's scores of each query against every training image (searches
+    that share it must share their training images).
 
     Example:
         >>> search = AlignedSearch(scorer, small, emb)  # doctest: +SKIP
@@ -339,12 +391,24 @@ class AlignedSearch:
         *,
         ids: dict[str, Sequence[object]] | None = None,
         cache: dict[tuple[object, object], float] | None = None,
+        coarse_cache: dict[object, np.ndarray] | None = None,
     ) -> None:
         self.scorer, self.small, self.emb = scorer, small, emb
         self.ids = ids
         self.cache: dict[tuple[object, object], float] = {} if cache is None else cache
+        #: each query's coarse scores against every training image, by the query's id
+        self.coarse_cache: dict[object, np.ndarray] = {} if coarse_cache is None else coarse_cache
         self._background: dict[str, np.ndarray] = {}
+        self._coarse_scorer: AlignedScorer | None = None
         self.n_pairs = 0
+        cfg = scorer.config
+        n_train = len(emb["train"])
+        #: (training images) x (images of the other sets): the coarse search's size
+        self.coarse_pairs = n_train * sum(len(e) for name, e in emb.items() if name != "train")
+        #: whether the coarse search runs (for every set alike, or for none)
+        self.coarse_used = bool(cfg.coarse_candidates) and (
+            self.coarse_pairs <= int(cfg.coarse_max_pairs)
+        )
 
     def _key(self, name: str, row: int) -> object:
         if self.ids is not None and name in self.ids:
@@ -366,10 +430,39 @@ class AlignedSearch:
                 self.cache[keys[j]] = float(out[j])
         return out
 
+    def _coarse(self, q_set: str) -> np.ndarray:
+        """(n_q, n_train) coarse aligned NCC of every row of ``q_set`` against every
+        training image, from ``coarse_cache`` where known."""
+        n_q, n_train = len(self.emb[q_set]), len(self.emb["train"])
+        keys = [self._key(q_set, i) for i in range(n_q)]
+        new = [i for i, key in enumerate(keys) if key not in self.coarse_cache]
+        if new:
+            if self._coarse_scorer is None:
+                self._coarse_scorer = AlignedScorer(
+                    self.small["train"], self.scorer.config.coarse()
+                )
+            rows = np.repeat(np.asarray(new, dtype=np.int64), n_train)
+            cols = np.tile(np.arange(n_train, dtype=np.int64), len(new))
+            sc = self._coarse_scorer.score_pairs(self.small[q_set], rows, cols)
+            for i, row in zip(new, sc.reshape(len(new), n_train), strict=True):
+                self.coarse_cache[keys[i]] = row.astype(np.float32)
+        return np.stack([self.coarse_cache[key] for key in keys])
+
+    def _coarse_candidates(self, a: str, b: str) -> np.ndarray | None:
+        """(n_a, m) rows of ``b``: each row's best by the coarse search, ties to the lower
+        index (None when the coarse search is off or over its budget)."""
+        m = int(self.scorer.config.coarse_candidates or 0)
+        if not self.coarse_used or m == 0:
+            return None
+        sc = self._coarse(b).T if a == "train" else self._coarse(a)  # (n_a, n_b)
+        m = min(m, sc.shape[1])
+        return np.argsort(-sc, axis=1, kind="stable")[:, :m]
+
     def _pairs(self, a: str, b: str, k_emb: int) -> tuple[np.ndarray, np.ndarray]:
         """Candidate pairs (row of ``a``, row of ``b``): each row's ``k_emb`` nearest by
         embedding and ``n_pixel_candidates`` nearest by pixels (with ``flips``, also by the
-        pixels of the row mirrored along each axis), without repeats."""
+        pixels of the row mirrored along each axis), and its ``coarse_candidates`` best by
+        the coarse search, without repeats."""
         cfg = self.scorer.config
         ea, eb = self.emb[a], self.emb[b]
         n_a, n_b = len(ea), len(eb)
@@ -383,6 +476,9 @@ class AlignedSearch:
                 views += [torch.flip(self.small[a], dims=[-1 - ax]) for ax in range(d)]
             for v in views:
                 cols.append(nearest(v.flatten(1).numpy(), pb, k=k_pix)[1])
+        coarse = self._coarse_candidates(a, b)
+        if coarse is not None:
+            cols.append(coarse)
         cand = np.concatenate(cols, axis=1)
         rows = np.repeat(np.arange(n_a), cand.shape[1])
         _, first = np.unique(rows * n_b + cand.ravel(), return_index=True)

@@ -121,6 +121,9 @@ def test_audit_reports_the_score_and_catches_shifted_copies(pixel_detector) -> N
     assert aligned.summary["score"]["n_pairs_scored"] > 0
     assert aligned.summary["score"]["background"] == 0.5
     assert aligned.summary["score"]["highpass"] == 2.0
+    # the coarse search ran: 30 training x (30 validation + 15 synthetic) pairs, in budget
+    assert aligned.summary["score"]["coarse_used"] is True
+    assert aligned.summary["score"]["coarse_pairs"] == 30 * 45
     assert plain.summary["score"]["method"] == "embedding"
     flagged = aligned.synthetic["copy"].to_numpy()
     assert flagged[:5].all()
@@ -181,3 +184,46 @@ def test_highpass_channel_keeps_exact_copies_at_one() -> None:
         AlignConfig(highpass=-1.0).resolved(2)
     with pytest.raises(InputError, match="align.background"):
         AlignConfig(background=2.0).resolved(2)
+
+
+def _shift_search(**kw: object) -> AlignedSearch:
+    """40 smooth training images; queries: 4 of them shifted by 12% without wrap-around,
+    then 4 novel images; random embeddings, one embedding candidate, no pixel candidates."""
+    train = smooth(40, (64, 64), seed=21)
+    syn = torch.cat([zero_shift(train[:4], 8), smooth(4, (64, 64), seed=22)])
+    rng = np.random.default_rng(3)
+    emb = {"train": rng.normal(size=(40, 6)), "synthetic": rng.normal(size=(8, 6))}
+    cfg = AlignConfig(n_candidates=1, n_pixel_candidates=0, background=0.0, **kw)  # type: ignore[arg-type]
+    scorer = AlignedScorer(train, cfg)
+    small = {"train": scorer.small(train), "synthetic": scorer.small(syn)}
+    return AlignedSearch(scorer, small, emb)
+
+
+def test_coarse_search_finds_a_shifted_copys_source() -> None:
+    """With random embeddings and no pixel candidates, the coarse search over every pair
+    still brings each shifted copy's source into the candidates (from either side); off, the
+    sources are lost."""
+    search = _shift_search()
+    assert search.coarse_used and search.coarse_pairs == 40 * 8
+    top, idx = search("synthetic", "train", 1)
+    np.testing.assert_array_equal(idx[:4, 0], [0, 1, 2, 3])
+    assert top[:4, 0].min() > top[4:, 0].max()
+    _, back = search("train", "synthetic", 1)
+    np.testing.assert_array_equal(back[:4, 0], [0, 1, 2, 3])
+    _, off = _shift_search(coarse_candidates=0)("synthetic", "train", 1)
+    assert (off[:4, 0] != [0, 1, 2, 3]).sum() >= 3  # a random candidate is rarely the source
+
+
+def test_coarse_search_is_skipped_for_every_set_above_its_budget() -> None:
+    """Above coarse_max_pairs the coarse search runs for no set (validation and synthetic
+    images keep the same form of score), and the audit's summary says so."""
+    over = _shift_search(coarse_max_pairs=319)
+    assert not over.coarse_used
+    _, idx = over("synthetic", "train", 1)
+    assert not over.coarse_cache
+    assert AlignConfig().resolved(2).coarse_candidates == 5
+    assert AlignConfig().resolved(3).coarse_candidates == 0
+    with pytest.raises(InputError, match="align.coarse_candidates"):
+        AlignConfig(coarse_candidates=-1).resolved(2)
+    with pytest.raises(InputError, match="align.coarse_max_shift"):
+        AlignConfig(coarse_max_shift=0.9).resolved(2)
