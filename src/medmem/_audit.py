@@ -1739,6 +1739,7 @@ def _score_summary(
         "coarse_size": align.coarse_size,
         "coarse_max_shift": align.coarse_max_shift,
         "coarse_scales": list(align.coarse_scales),
+        "coarse_highpass": align.coarse_highpass,
         "coarse_max_pairs": align.coarse_max_pairs,
         # the coarse search's size, and whether it ran (off above coarse_max_pairs)
         "coarse_pairs": search.coarse_pairs if search is not None else None,

@@ -28,12 +28,12 @@ calibration applies unchanged: tau is a conformal quantile of validation images'
 Cost: each training image is held as ``n_views`` views of ``size^d`` values, twice with the
 high-passed copy (about 360 KB in 2D and 2.8 MB in 3D with the defaults); each query costs
 a few matrix products per candidate. Pairs outside the candidates (the embedding's top
-``n_candidates``, the pixels' top ``n_pixel_candidates`` and, in 2D, the coarse search's top
+``n_candidates``, the pixels' top ``n_pixel_candidates`` and the coarse search's top
 ``coarse_candidates``) are taken as non-matches. The coarse search scores every pair at a
-small grid (about 35 us per pair on one CPU core), so it runs only up to
-``coarse_max_pairs`` pairs (2 million: about 1,000 synthetic and validation images against
-2,000 training images); a shifted or cropped copy's source, which neither the detector nor
-the pixels may rank first, is among its best five.
+small grid (about 35 us per pair in 2D and 1.7 ms in 3D on one CPU core), so it runs only
+up to ``coarse_max_pairs`` pairs (2 million in 2D: about 1,000 synthetic and validation
+images against 2,000 training images; 50,000 in 3D); a shifted or cropped copy's source,
+which neither the detector nor the pixels may rank first, is among its best five.
 """
 
 from __future__ import annotations
@@ -90,15 +90,17 @@ class AlignConfig(ConfigSection):
             scores *every* (query, training image) pair by its aligned NCC at a small grid
             (``coarse_size``, shifts up to ``coarse_max_shift``, zooms ``coarse_scales``, no
             rotation or flip): it finds the source of a shifted or cropped copy that neither
-            the detector nor the pixels rank first. None: 5 in 2D, 0 (off) in 3D, where it
-            did not find more sources than it cost.
-        coarse_size: side of the coarse search's grid.
+            the detector nor the pixels rank first. 0: off.
+        coarse_size: side of the coarse search's grid (None: 24 in 2D, 16 in 3D).
         coarse_max_shift: largest shift the coarse search tries (fraction of the side).
         coarse_scales: zooms the coarse search tries (as ``scales``).
+        coarse_highpass: as ``highpass``, for the coarse search (None: 0 in 2D, 1.0 in
+            3D, where brains differ little at 16^3 but in their detail).
         coarse_max_pairs: the coarse search runs only when (training images) x (images of
-            every other set) is at most this (it costs about 35 us per pair on one CPU
-            core); above it, it is skipped for every set alike, so that validation and
-            synthetic images are still scored the same way, and the summary says so.
+            every other set) is at most this (None: 2,000,000 in 2D, about 35 us per pair
+            on one CPU core; 50,000 in 3D, about 1.7 ms per pair); above it, it is skipped
+            for every set alike, so that validation and synthetic images are still scored
+            the same way, and the summary says so.
     """
 
     size: int | None = None
@@ -111,11 +113,12 @@ class AlignConfig(ConfigSection):
     highpass: float | None = None
     background: float = 0.5
     background_ranks: int = 4
-    coarse_candidates: int | None = None
-    coarse_size: int = 24
+    coarse_candidates: int = 5
+    coarse_size: int | None = None
     coarse_max_shift: float = 0.15
     coarse_scales: tuple[float, ...] = (1.0, 0.8)
-    coarse_max_pairs: int = 2_000_000
+    coarse_highpass: float | None = None
+    coarse_max_pairs: int | None = None
 
     def resolved(self, spatial_dims: int) -> AlignConfig:
         """A copy with the per-dimensionality defaults filled in, checked."""
@@ -140,15 +143,21 @@ class AlignConfig(ConfigSection):
         check_in_range(highpass, "align.highpass", 0.0, float(size) / 2)
         check_in_range(self.background, "align.background", 0.0, 1.0)
         check_positive_int(self.background_ranks, "align.background_ranks")
-        coarse = self.coarse_candidates
-        if coarse is None:
-            coarse = 5 if spatial_dims == 2 else 0
-        check_positive_int(coarse, "align.coarse_candidates", minimum=0)
-        check_positive_int(self.coarse_size, "align.coarse_size", minimum=8)
+        check_positive_int(self.coarse_candidates, "align.coarse_candidates", minimum=0)
+        two = spatial_dims == 2
+        coarse_size = self.coarse_size if self.coarse_size is not None else (24 if two else 16)
+        check_positive_int(coarse_size, "align.coarse_size", minimum=8)
         check_in_range(self.coarse_max_shift, "align.coarse_max_shift", 0.0, 0.4)
         for v in self.coarse_scales:
             check_in_range(v, "align.coarse_scales entry", 0.3, 1.5)
-        check_positive_int(self.coarse_max_pairs, "align.coarse_max_pairs", minimum=0)
+        coarse_hp = self.coarse_highpass
+        if coarse_hp is None:
+            coarse_hp = 0.0 if two else 1.0
+        check_in_range(coarse_hp, "align.coarse_highpass", 0.0, float(coarse_size) / 2)
+        max_pairs = self.coarse_max_pairs
+        if max_pairs is None:
+            max_pairs = 2_000_000 if two else 50_000
+        check_positive_int(max_pairs, "align.coarse_max_pairs", minimum=0)
         return AlignConfig(
             size=int(size),
             max_shift=float(self.max_shift),
@@ -160,11 +169,12 @@ class AlignConfig(ConfigSection):
             highpass=float(highpass),
             background=float(self.background),
             background_ranks=int(self.background_ranks),
-            coarse_candidates=int(coarse),
-            coarse_size=int(self.coarse_size),
+            coarse_candidates=int(self.coarse_candidates),
+            coarse_size=int(coarse_size),
             coarse_max_shift=float(self.coarse_max_shift),
             coarse_scales=tuple(float(v) for v in self.coarse_scales),
-            coarse_max_pairs=int(self.coarse_max_pairs),
+            coarse_highpass=float(coarse_hp),
+            coarse_max_pairs=int(max_pairs),
         )
 
     def coarse(self) -> AlignConfig:
@@ -175,7 +185,7 @@ class AlignConfig(ConfigSection):
             rotations=(0.0,),
             scales=self.coarse_scales,
             flips=False,
-            highpass=0.0,
+            highpass=self.coarse_highpass,
             background=0.0,
             coarse_candidates=0,
         )

@@ -221,8 +221,9 @@ def test_coarse_search_is_skipped_for_every_set_above_its_budget() -> None:
     assert not over.coarse_used
     _, idx = over("synthetic", "train", 1)
     assert not over.coarse_cache
-    assert AlignConfig().resolved(2).coarse_candidates == 5
-    assert AlignConfig().resolved(3).coarse_candidates == 0
+    two, three = AlignConfig().resolved(2), AlignConfig().resolved(3)
+    assert (two.coarse_size, two.coarse_highpass, two.coarse_max_pairs) == (24, 0.0, 2_000_000)
+    assert (three.coarse_size, three.coarse_highpass, three.coarse_max_pairs) == (16, 1.0, 50_000)
     with pytest.raises(InputError, match="align.coarse_candidates"):
         AlignConfig(coarse_candidates=-1).resolved(2)
     with pytest.raises(InputError, match="align.coarse_max_shift"):
