@@ -1308,20 +1308,20 @@ def plot_study(
     independent = f"independent features ({', '.join(kinds) or 'n/a'})"
     fid_panels: list[_Panel] = [
         (
-            "FID to validation, detector features\n(dotted: training data)",
+            "FID to validation\ndetector features\n(dotted: training data)",
             [("fid_detector", "o-", "", "fid_train_val_detector")],
         )
     ]
     if np.isfinite(table["fid_independent"].astype(float)).any():
         fid_panels.append(
             (
-                f"FID to validation, {independent}\n(dotted: training data)",
+                f"FID to validation\n{independent}\n(dotted: training data)",
                 [("fid_independent", "o-", "", "fid_train_val_independent")],
             )
         )
     quality_panels: list[_Panel] = [
         *fid_panels,
-        ("MS-SSIM of synthetic pairs (dotted: real)", [("ms_ssim", "o-", "", "ms_ssim_real")]),
+        ("MS-SSIM of synthetic pairs\n(dotted: real)", [("ms_ssim", "o-", "", "ms_ssim_real")]),
         ("%", [("pct_mem", "o-", " N_mem %", None), ("pct_copies", "s--", " N_copies %", None)]),
     ]
     for factor, xlabel, panels, name, fig_title in (
