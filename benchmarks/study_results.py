@@ -31,7 +31,7 @@ SHOW = [
     "excess_copies_control_ci_high", "excess_mem_control", "excess_mem_control_ci_low",
     "excess_mem_control_ci_high", "n_patients_mem", "fid_detector", "fid_train_val_detector",
     "fid_independent", "fid_train_val_independent", "ms_ssim", "ms_ssim_real", "precision",
-    "recall", "train_seconds",
+    "recall", "median_synthetic_nearest_train", "median_train_nearest_val", "train_seconds",
 ]  # fmt: skip
 
 
@@ -39,6 +39,7 @@ def publish(folder: Path) -> dict:
     study = json.loads((folder / "study.json").read_text())
     name = study["name"]
     table = pd.read_csv(folder / "results.csv").rename(columns=OLD_COLUMN_NAMES)
+    table = table.assign(**_medians(folder, table["cell"]))
     figures = []
     for png in sorted((folder / "figures").glob("*.png")):
         dest = DOCS / "figures" / f"study-{name}-{png.name}"
@@ -72,6 +73,9 @@ def publish(folder: Path) -> dict:
         "reference); fid_independent: the same in a second feature space not learned from the",
         f"training images (independent_features: {study.get('independent_features', 'none')});",
         "results written before the renames had only the detector's FID, as `fid`;",
+        "median_synthetic_nearest_train: median correlation of a synthetic image with its",
+        "nearest training image; median_train_nearest_val: of a training image with its",
+        "nearest validation image (both from the cell's audit tables);",
         "ms_ssim: mean MS-SSIM of synthetic pairs (ms_ssim_real: of validation pairs);",
         "train_seconds: training time spent for the cell in its run (cells of one run share",
         "the earlier iterations).",
@@ -99,6 +103,20 @@ def publish(folder: Path) -> dict:
     }
     write_record(record)
     return record
+
+
+def _medians(folder: Path, cells: pd.Series) -> dict[str, list]:
+    """Per cell, from its audit's tables: the median correlation of a synthetic image with
+    its nearest training image, and of a training image with its nearest validation image
+    (where the synthetic images sit against real novel images)."""
+    syn, val = [], []
+    for cell in cells:
+        audit = folder / "cells" / str(cell) / "audit"
+        s = pd.read_csv(audit / "synthetic.csv") if (audit / "synthetic.csv").exists() else None
+        t = pd.read_csv(audit / "training.csv") if (audit / "training.csv").exists() else None
+        syn.append(float(s["nearest_train_corr"].median()) if s is not None else None)
+        val.append(float(t["nearest_val_corr"].median()) if t is not None else None)
+    return {"median_synthetic_nearest_train": syn, "median_train_nearest_val": val}
 
 
 def write_record(record: dict) -> Path:

@@ -1070,7 +1070,14 @@ def _write_seed_table(seeds: pd.DataFrame, out: Path) -> None:
         def cell(m: str, r: dict[str, Any] = r) -> str:
             lo, hi = r[f"{m}_ci_low"], r[f"{m}_ci_high"]
             ci = f" ({_fmt(lo)} to {_fmt(hi)})" if math.isfinite(lo) else ""
-            return f"{_fmt(r[m])}{ci}"
+            known = [v for v in r[f"{m}_values"] if v is not None]
+            # a mean over fewer seeds than the row's (e.g. controls run for some seeds)
+            part = (
+                f" [{len(known)} of {r['n_seeds']} seeds]"
+                if known and len(known) < r["n_seeds"]
+                else ""
+            )
+            return f"{_fmt(r[m])}{ci}{part}"
 
         show.append(
             {

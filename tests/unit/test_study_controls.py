@@ -150,3 +150,23 @@ def test_seed_table_reports_mean_interval_and_per_seed_values(finished):
     assert math.isnan(seed_table(result.table).query("n_seeds == 1")["n_mem_ci_low"].iloc[0])
     again = run_study(_study(), out, quiet=True, figures=False)  # resumes, nothing redone
     assert again.computed == [] and len(again.skipped) == 8
+
+
+def test_seed_table_says_when_a_mean_covers_fewer_seeds(tmp_path) -> None:
+    """Controls run for one of two seeds: the seed table's control cells say '1 of 2 seeds'
+    instead of passing a one-seed value off as the mean of both."""
+    from medmem.study import write_table
+
+    base = {"model": "ldm", "model_type": "ldm", "n_train": 10, "iterations": 4,
+            "augment": False, "n_synthetic": 10, "n_mem": 2, "n_copies": 2}  # fmt: skip
+    rows = [
+        {**base, "cell": "ldm_n10_aug0_it4_s0", "seed": 0, "role": "main"},
+        {**base, "cell": "ldm_n10_aug0_it4_s1", "seed": 1, "role": "main", "n_copies": 4},
+        {**base, "cell": "ldm_n10_aug0_it4_s0_control", "seed": 0, "role": "control",
+         "control_of": "ldm_n10_aug0_it4_s0", "n_mem": 0, "n_copies": 0},
+    ]  # fmt: skip
+    write_table(rows, tmp_path)
+    text = (tmp_path / "results-seeds.md").read_text()
+    main = next(line for line in text.splitlines() if line.startswith("| main"))
+    assert "3.000" in main  # the mean of 2 and 4 copies
+    assert main.count("[1 of 2 seeds]") == 2  # control N_copies and the excess over it
