@@ -1725,22 +1725,7 @@ def _score_summary(
         "its 2nd to (1 + background_ranks)-th best candidates; candidate pairs from the "
         "detector's embeddings, the pixels (also of the mirrored image) and a coarse aligned "
         "search over every pair (when coarse_used)",
-        "size": align.size,
-        "max_shift": align.max_shift,
-        "rotations": list(align.rotations or ()),
-        "scales": list(align.scales or ()),
-        "flips": align.flips,
-        "n_candidates": align.n_candidates,
-        "n_pixel_candidates": align.n_pixel_candidates,
-        "highpass": align.highpass,
-        "background": align.background,
-        "background_ranks": align.background_ranks,
-        "coarse_candidates": align.coarse_candidates,
-        "coarse_size": align.coarse_size,
-        "coarse_max_shift": align.coarse_max_shift,
-        "coarse_scales": list(align.coarse_scales),
-        "coarse_highpass": align.coarse_highpass,
-        "coarse_max_pairs": align.coarse_max_pairs,
+        **align.to_dict(),  # every setting of the score, by its AlignConfig name
         # the coarse search's size, and whether it ran (off above coarse_max_pairs)
         "coarse_pairs": search.coarse_pairs if search is not None else None,
         "coarse_used": search.coarse_used if search is not None else None,

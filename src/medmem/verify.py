@@ -178,7 +178,8 @@ class AlignConfig(ConfigSection):
         )
 
     def coarse(self) -> AlignConfig:
-        """The settings of the coarse search (plain aligned NCC at ``coarse_size``)."""
+        """The settings of the coarse search (aligned NCC at ``coarse_size``, no rotation
+        or flip); call it on a :meth:`resolved` config."""
         return AlignConfig(
             size=self.coarse_size,
             max_shift=self.coarse_max_shift,
@@ -416,9 +417,7 @@ class AlignedSearch:
         #: (training images) x (images of the other sets): the coarse search's size
         self.coarse_pairs = n_train * sum(len(e) for name, e in emb.items() if name != "train")
         #: whether the coarse search runs (for every set alike, or for none)
-        self.coarse_used = bool(cfg.coarse_candidates) and (
-            self.coarse_pairs <= int(cfg.coarse_max_pairs)
-        )
+        self.coarse_used = cfg.coarse_candidates > 0 and self.coarse_pairs <= cfg.coarse_max_pairs
 
     def _key(self, name: str, row: int) -> object:
         if self.ids is not None and name in self.ids:
@@ -461,11 +460,10 @@ class AlignedSearch:
     def _coarse_candidates(self, a: str, b: str) -> np.ndarray | None:
         """(n_a, m) rows of ``b``: each row's best by the coarse search, ties to the lower
         index (None when the coarse search is off or over its budget)."""
-        m = int(self.scorer.config.coarse_candidates or 0)
-        if not self.coarse_used or m == 0:
+        if not self.coarse_used:  # off (coarse_candidates=0) or over its budget
             return None
         sc = self._coarse(b).T if a == "train" else self._coarse(a)  # (n_a, n_b)
-        m = min(m, sc.shape[1])
+        m = min(self.scorer.config.coarse_candidates, sc.shape[1])
         return np.argsort(-sc, axis=1, kind="stable")[:, :m]
 
     def _pairs(self, a: str, b: str, k_emb: int) -> tuple[np.ndarray, np.ndarray]:
