@@ -63,15 +63,34 @@ def test_same_inputs_same_outputs_for_any_block_size() -> None:
         np.testing.assert_array_equal(r, results[0])
 
 
-def test_exclude_self() -> None:
+def test_same_top1_for_any_block_size_with_ties() -> None:
+    """k = 1 takes a two-pass path (best block, then the position in it): ties across and
+    within blocks still go to the lowest index, the same for every block size."""
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 3, size=(40, 4)).astype(np.float32)  # many exact ties
+    base[:, 0] += np.arange(40) % 2
+    q = base[::3].copy()
+    ref = nearest(q, base, k=2, block_size=40)[1][:, :1]  # the top-k path's first column
+    for bs in (1, 2, 5, 8, 13, 40):
+        np.testing.assert_array_equal(nearest(q, base, k=1, block_size=bs)[1], ref)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_exclude_self(k: int) -> None:
     rng = np.random.default_rng(2)
     x = rng.standard_normal((20, 5)).astype(np.float32)
     for bs in (3, 7, 50):
-        v, i = nearest(x, x, k=2, block_size=bs, exclude_self=True)
+        v, i = nearest(x, x, k=k, block_size=bs, exclude_self=True)
         assert not np.any(i == np.arange(20)[:, None])
         c = np.corrcoef(x)
         np.fill_diagonal(c, -np.inf)
         np.testing.assert_array_equal(i[:, 0], np.argmax(c, axis=1))
+    # a duplicate of each row in another block: it, not the row itself, is the nearest
+    dup = np.concatenate([x, x], 0)
+    for bs in (3, 7, 50):
+        v, i = nearest(dup, dup, k=k, block_size=bs, exclude_self=True)
+        np.testing.assert_array_equal(i[:, 0], np.r_[np.arange(20, 40), np.arange(20)])
+        np.testing.assert_allclose(v[:, 0], 1.0, atol=1e-6)
 
 
 def test_accepts_torch_tensors() -> None:
