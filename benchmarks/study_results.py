@@ -2,7 +2,8 @@
 
     python -m benchmarks.study_results runs/study-nih-cxr runs/study-phantoms-3d
 
-For each study folder: copies ``figures/*.png`` to ``docs/figures/study-<name>-*.png``,
+For each study folder: redraws its figures from ``results.csv`` (``medmem.study.plot_study``)
+and copies them to ``docs/figures/study-<name>-*.png``,
 writes ``docs/results/study-<name>.md`` (the results table, the means across generator
 seeds and the run times, as measured) with its numbers in ``docs/results/study-<name>.json``
 beside it, and puts the record in ``docs/results/study.json`` (replacing one of the same
@@ -19,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks._common import machine
-from medmem.study import OLD_COLUMN_NAMES, markdown_table
+from medmem.study import OLD_COLUMN_NAMES, StudyConfig, markdown_table, plot_study
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -39,6 +40,10 @@ def publish(folder: Path) -> dict:
     study = json.loads((folder / "study.json").read_text())
     name = study["name"]
     table = pd.read_csv(folder / "results.csv").rename(columns=OLD_COLUMN_NAMES)
+    # the figures again from the table as it stands: a study writes its table after every
+    # cell but its figures only when an invocation ends, so a study still running (or one
+    # stopped mid-way) would publish figures older than its table
+    plot_study(table, folder, StudyConfig.from_dict(study))
     table = table.assign(**_medians(folder, table["cell"]))
     figures = []
     for png in sorted((folder / "figures").glob("*.png")):
