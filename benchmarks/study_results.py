@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks._common import machine
+from medmem import AuditResult
 from medmem.study import OLD_COLUMN_NAMES, StudyConfig, markdown_table, plot_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,10 +118,9 @@ def _medians(folder: Path, cells: pd.Series) -> dict[str, list]:
     syn, val = [], []
     for cell in cells:
         audit = folder / "cells" / str(cell) / "audit"
-        s = pd.read_csv(audit / "synthetic.csv") if (audit / "synthetic.csv").exists() else None
-        t = pd.read_csv(audit / "training.csv") if (audit / "training.csv").exists() else None
-        syn.append(float(s["nearest_train_corr"].median()) if s is not None else None)
-        val.append(float(t["nearest_val_corr"].median()) if t is not None else None)
+        res = AuditResult.load(audit) if (audit / "summary.json").exists() else None
+        syn.append(float(res.synthetic["nearest_train_corr"].median()) if res else None)
+        val.append(float(res.training["nearest_val_corr"].median()) if res else None)
     return {"median_synthetic_nearest_train": syn, "median_train_nearest_val": val}
 
 
