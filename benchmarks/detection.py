@@ -548,8 +548,14 @@ def render(r: dict) -> str:
         + ", and each pair is scored by its "
         "normalized cross-correlation (of the images and of their high-passed copies) after "
         "the best flip, rotation, zoom and shift, tile by tile with the worst tile left out, "
-        "minus half the image's background (its mean over its 2nd to 5th best candidates); "
-        "src/medmem/verify.py, docs/scoring.md). *medmem (default, embedding score)* is the "
+        "minus half the image's background (its mean over its 2nd to 5th best candidates)"
+        + (
+            "; the larger of that and the pair's unaligned pixel correlation minus half its "
+            "own background, mapped onto the same scale by the training set's null"
+            if coarse.get("unaligned")
+            else ""
+        )
+        + "; src/medmem/verify.py, docs/scoring.md). *medmem (default, embedding score)* is the "
         "paper's score, the correlation of the same detector's embeddings.",
         "- tau: the audit's default (conformal on validation->training scores, nominal "
         "false-copy rate 5%); the paper's tau (95th percentile of training->validation) beside.",

@@ -1617,7 +1617,7 @@ def audit(
         if e_null is not None:
             small["null"] = stack_images(null_synthetic, size)
             emb["null"] = e_null
-        search = AlignedSearch(scorer, small, emb)
+        search = AlignedSearch(scorer, small, emb, groups=train.patient_ids)
         if align.coarse_candidates and not search.coarse_used:
             logger.info(
                 "coarse aligned search skipped: %d pairs > align.coarse_max_pairs=%d "
@@ -1724,14 +1724,29 @@ def _score_summary(
         "image, per tile, the worst tile left out, minus background x the image's mean over "
         "its 2nd to (1 + background_ranks)-th best candidates; candidate pairs from the "
         "detector's embeddings, the pixels (also of the mirrored image) and a coarse aligned "
-        "search over every pair (when coarse_used)",
+        "search over every pair (when coarse_used); with unaligned_used, the larger of that "
+        "and the unaligned Pearson correlation of the images minus background x its own "
+        "background, mapped onto the aligned score's scale by matching the two channels' nulls "
+        "(null: median and 95th percentile minus median of each channel's best score of every "
+        "training image against the training images of other patients)",
         **align.to_dict(),  # every setting of the score, by its AlignConfig name
         # the coarse search's size, and whether it ran (off above coarse_max_pairs)
         "coarse_pairs": search.coarse_pairs if search is not None else None,
         "coarse_used": search.coarse_used if search is not None else None,
         "n_views": search.scorer.n_views if search is not None else None,
         "n_pairs_scored": search.n_pairs if search is not None else None,
+        # the unaligned channel: whether it ran (off below verify.MIN_NULL training images)
+        "unaligned_used": search.unaligned_used if search is not None else None,
+        "null": _channel_null_summary(search),
     }
+
+
+def _channel_null_summary(search: AlignedSearch | None) -> dict[str, dict[str, float]] | None:
+    """The training set's null of each channel (median, scale), when standardized."""
+    null = None if search is None else search.null()
+    if null is None:
+        return None
+    return {k: {"median": round(m, 6), "scale": round(sc, 6)} for k, (m, sc) in null.items()}
 
 
 def _detector_summary(detector: Any, trained_here: bool) -> dict[str, Any]:

@@ -228,3 +228,99 @@ def test_coarse_search_is_skipped_for_every_set_above_its_budget() -> None:
         AlignConfig(coarse_candidates=-1).resolved(2)
     with pytest.raises(InputError, match="align.coarse_max_shift"):
         AlignConfig(coarse_max_shift=0.9).resolved(2)
+
+
+def down_up(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Area down-sampling by ``factor`` and trilinear (bilinear) back up: detail gone."""
+    shape = tuple(x.shape[2:])
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    low = F.interpolate(x, size=tuple(s // factor for s in shape), mode="area")
+    return F.interpolate(low, size=shape, mode=mode, align_corners=False)
+
+
+def _unaligned_search(
+    n_train: int = 16, groups: list | None = None, **kw: object
+) -> tuple[AlignedSearch, torch.Tensor]:
+    """3D: queries 0-3 down-sampled copies of training images 0-3, 4-7 novel volumes."""
+    train = smooth(n_train, (32, 32, 32), seed=31)
+    if groups is not None:  # training image 1 a second image of image 0's patient
+        train[1] = train[0]
+    syn = torch.cat([down_up(train[:4], 6), smooth(4, (32, 32, 32), seed=32)])
+    rng = np.random.default_rng(5)
+    emb = {"train": rng.normal(size=(n_train, 6)), "synthetic": rng.normal(size=(8, 6))}
+    scorer = AlignedScorer(train, AlignConfig(**kw))  # type: ignore[arg-type]
+    small = {"train": scorer.small(train), "synthetic": scorer.small(syn)}
+    return AlignedSearch(scorer, small, emb, groups=groups), syn
+
+
+def test_unaligned_channel_is_the_larger_standardized_channel() -> None:
+    """With ``unaligned`` (the 3D default), a pair's score is the larger of the aligned
+    channel and the unaligned one mapped onto its scale by the training set's null; a
+    down-sampled copy is far above that null's 95th percentile, novel volumes are not."""
+    assert AlignConfig().resolved(3).unaligned is True
+    assert AlignConfig().resolved(2).unaligned is False
+    search, syn = _unaligned_search()
+    assert search.unaligned_used
+    null = search.null()
+    assert null is not None and set(null) == {"aligned", "unaligned"}
+    top, idx = search("synthetic", "train", 1)
+    np.testing.assert_array_equal(idx[:4, 0], [0, 1, 2, 3])
+    (m_a, s_a), (m_p, s_p) = null["aligned"], null["unaligned"]
+    z = (top[:, 0] - m_a) / s_a  # in units of the null's scale: 1 its 95th percentile
+    assert z[:4].min() > 4.0 * max(z[4:].max(), 1.0)
+    # by hand: the aligned channel alone (same candidates), and the plain Pearson correlation
+    plain, _ = _unaligned_search(unaligned=False)
+    assert not plain.unaligned_used and plain.null() is None
+    al_top, al_idx = plain("synthetic", "train", 16)
+    rows = np.arange(8)
+    aligned = al_top[rows, np.argmax(al_idx == idx[:, :1], axis=1)]
+    small = search.small
+    q = small["synthetic"].flatten(1)
+    t = small["train"].flatten(1)
+    corr = np.corrcoef(torch.cat([q, t]).double().numpy())[:8, 8:]
+    srt = -np.sort(-corr, axis=1)
+    pixel = corr[rows, idx[:, 0]] - 0.5 * srt[:, 1:5].mean(axis=1)
+    expected = np.maximum(aligned, m_a + s_a * (pixel - m_p) / s_p)
+    np.testing.assert_allclose(top[:, 0], expected, atol=1e-6)
+    # the aligned channel alone separates the down-sampled copies by far less
+    al_best = al_top[:, 0]
+    assert top[:4, 0].min() - top[4:, 0].max() > 3.0 * (al_best[:4].min() - al_best[4:].max())
+    # from the training side a pair has the same score
+    back, back_idx = search("train", "synthetic", 1)
+    for t_row in range(4):
+        assert back_idx[t_row, 0] == t_row
+        assert back[t_row, 0] == pytest.approx(top[t_row, 0])
+
+
+def test_unaligned_null_leaves_out_the_same_patient_and_needs_ten_images() -> None:
+    """Two images of one patient would be each other's perfect match in the null (a
+    larger scale); grouped, they are not compared. Below MIN_NULL training images the
+    aligned channel is used alone."""
+    ungrouped, _ = _unaligned_search(groups=None)
+    same = [None] * 16
+    grouped, _ = _unaligned_search(groups=["a", "a", *same[2:]])
+    duplicated, _ = _unaligned_search(groups=[None] * 16)  # duplicate, patients unknown
+    null_g, null_d = grouped.null(), duplicated.null()
+    assert null_g is not None and null_d is not None and ungrouped.null() is not None
+    assert null_d["unaligned"][1] > null_g["unaligned"][1]
+    with pytest.raises(InputError, match="groups names 3 training images"):
+        _unaligned_search(groups=["a", "b", "c"])
+    few, _ = _unaligned_search(n_train=8)
+    assert not few.unaligned_used and few.null() is None
+
+
+def test_audit_3d_summary_names_the_unaligned_channel(pixel_detector) -> None:
+    """A 3D audit's summary says the unaligned channel ran, with its null; down-sampled
+    copies are called copies, novel volumes not."""
+    train = smooth(20, (32, 32, 32), seed=41)
+    val = smooth(20, (32, 32, 32), seed=42)
+    syn = torch.cat([down_up(train[:4], 6), smooth(6, (32, 32, 32), seed=43)])
+    sets = [ArrayDataset(x[:, 0].numpy()) for x in (train, val, syn)]
+    kw = {"detector": pixel_detector, "n_bootstrap": 0, "n_controls": 0, "quiet": True}
+    result = medmem.audit(*sets, **kw)
+    score = result.summary["score"]
+    assert score["unaligned"] is True and score["unaligned_used"] is True
+    assert set(score["null"]) == {"aligned", "unaligned"}
+    assert score["null"]["unaligned"]["scale"] > 0
+    flagged = result.synthetic["copy"].to_numpy()
+    assert flagged[:4].all() and not flagged[4:].any()
