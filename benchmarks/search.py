@@ -243,6 +243,13 @@ def main() -> None:
     ap.add_argument("--audit-train", type=int, default=100_000)
     ap.add_argument("--out", default="docs/benchmarks")
     ap.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="repetitions of the default search at the audit case, each in its own process "
+        "between its own matmul measurements: the share's median and range (0: skip)",
+    )
+    ap.add_argument(
         "--full-audit",
         action="store_true",
         help="only measure the default search (torch, one process) at 10^6 synthetic x "
@@ -293,6 +300,11 @@ def main() -> None:
         r = _run(method, args.audit_synthetic, args.audit_train, DEFAULT_BLOCK_SIZE, procs)
         audit.append(r)
         print("audit case: " + _line(r, mm) + f"  planted found {r['planted_found']}", flush=True)
+    repeats = []
+    for j in range(args.repeats):
+        r = _run("nearest", args.audit_synthetic, args.audit_train, DEFAULT_BLOCK_SIZE)
+        repeats.append(r)
+        print(f"repeat {j + 1}/{args.repeats}: " + _line(r, mm), flush=True)
     mm_end = matmul_rate()
     # the larger of the two measurements: shares are not flattered by a slow moment
     for key, value in mm_end.items():
@@ -311,6 +323,7 @@ def main() -> None:
         "results": rows,
         "block_sweep": sweep,
         "audit_case": audit,
+        "repeats": repeats,
         "n_planted": N_PLANTED,
         "wall_seconds": time.perf_counter() - t0,
     }
@@ -361,6 +374,29 @@ def _row(r: dict, mm: dict) -> str:
         f"{r['gflops']:.1f} | {r['gflops'] / r['matmul_gflops']:.0%} | "
         f"{r['cpu_gflops'] / r['matmul_cpu_gflops']:.0%} | {r['peak_extra_mb']:.0f} MB |"
     )
+
+
+def _repeats_lines(repeats: list[dict]) -> list[str]:
+    """The default search repeated at the audit case: the share's median and range."""
+    if not repeats:
+        return []
+    wall = np.array([r["gflops"] / r["matmul_gflops"] for r in repeats])
+    cpu = np.array([r["cpu_gflops"] / r["matmul_cpu_gflops"] for r in repeats])
+    r0 = repeats[0]
+    return [
+        f"Repeated: the default search (torch, one process) at {r0['n']:,} x {r0['m']:,}, "
+        f"{len(repeats)} times one after another, each in its own process and divided by "
+        "the matmul rate measured in that process just before and after it (one ratio per "
+        "repetition, so that a slow or fast moment of the shared machine moves both):",
+        "",
+        "| | median | lowest | highest | each |",
+        "|---|---:|---:|---:|---|",
+        f"| share of matmul rate | {np.median(wall):.0%} | {wall.min():.0%} | "
+        f"{wall.max():.0%} | {', '.join(f'{v:.0%}' for v in wall)} |",
+        f"| share, CPU time | {np.median(cpu):.0%} | {cpu.min():.0%} | {cpu.max():.0%} | "
+        f"{', '.join(f'{v:.0%}' for v in cpu)} |",
+        "",
+    ]
 
 
 def render_markdown(info: dict) -> str:
@@ -473,6 +509,7 @@ def render_markdown(info: dict) -> str:
             "eighth of the queries), plus gathering the results.",
             "",
         ]
+    lines += _repeats_lines(info.get("repeats") or [])
     if info["block_sweep"]:
         lines += [
             f"Block-size sweep, torch backend (N = M = {info['block_sweep'][0]['n']:,}):",
