@@ -1742,7 +1742,8 @@ def _score_summary(
 
 
 def _channel_null_summary(search: AlignedSearch | None) -> dict[str, dict[str, float]] | None:
-    """The training set's null of each channel (median, scale), when standardized."""
+    """The training set's null of each channel (median, scale), when the unaligned
+    channel ran."""
     null = None if search is None else search.null()
     if null is None:
         return None

@@ -110,12 +110,11 @@ class AlignConfig(ConfigSection):
             the query's own background in it, as the aligned channel), mapped onto the
             aligned channel's scale by matching the two channels' nulls (the best score of
             every training image against the others: medians and 95th percentiles), and
-            keep the larger of the two. It
-            catches copies whose detail is gone (a heavy down-sampling, a strong blur), which
-            the high-passed, many-alignment channel scores like a novel image, at little cost
-            to the others. None: on in 3D (down-sampled 3D copies: AUROC 0.61 -> 0.97 in the
-            IXI diagnostic of docs/scoring.md), off in 2D (the 2D targets are met without
-            it).
+            keep the larger of the two. It catches copies whose detail is gone (a heavy
+            down-sampling, a strong blur), which the high-passed, many-alignment channel
+            scores like a novel image. None: on in 3D (down-sampled copies: AUROC 0.61 ->
+            0.96 in docs/results/detection-3d.md), off in 2D (the 2D targets are met
+            without it).
     """
 
     size: int | None = None
@@ -391,6 +390,17 @@ def _ranked(
     return rows, cand, sc, rank
 
 
+def _rank_mean(
+    rows: np.ndarray, sc: np.ndarray, rank: np.ndarray, n_rows: int, last: int
+) -> np.ndarray:
+    """Each row's mean score over its ranks 1 to ``last`` (its 2nd to (1 + last)-th best;
+    0 for a row with none), from :func:`_ranked` pairs."""
+    keep = (rank >= 1) & (rank <= last)
+    total = np.bincount(rows[keep], weights=sc[keep], minlength=n_rows)
+    count = np.bincount(rows[keep], minlength=n_rows)
+    return np.divide(total, count, out=np.zeros(n_rows), where=count > 0)
+
+
 class AlignedSearch:
     """``nearest`` over aligned scores for named sets of images (the audit's search).
 
@@ -539,10 +549,7 @@ class AlignedSearch:
         if cfg.background:
             rows, cand = self._pairs(q_set, "train", cfg.n_candidates)
             rows, _, sc, rank = _ranked(rows, cand, self._scores(q_set, rows, cand), n)
-            keep = (rank >= 1) & (rank <= int(cfg.background_ranks))
-            total = np.bincount(rows[keep], weights=sc[keep], minlength=n)
-            count = np.bincount(rows[keep], minlength=n)
-            np.divide(total, count, out=out, where=count > 0)
+            out = _rank_mean(rows, sc, rank, n, int(cfg.background_ranks))
         self._background[q_set] = out
         return out
 
@@ -592,15 +599,7 @@ class AlignedSearch:
         rows, _, sc, rank = _ranked(rows, cand, self._scores("train", rows, cand), n)
         best = np.full(n, np.nan)
         best[rows[rank == 0]] = sc[rank == 0]
-        in_bg = (rank >= 1) & (rank <= r_bg)
-        count = np.bincount(rows[in_bg], minlength=n)
-        bg = np.divide(
-            np.bincount(rows[in_bg], weights=sc[in_bg], minlength=n),
-            count,
-            out=np.zeros(n),
-            where=count > 0,
-        )
-        aligned = (best - beta * bg)[~np.isnan(best)]
+        aligned = (best - beta * _rank_mean(rows, sc, rank, n, r_bg))[~np.isnan(best)]
         # the unaligned channel, exact over the other training images
         extra = 1 + int(np.bincount(grp).max())
         top, idx = self._pixel_top("train", extra=extra)
