@@ -9,10 +9,16 @@ import pandas as pd
 
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NIH = DATA_ROOT / "nih-cxr"
+IXI = DATA_ROOT / "ixi-t1"
+#: how the IXI volumes are credited wherever a result from them is shown (CC BY-SA)
+IXI_CREDIT = (
+    "IXI T1 brain MRI, 2 mm (../shared/data/ixi-t1; IXI dataset, brain-development.org, "
+    "CC BY-SA 3.0)"
+)
 
 
 def read_manifest(data: Path) -> pd.DataFrame | None:
-    """The NIH subset's manifest.csv as strings, or None (with a message) when absent."""
+    """A data folder's manifest.csv as strings, or None (with a message) when absent."""
     path = data / "manifest.csv"
     if not path.exists():
         print(f"skipped: {path} not found (../shared/data is absent)")
@@ -44,6 +50,13 @@ def load_nih(data: Path, files: pd.Series, size: tuple[int, int]) -> object:
     return medmem.load_dataset(
         [data / f for f in files], image_size=size, patient_id_pattern=r"^(\d+)_", quiet=True
     )
+
+
+def load_ixi(data: Path, paths: pd.Series, size: tuple[int, int, int]) -> object:
+    """The listed IXI volumes (manifest column ``path``) as a medmem dataset."""
+    import medmem
+
+    return medmem.load_dataset([data / p for p in paths], image_size=size, quiet=True)
 
 
 def machine() -> str:

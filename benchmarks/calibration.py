@@ -1,6 +1,7 @@
 """Calibration benchmark: how often novel patients are called copies, at every set size.
 
-Real chest radiographs (../shared/data/nih-cxr) with NO copies at all. For each of several
+Real scans with NO copies at all: chest radiographs (../shared/data/nih-cxr, ``--dims 2``,
+the default) or T1 brain MRI volumes (../shared/data/ixi-t1, ``--dims 3``). For each of several
 patient splits (seeded), patients are divided into training (about ``--n-train`` images), a
 validation pool and a novel pool; a detector with medmem's default settings is trained on the
 training images. Then, for |val| / |train| from 0.1 to 1.5, validation sets of that size
@@ -16,8 +17,11 @@ are drawn from the pool (``--draws`` times) and the audit's thresholds computed:
 Rates are pooled over draws and splits; the interval is a t interval over the split means
 (splits are the independent units). Nominal rate: 5%.
 
-Usage: python -m benchmarks.calibration [--splits 5] [--draws 20]
-Writes docs/results/calibration.{json,md}.
+A validation set smaller than the conformal quantile needs for the nominal rate is refused
+by the audit (the table says so).
+
+Usage: python -m benchmarks.calibration [--dims 3] [--splits 5] [--draws 20]
+Writes docs/results/calibration.{json,md} (2D) or calibration-3d.{json,md} (3D).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 import medmem
-from benchmarks._common import NIH, load_nih, machine, read_manifest
+from benchmarks._common import IXI, IXI_CREDIT, NIH, load_ixi, load_nih, machine, read_manifest
 from medmem.search import nearest
 from medmem.verify import AlignConfig, AlignedScorer, AlignedSearch, stack_images
 
@@ -73,11 +77,12 @@ def t_interval(values: list[float]) -> list[float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=NIH)
+    ap.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    ap.add_argument("--data", type=Path, default=None, help="default: nih-cxr, or ixi-t1 in 3D")
     ap.add_argument("--splits", type=int, default=5)
     ap.add_argument("--draws", type=int, default=20)
-    ap.add_argument("--n-train", type=int, default=200)
-    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--n-train", type=int, default=None, help="default 200 in 2D, 40 in 3D")
+    ap.add_argument("--image-size", type=int, default=None, help="default 128 in 2D, 64 in 3D")
     ap.add_argument("--percentile", type=float, default=95.0)
     ap.add_argument(
         "--score",
@@ -86,20 +91,31 @@ def main() -> int:
         help="the audit's score (default: aligned, as medmem audit)",
     )
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
-    ap.add_argument("--checkpoint-dir", type=Path, default=Path("runs/calibration-benchmark"))
+    ap.add_argument(
+        "--checkpoint-dir", type=Path, default=None, help="default runs/calibration-benchmark[-3d]"
+    )
     args = ap.parse_args()
+    three = args.dims == 3
+    args.data = args.data or (IXI if three else NIH)
+    args.n_train = args.n_train or (40 if three else 200)
+    args.image_size = args.image_size or (64 if three else 128)
+    suffix = "-3d" if three else ""
+    args.checkpoint_dir = args.checkpoint_dir or Path(f"runs/calibration-benchmark{suffix}")
     manifest = read_manifest(args.data)
     if manifest is None:
         return 0
     t0 = time.perf_counter()
-    size = (args.image_size, args.image_size)
+    size = (args.image_size,) * args.dims
+    column = "path" if three else "file"
+
+    def load(files: pd.Series) -> object:
+        return load_ixi(args.data, files, size) if three else load_nih(args.data, files, size)
+
     n_pool = int(np.ceil(max(RATIOS) * args.n_train))
     per_split, seconds = [], {}
     for sp in range(args.splits):
         parts = split(manifest, 1000 + sp, args.n_train, n_pool)
-        train = load_nih(args.data, parts["train"]["file"], size)
-        val_pool = load_nih(args.data, parts["val"]["file"], size)
-        novel = load_nih(args.data, parts["novel"]["file"], size)
+        train, val_pool, novel = (load(parts[k][column]) for k in ("train", "val", "novel"))
         t = time.perf_counter()
         det = medmem.Detector.train(
             train, seed=sp, checkpoint_dir=args.checkpoint_dir / f"split{sp}", quiet=True
@@ -109,9 +125,10 @@ def main() -> int:
         t = time.perf_counter()
         pool = None
         if args.score == "aligned":
-            work = int(AlignConfig().resolved(2).size or 32)  # as medmem.audit reads them
+            align = AlignConfig().resolved(args.dims)
+            work = int(align.size or 32)  # as medmem.audit reads them
             train_2x = stack_images(train, 2 * work)
-            scorer = AlignedScorer(train_2x, AlignConfig())
+            scorer = AlignedScorer(train_2x, align)
             small = {
                 "train": scorer.small(train_2x),
                 "val": stack_images(val_pool, work),
@@ -120,7 +137,8 @@ def main() -> int:
             emb = {"train": e_tr, "val": e_vp, "synthetic": e_nv}
             ids = {"val": [f"v{i}" for i in range(len(val_pool))]}
             ids["synthetic"] = [f"n{i}" for i in range(len(novel))]
-            pool = AlignedSearch(scorer, small, emb, ids=ids)
+            patients = train.patient_ids  # the null leaves out same-patient pairs, as the audit
+            pool = AlignedSearch(scorer, small, emb, ids=ids, groups=patients)
             novel_scores = pool("synthetic", "train", 1)[0][:, 0]
         else:
             novel_scores = nearest(e_nv, e_tr)[0][:, 0]
@@ -154,6 +172,7 @@ def main() -> int:
                         },
                         cache=pool.cache,
                         coarse_cache=pool.coarse_cache,
+                        groups=patients,
                     )
                 for cal in ("conformal", "paper"):
                     try:
@@ -201,7 +220,9 @@ def main() -> int:
         table.append(entry)
     seconds["total"] = round(time.perf_counter() - t0, 1)
     report = {
-        "data": "NIH ChestX-ray14 subset (../shared/data/nih-cxr), no copies",
+        "dims": args.dims,
+        "data": (IXI_CREDIT if three else "NIH ChestX-ray14 subset (../shared/data/nih-cxr)")
+        + ", no copies",
         "score": args.score,
         "nominal_rate": (100 - args.percentile) / 100,
         "splits": args.splits,
@@ -214,8 +235,8 @@ def main() -> int:
         "command": " ".join(["python", "-m", "benchmarks.calibration", *sys.argv[1:]]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "calibration.md").write_text(render(report))
+    (args.out / f"calibration{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"calibration{suffix}.md").write_text(render(report))
     print(render(report))
     return 0
 
@@ -223,14 +244,17 @@ def main() -> int:
 def render(r: dict) -> str:
     def cell(e: dict, col: str) -> str:
         if e.get(col) is None:
-            return "refused (too few validation images)"
+            return "refused (too few validation images: below)"
         lo, hi = e[f"{col}_ci95"]
         return f"{100 * e[col]:.1f}% ({100 * lo:.1f}-{100 * hi:.1f})"
 
+    three = r.get("dims", 2) == 3
+    what = "brain MRI volumes" if three else "radiographs"
     lines = [
-        "# Calibration on real radiographs with no copies",
+        f"# Calibration on real {what} with no copies",
         "",
-        f"Generated by `{r['command']}` (do not edit by hand); numbers in calibration.json.",
+        f"Generated by `{r['command']}` (do not edit by hand); numbers in "
+        f"calibration{'-3d' if three else ''}.json.",
         "",
         f"- Data: {r['data']}; {r['splits']} patient splits, a default detector trained on "
         f"each split's ~{r['n_train_target']} training images; {r['draws']} validation "
@@ -241,7 +265,8 @@ def render(r: dict) -> str:
         "novel 'synthetic' set of |train| images correlates >= tau_mem.",
         f"- Score: {r.get('score', 'embedding')} (`--score {r.get('score', 'embedding')}`; "
         "docs/scoring.md). Detector seconds are loading time when a split's detector "
-        "resumed from a finished checkpoint in runs/calibration-benchmark/.",
+        "resumed from a finished checkpoint in "
+        f"runs/calibration-benchmark{'-3d' if three else ''}/.",
         "- Brackets: 95% t interval over the split means (splits are the independent units).",
         f"- Machine: {r['machine']}. Seconds: {r['seconds']}.",
         "",
@@ -255,6 +280,13 @@ def render(r: dict) -> str:
             f"{cell(e, 'conformal_false_copy_rate')} | {cell(e, 'paper_false_copy_rate')} | "
             f"{cell(e, 'conformal_false_mem_rate')} | {cell(e, 'paper_false_mem_rate')} |"
         )
+    refused = {  # one example per calibration: the message a user would see
+        cal: next((e[f"{cal}_error"] for e in r["table"] if e.get(f"{cal}_error")), None)
+        for cal in ("conformal", "paper")
+    }
+    if any(refused.values()):
+        lines += ["", "Refused by the audit (`medmem.InputError`), for example:", ""]
+        lines += [f"- {cal}: {msg}." for cal, msg in refused.items() if msg]
     return "\n".join(lines) + "\n"
 
 

@@ -43,15 +43,21 @@ import torch.nn.functional as F
 
 import medmem
 from benchmarks._changes import CHANGES, GROUP_OF, GROUPS
-from benchmarks._common import DATA_ROOT, NIH, machine, read_manifest, split_patients
+from benchmarks._common import (
+    IXI,
+    IXI_CREDIT,
+    NIH,
+    load_ixi,
+    machine,
+    read_manifest,
+    split_patients,
+)
 from medmem import audit_embeddings, calibrate, control_images
 from medmem.data import ArrayDataset
 from medmem.detector import CONTROL_VARIATION_KINDS, VariationConfig
 from medmem.metrics import auroc
 from medmem.search import nearest
 from medmem.verify import AlignConfig, AlignedScorer, AlignedSearch
-
-IXI = DATA_ROOT / "ixi-t1"
 
 
 # ------------------------------------------------------------------ data
@@ -91,16 +97,10 @@ def load_3d(args: argparse.Namespace) -> dict:
     parts = split_patients(manifest, args.seed, fractions=tuple(args.fractions))
     size = (args.image_size or 64,) * 3
 
-    def load(df: pd.DataFrame) -> medmem.ImageDataset:
-        return medmem.load_dataset([root / p for p in df["path"]], image_size=size, quiet=True)
-
     return {
-        "train": load(parts["train"]),
-        "val": load(parts["val"]),
-        "novel": load(parts["novel"]),
+        **{k: load_ixi(root, parts[k]["path"], size) for k in ("train", "val", "novel")},
         "follow": None,
-        "data": "IXI T1 brain MRI, 2 mm (../shared/data/ixi-t1; IXI dataset, "
-        "brain-development.org, CC BY-SA 3.0)",
+        "data": IXI_CREDIT,
     }
 
 
@@ -243,16 +243,20 @@ def score_embeddings(emb, sets: dict[str, torch.Tensor]) -> dict:
 
 
 def aligned_search(
-    det, sets: dict[str, torch.Tensor], coarse_cache: dict | None = None
+    det,
+    sets: dict[str, torch.Tensor],
+    coarse_cache: dict | None = None,
+    patients: list | None = None,
 ) -> AlignedSearch:
     """The audit's default score: candidates from ``det``'s embeddings, the pixels and the
     coarse search, each pair scored by its aligned NCC (medmem.verify). ``coarse_cache``:
     the coarse search's scores, shared by every detector's search (they do not depend on the
-    detector)."""
+    detector); ``patients``: the training images' patient ids, so that the unaligned
+    channel's null leaves out same-patient pairs as the audit's does."""
     scorer = AlignedScorer(sets["train"], AlignConfig())
     small = {k: scorer.small(v) for k, v in sets.items() if v is not None}
     emb = {k: det.embed(ArrayDataset(v), quiet=True) for k, v in sets.items() if v is not None}
-    return AlignedSearch(scorer, small, emb, coarse_cache=coarse_cache)
+    return AlignedSearch(scorer, small, emb, coarse_cache=coarse_cache, groups=patients)
 
 
 def score_aligned(search: AlignedSearch, sets: dict[str, torch.Tensor]) -> dict:
@@ -387,7 +391,7 @@ def main() -> int:
     coarse: dict = {}  # the first detector's time includes the coarse search, once for all
     for name, det in detectors.items():
         t = time.perf_counter()
-        searches[name] = aligned_search(det, x, coarse)
+        searches[name] = aligned_search(det, x, coarse, list(train.patient_ids))
         raw[f"medmem ({name})"] = score_aligned(searches[name], x)
         seconds[f"medmem ({name})"] = round(time.perf_counter() - t, 1)
     if not args.no_ssim:

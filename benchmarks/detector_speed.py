@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 import medmem
-from benchmarks._common import DATA_ROOT, NIH, machine, read_manifest
+from benchmarks._common import IXI, NIH, machine, read_manifest
 
 BUDGET_S = {2: 180.0, 3: 600.0}
 
@@ -36,7 +36,7 @@ def _sets(args: argparse.Namespace) -> dict[int, medmem.ImageDataset]:
         rng = np.random.default_rng(args.seed)
         files = m["file"].to_numpy()[rng.permutation(len(m))[: args.n_2d]]
         out[2] = medmem.load_dataset([NIH / f for f in files], image_size=(128, 128), quiet=True)
-    ixi = DATA_ROOT / "ixi-t1" / "manifest.csv"
+    ixi = IXI / "manifest.csv"
     if ixi.exists():
         m3 = pd.read_csv(ixi, dtype=str)
         rng = np.random.default_rng(args.seed)
