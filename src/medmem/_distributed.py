@@ -37,12 +37,15 @@ def init_from_env() -> bool:
 
     Does nothing (returns False) when ``WORLD_SIZE`` is unset or 1, and nothing more when
     the group is already initialised. Uses NCCL (one GPU per rank, ``LOCAL_RANK``) when CUDA
-    is available, else gloo.
+    is available with a GPU for every process of the node, else gloo (NCCL cannot put two
+    ranks on one GPU; under gloo the processes share the node's GPUs or run on the CPU).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return False
     if not dist.is_initialized():
-        if torch.cuda.is_available():
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        if torch.cuda.is_available() and torch.cuda.device_count() >= per_node:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl")
         else:
@@ -140,8 +143,12 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     rank."""
     if not is_distributed():
         return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
+    # on the backend's device: gloo gathers CUDA tensors through the CPU (it has no CUDA
+    # all_gather), NCCL CPU tensors through the rank's GPU; no copy when they agree
+    mine = x.detach().to(_device()).contiguous()
+    parts = [torch.empty_like(mine) for _ in range(world_size())]
+    dist.all_gather(parts, mine)
+    parts = [p.to(x.device) for p in parts]
     parts[rank()] = x
     return torch.cat(parts, dim=0)
 

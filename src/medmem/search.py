@@ -29,6 +29,9 @@ from medmem._validation import check_embeddings, check_positive_int
 # each product (row maxima, the rows that improved) a quarter as often, 256 and 2048 are
 # slower. On a GPU pass a larger block_size.
 DEFAULT_BLOCK_SIZE = 1024
+# On a GPU (measured on an H200, docs/benchmarks/search-gpu.md): 16384 searched 10^6 x 10^5
+# in 1.06 s, 8192 in 1.26 s and 32768 in 1.12 s; 1024 took 27 s (Python per block).
+DEFAULT_GPU_BLOCK_SIZE = 16384
 BACKENDS = ("torch", "faiss")
 _STANDARDIZE_ROWS = 65536  # rows standardised at a time: bounded float64 scratch memory
 
@@ -191,6 +194,38 @@ def _search_torch(
     return out_v, out_i
 
 
+def _is_cuda(x: object) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_cuda
+
+
+def _on_device(
+    x: torch.Tensor, name: str, standardized: bool, dim: int | None = None
+) -> torch.Tensor:
+    """``x``, a CUDA tensor, checked and (unless ``standardized``) standardised on its device,
+    as :func:`check_embeddings` and :func:`standardize` do on the host: the embeddings never
+    leave the GPU. Anything those would reject goes through them, for the same error."""
+    ok = x.ndim == 2 and x.shape[0] > 0 and x.shape[1] >= 2 and (dim in (None, x.shape[1]))
+    ok = ok and not x.is_complex() and x.dtype != torch.bool
+    out = x.float().contiguous() if ok else x
+    ok = ok and bool(torch.isfinite(out).all())
+    if ok and not standardized:
+        std = torch.empty_like(out)
+        for start in range(0, len(out), _STANDARDIZE_ROWS):
+            arr = out[start : start + _STANDARDIZE_ROWS].double()
+            arr -= arr.mean(dim=1, keepdim=True)
+            norms = torch.linalg.vector_norm(arr, dim=1, keepdim=True)
+            scale = max(1.0, float(arr.abs().max()))
+            if bool((norms[:, 0] <= 1e-12 * scale).any()):
+                ok = False  # a constant row: the host path names it
+                break
+            std[start : start + _STANDARDIZE_ROWS] = (arr / norms).float()
+        out = std
+    if ok:
+        return out
+    host = check_embeddings(x, name, dim=dim) if standardized else standardize(x, name)
+    return torch.from_numpy(host).to(x.device)  # a d mismatch is named by nearest
+
+
 def _import_faiss():  # noqa: ANN202 - faiss has no type stubs
     try:
         import faiss
@@ -245,7 +280,7 @@ def nearest(
     base: np.ndarray | torch.Tensor,
     k: int = 1,
     *,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
     standardized: bool = False,
     exclude_self: bool = False,
     backend: str = "torch",
@@ -258,8 +293,9 @@ def nearest(
         base: (n_base, d) embeddings.
         k: how many neighbours to return per query (at most n_base).
         block_size: rows of queries and of base per block; peak extra memory is about
-            ``block_size**2 * 4`` bytes, whatever the sizes of the inputs (on a GPU, 8192
-            or more keeps it busy).
+            ``block_size**2 * 4`` bytes, whatever the sizes of the inputs. Default
+            ``DEFAULT_BLOCK_SIZE`` (1024) on the CPU, ``DEFAULT_GPU_BLOCK_SIZE`` (16384,
+            1 GiB) on a GPU.
         standardized: the inputs are already standardised (skip that step).
         exclude_self: queries and base are the same set; a row is not its own neighbour.
         backend: "torch" (default) or "faiss" (exact ``IndexFlatIP``, on the CPU).
@@ -272,7 +308,9 @@ def nearest(
     Returns:
         ``(values, indices)``, both (n_queries, k): correlations in descending order and the
         base rows they belong to. Ties go to the lower base index, so results are
-        deterministic.
+        deterministic. A tie is equality in float32: a BLAS may round two mathematically
+        equal correlations (duplicate images) 1 ulp apart depending on where their rows
+        fall in a block, so on some CPUs duplicates can come back in either order.
 
     Example:
         >>> values, indices = nearest(np.eye(3, 4), np.eye(3, 4), k=1)
@@ -280,12 +318,21 @@ def nearest(
         [0, 1, 2]
     """
     k = check_positive_int(k, "k")
-    block_size = check_positive_int(block_size, "block_size")
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     if device is None:
         device = queries.device if isinstance(queries, torch.Tensor) else "cpu"
-    if standardized:
+    dev = torch.device(device)
+    if block_size is None:
+        gpu_search = dev.type == "cuda" and backend == "torch"
+        block_size = DEFAULT_GPU_BLOCK_SIZE if gpu_search else DEFAULT_BLOCK_SIZE
+    block_size = check_positive_int(block_size, "block_size")
+    # CUDA tensors searched on their GPU stay there: checked and standardised on the device
+    gpu = backend == "torch" and dev.type == "cuda" and _is_cuda(queries) and _is_cuda(base)
+    if gpu:
+        q = _on_device(queries.to(dev), "queries", standardized)
+        b = _on_device(base.to(dev), "base", standardized, dim=q.shape[1])
+    elif standardized:
         q = check_embeddings(queries, "queries")
         b = check_embeddings(base, "base", dim=q.shape[1])
     else:
@@ -306,14 +353,23 @@ def nearest(
     rows = _distributed.split(np.arange(q.shape[0]))
     part = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) else slice(0, 0)
     own = rows if exclude_self else None  # the base row each query may not match
-    if backend == "faiss":
+    if gpu:
+        own_t = torch.from_numpy(own).to(dev) if own is not None else None
+        v, i = _search_torch(q[part], b, k, block_size, own_t)
+    elif backend == "faiss":
         v, i = _search_faiss(q[part], b, k, block_size, own)
     else:
-        dev = torch.device(device)
         qt, bt = torch.from_numpy(q[part]).to(dev), torch.from_numpy(b).to(dev)
         own_t = torch.from_numpy(own).to(dev) if own is not None else None
         v, i = _search_torch(qt, bt, k, block_size, own_t)
     return _distributed.gather_rows(v.cpu().numpy()), _distributed.gather_rows(i.cpu().numpy())
 
 
-__all__ = ["BACKENDS", "DEFAULT_BLOCK_SIZE", "nearest", "pearson", "standardize"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_GPU_BLOCK_SIZE",
+    "nearest",
+    "pearson",
+    "standardize",
+]

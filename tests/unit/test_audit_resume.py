@@ -54,6 +54,7 @@ def result_hashes(out: Path) -> dict[str, str]:
     return hashes
 
 
+@pytest.mark.cpu_exact
 def test_audit_killed_while_training_resumes_with_identical_numbers(
     sets, tmp_path, monkeypatch, caplog
 ) -> None:

@@ -278,6 +278,7 @@ def test_training_records_history_and_leaves_global_rng_alone(train_set):
 
 
 # ---------------------------------------------------------------- reproducibility and resume
+@pytest.mark.cpu_exact
 def test_same_seed_same_weights_other_seed_differs(detector, train_set):
     again = Detector.train(train_set, quiet=True, **TINY)
     _assert_same_weights(detector, again)
@@ -286,6 +287,7 @@ def test_same_seed_same_weights_other_seed_differs(detector, train_set):
     assert other.fingerprint != detector.fingerprint
 
 
+@pytest.mark.cpu_exact
 def test_data_loader_workers_do_not_change_the_result(detector, train_set):
     det = Detector.train(train_set, quiet=True, num_workers=2, **TINY)
     _assert_same_weights(detector, det)
@@ -297,6 +299,7 @@ TINY_3D = dict(
 )
 
 
+@pytest.mark.cpu_exact
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_resume_after_interruption_equals_uninterrupted_run(
     spatial_dims, detector, train_set, tmp_path, monkeypatch

@@ -89,6 +89,7 @@ def test_eval_interval_and_min_epochs_follow_steps_per_epoch():
 
 
 # stopped at min_epochs = 4 by construction: too soon to learn, and the detector says so
+@pytest.mark.cpu_exact
 @pytest.mark.filterwarnings("ignore:the detector did not learn:medmem.MedmemWarning")
 def test_training_stops_early_records_why_and_resumes_to_the_same_weights(tmp_path):
     train = ArrayDataset(_smooth(16, 32, seed=3))

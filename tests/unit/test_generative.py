@@ -113,7 +113,10 @@ def test_train_sample_shapes_range_and_reload(tmp_path, model, dims, kind):
     assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
     # saved model (safetensors + JSON) gives the same images; a run folder loads too
     again = GenerativeModel.load(tmp_path / "run").sample(3, seed=1, quiet=True)
-    assert torch.equal(images, again)
+    if torch.cuda.is_available():  # cuDNN's kernels are not bit-deterministic: 2.4e-4 seen
+        torch.testing.assert_close(images, again, rtol=0, atol=1e-3)
+    else:
+        assert torch.equal(images, again)
     losses = pd.read_csv(tmp_path / "run" / "losses.csv")
     assert set(losses["stage"]) == set(cfg.stages)
     assert set(result.seconds_per_iteration) == set(cfg.stages)

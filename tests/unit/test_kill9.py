@@ -101,6 +101,7 @@ def _leftovers(folder: Path) -> list[str]:
     ]
 
 
+@pytest.mark.cpu_exact
 @pytest.mark.slow
 def test_audit_killed_mid_training_reruns_to_the_same_result(sets, tmp_path) -> None:
     ref, out = tmp_path / "ref", tmp_path / "audit"
@@ -121,6 +122,7 @@ def _tree(folder: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.cpu_exact
 @pytest.mark.slow
 def test_train_detector_killed_mid_training_reruns_to_the_same_detector(sets, tmp_path) -> None:
     def args(out: Path, ckpt: Path) -> list[str]:
@@ -199,6 +201,7 @@ def test_screen_killed_midway_leaves_nothing_and_reruns(tmp_path, pixel_detector
     assert not _confidential_leftovers(tmp_path)
 
 
+@pytest.mark.cpu_exact
 @pytest.mark.slow
 def test_generate_train_killed_after_a_checkpoint_resumes_and_leaves_nothing(tmp_path) -> None:
     from importlib.util import find_spec

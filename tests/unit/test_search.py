@@ -53,12 +53,21 @@ def test_ties_go_to_the_lowest_base_index(block_size: int, k: int) -> None:
     np.testing.assert_allclose(v, 1.0, atol=1e-6)
 
 
-def test_same_inputs_same_outputs_for_any_block_size() -> None:
+def _integer_ties() -> tuple[np.ndarray, np.ndarray]:
+    """Small-integer rows with many exact ties, searched as given (``standardized=True``):
+    their products are exact in float32 whatever the BLAS kernel's order of summation, so
+    the tests below see the tie rule itself. (Standardised rows are not exact: a BLAS may
+    round two equal correlations 1 ulp apart depending on where the rows fall in a block;
+    seen on a 16-core host, not on the 2-core CI machine.)"""
     rng = np.random.default_rng(5)
     base = rng.integers(0, 3, size=(40, 4)).astype(np.float32)  # many exact ties
     base[:, 0] += np.arange(40) % 2  # avoid constant rows
-    q = base[::3].copy()
-    results = [nearest(q, base, k=4, block_size=bs)[1] for bs in (1, 5, 8, 40)]
+    return base[::3].copy(), base
+
+
+def test_same_inputs_same_outputs_for_any_block_size() -> None:
+    q, base = _integer_ties()
+    results = [nearest(q, base, k=4, block_size=bs, standardized=True)[1] for bs in (1, 5, 8, 40)]
     for r in results[1:]:
         np.testing.assert_array_equal(r, results[0])
 
@@ -66,13 +75,11 @@ def test_same_inputs_same_outputs_for_any_block_size() -> None:
 def test_same_top1_for_any_block_size_with_ties() -> None:
     """k = 1 takes a two-pass path (best block, then the position in it): ties across and
     within blocks still go to the lowest index, the same for every block size."""
-    rng = np.random.default_rng(5)
-    base = rng.integers(0, 3, size=(40, 4)).astype(np.float32)  # many exact ties
-    base[:, 0] += np.arange(40) % 2
-    q = base[::3].copy()
-    ref = nearest(q, base, k=2, block_size=40)[1][:, :1]  # the top-k path's first column
+    q, base = _integer_ties()
+    ref = nearest(q, base, k=2, block_size=40, standardized=True)[1][:, :1]  # top-k path
     for bs in (1, 2, 5, 8, 13, 40):
-        np.testing.assert_array_equal(nearest(q, base, k=1, block_size=bs)[1], ref)
+        got = nearest(q, base, k=1, block_size=bs, standardized=True)[1]
+        np.testing.assert_array_equal(got, ref)
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -207,3 +214,25 @@ def test_standardize_in_chunks_equals_whole(monkeypatch: pytest.MonkeyPatch) -> 
     x[22] = 7.0
     with pytest.raises(InputError, match="row 22 is constant"):
         standardize(x)
+
+
+def test_device_path_checks_and_standardizes_as_the_host_path() -> None:
+    """CUDA inputs are checked and standardised where they are (``_on_device``); the same
+    code on CPU tensors gives the host path's values and, for bad rows, its errors."""
+    import torch
+
+    import medmem.search as search
+
+    x = np.random.default_rng(5).standard_normal((30, 6)) * 3 + 2
+    got = search._on_device(torch.from_numpy(x), "queries", standardized=False)
+    np.testing.assert_allclose(got.numpy(), standardize(x), rtol=0, atol=1e-7)
+    same = search._on_device(torch.from_numpy(x), "queries", standardized=True)
+    np.testing.assert_array_equal(same.numpy(), x.astype(np.float32))
+    x[4] = 7.0
+    with pytest.raises(InputError, match="row 4 is constant"):
+        search._on_device(torch.from_numpy(x), "queries", standardized=False)
+    x[4] = np.nan
+    with pytest.raises(InputError, match="row 4 contains NaN"):
+        search._on_device(torch.from_numpy(x), "queries", standardized=True)
+    with pytest.raises(InputError, match="expected d=5"):
+        search._on_device(torch.zeros((3, 6)), "base", standardized=True, dim=5)
