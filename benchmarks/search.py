@@ -187,7 +187,7 @@ def matmul_rate() -> dict:
     res = {}
     for name, (a, b, c) in {
         "square_2048": (2048, 2048, 2048),
-        "block_1024x128x1024": (1024, D, 1024),
+        "block_1024x128x256": (1024, D, 256),  # the default block on the CPU
     }.items():
         x, y = torch.randn(a, b), torch.randn(b, c)
         out = torch.empty(a, c)
@@ -420,7 +420,7 @@ def main() -> None:
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     blocks = [int(s) for s in args.blocks.split(",")]
-    from medmem.search import DEFAULT_BLOCK_SIZE
+    from medmem.search import CPU_BASE_DIVISOR, DEFAULT_BLOCK_SIZE
 
     faiss_version = _faiss_version()
     methods = ["nearest", "faiss"] if faiss_version else ["nearest"]
@@ -479,6 +479,7 @@ def main() -> None:
         "matmul_gflops": mm,
         "d": D,
         "default_block_size": DEFAULT_BLOCK_SIZE,
+        "cpu_base_divisor": CPU_BASE_DIVISOR,
         "results": rows,
         "block_sweep": sweep,
         "audit_case": audit,
@@ -580,8 +581,13 @@ def render_markdown(info: dict) -> str:
         f"- Whole run: {info['wall_seconds']:.0f} s.",
         f"- Matrix-multiply rate measured in the same run (best of the start and the end): "
         f"{mm['square_2048']:.1f} GFLOP/s wall, {mm['square_2048_cpu']:.1f} GFLOP/s per CPU "
-        f"second (float32 2048^3); {mm['block_1024x128x1024']:.1f} GFLOP/s for the "
-        "block shape 1024 x 128 x 1024. Each share below divides a run's "
+        f"second (float32 2048^3); "
+        + "; ".join(
+            f"{v:.1f} GFLOP/s for the block shape {k[6:].replace('x', ' x ')}"
+            for k, v in mm.items()
+            if k.startswith("block_") and not k.endswith("_cpu")
+        )
+        + ". Each share below divides a run's "
         "rate by torch's 2048^3 matmul rate measured in the same process just before and "
         "just after it (their mean), so that both see the same load."
         + (
@@ -591,7 +597,9 @@ def render_markdown(info: dict) -> str:
             else ""
         ),
         f"- Embeddings: d = {info['d']}, float32, standardised; k = 1; `nearest` block size "
-        f"{info['default_block_size']}. Rate = 2 N M d / time. Peak memory = peak RSS above "
+        f"{info['default_block_size']} ({info['default_block_size']} queries x "
+        f"{info['default_block_size'] // info.get('cpu_base_divisor', 1)} base rows per "
+        "product). Rate = 2 N M d / time. Peak memory = peak RSS above "
         "the RSS with the inputs loaded, each run in a fresh process.",
         "",
         head,
@@ -672,7 +680,13 @@ def render_markdown(info: dict) -> str:
     lines += _repeats_lines(info.get("repeats") or [])
     if info["block_sweep"]:
         lines += [
-            f"Block-size sweep, torch backend (N = M = {info['block_sweep'][0]['n']:,}):",
+            f"Block-size sweep, torch backend (N = M = {info['block_sweep'][0]['n']:,}"
+            + (
+                f"; base rows per product: block size / {info['cpu_base_divisor']}"
+                if info.get("cpu_base_divisor", 1) > 1
+                else ""
+            )
+            + "):",
             "",
             "| block size | GFLOP/s | share of matmul rate | share, CPU time | peak extra memory |",
             "|---:|---:|---:|---:|---:|",

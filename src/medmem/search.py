@@ -23,17 +23,26 @@ from medmem import _distributed
 from medmem._errors import InputError
 from medmem._validation import check_embeddings, check_positive_int
 
-# A (1024, 1024) float32 block (4 MiB). On one CPU thread 512 and 1024 are within this
-# machine's run-to-run noise of each other (block-size sweep in docs/benchmarks/search.md;
-# three sweeps averaged 71% and 72% of the matmul rate); 1024 does the bookkeeping after
-# each product (row maxima, the rows that improved) a quarter as often, 256 and 2048 are
-# slower. On a GPU pass a larger block_size.
+# 1024 queries x 256 base rows on the CPU (a 1 MiB block: CPU_BASE_DIVISOR). With square
+# 1024 x 1024 blocks (4 MiB, beyond a core's L2) the row maxima read the products back from
+# L3 and took a tenth of the time; in an A/B run on this 2-core machine (20,000 x 100,000,
+# three repetitions) the search's median share of the matmul rate was 69% with square
+# blocks, 77% with a half, 79% with a quarter and 76% with an eighth.
 DEFAULT_BLOCK_SIZE = 1024
 # On a GPU (measured on an H200, docs/benchmarks/search-gpu.md): 16384 searched 10^6 x 10^5
 # in 1.06 s, 8192 in 1.26 s and 32768 in 1.12 s; 1024 took 27 s (Python per block).
 DEFAULT_GPU_BLOCK_SIZE = 16384
 BACKENDS = ("torch", "faiss")
 _STANDARDIZE_ROWS = 65536  # rows standardised at a time: bounded float64 scratch memory
+#: On the CPU each block pairs ``block_size`` queries with ``block_size // 4`` base rows, so
+#: that a block's products (1 MiB at 1024) stay in a core's L2 cache for the row maxima
+#: that follow the product (set to 1 for square blocks).
+CPU_BASE_DIVISOR = 4
+
+
+def _base_rows(block_size: int, device: torch.device) -> int:
+    """Base rows per block: a quarter of ``block_size`` on the CPU, all of it on a GPU."""
+    return block_size if device.type == "cuda" else max(1, block_size // CPU_BASE_DIVISOR)
 
 
 def standardize(x: np.ndarray | torch.Tensor, name: str = "embeddings") -> np.ndarray:
@@ -118,17 +127,18 @@ def _search_top1(
     """
     n_q, n_b = q.shape[0], b.shape[0]
     dev = q.device
+    base_rows = _base_rows(block_size, dev)
     out_v = torch.empty((n_q, 1), dtype=torch.float32, device=dev)
     out_i = torch.empty((n_q, 1), dtype=torch.int64, device=dev)
-    buf = torch.empty(min(block_size, n_q) * min(block_size, n_b), device=dev)
+    buf = torch.empty(min(block_size, n_q) * min(base_rows, n_b), device=dev)
     for qs in range(0, n_q, block_size):
         qblock = q[qs : qs + block_size]  # (bq, d)
         n_rows = qblock.shape[0]
         own_rows = own[qs : qs + n_rows] if own is not None else None
         best_v = torch.full((n_rows,), -torch.inf, device=dev)
         best_block = torch.zeros(n_rows, dtype=torch.int64, device=dev)
-        for bs in range(0, n_b, block_size):
-            bblock = b[bs : bs + block_size]  # (bb, d)
+        for bs in range(0, n_b, base_rows):
+            bblock = b[bs : bs + base_rows]  # (bb, d)
             # reuse one buffer: no allocation per block, and it stays in cache
             sims = buf[: n_rows * bblock.shape[0]].view(n_rows, -1)
             torch.mm(qblock, bblock.T, out=sims)  # (bq, bb)
@@ -140,7 +150,7 @@ def _search_top1(
         # second pass: each query against its best block only
         for bs in torch.unique(best_block).tolist():
             rows = torch.nonzero(best_block == bs).flatten()
-            bblock = b[bs : bs + block_size]
+            bblock = b[bs : bs + base_rows]
             sims = buf[: rows.numel() * bblock.shape[0]].view(rows.numel(), -1)
             torch.mm(qblock.index_select(0, rows), bblock.T, out=sims)
             _mask_own(sims, own_rows.index_select(0, rows) if own_rows is not None else None, bs)
@@ -160,17 +170,18 @@ def _search_torch(
         return _search_top1(q, b, block_size, own)
     n_q, n_b = q.shape[0], b.shape[0]
     dev = q.device
+    base_rows = _base_rows(block_size, dev)
     out_v = torch.empty((n_q, k), dtype=torch.float32, device=dev)
     out_i = torch.empty((n_q, k), dtype=torch.int64, device=dev)
-    buf = torch.empty(min(block_size, n_q) * min(block_size, n_b), device=dev)
+    buf = torch.empty(min(block_size, n_q) * min(base_rows, n_b), device=dev)
     for qs in range(0, n_q, block_size):
         qblock = q[qs : qs + block_size]  # (bq, d)
         n_rows = qblock.shape[0]
         # running top-k; placeholders (-inf, index n_b) lose every tie to a real column
         best_v = torch.full((n_rows, k), -torch.inf, device=dev)
         best_i = torch.full((n_rows, k), n_b, dtype=torch.int64, device=dev)
-        for bs in range(0, n_b, block_size):
-            bblock = b[bs : bs + block_size]  # (bb, d)
+        for bs in range(0, n_b, base_rows):
+            bblock = b[bs : bs + base_rows]  # (bb, d)
             # reuse one buffer: no allocation per block, and it stays in cache
             sims = buf[: n_rows * bblock.shape[0]].view(n_rows, -1)
             torch.mm(qblock, bblock.T, out=sims)  # (bq, bb)
@@ -292,8 +303,9 @@ def nearest(
         queries: (n_queries, d) embeddings.
         base: (n_base, d) embeddings.
         k: how many neighbours to return per query (at most n_base).
-        block_size: rows of queries and of base per block; peak extra memory is about
-            ``block_size**2 * 4`` bytes, whatever the sizes of the inputs. Default
+        block_size: rows of queries per block (and of base rows: a quarter of it on the
+            CPU); peak extra memory is about ``block_size**2`` bytes on the CPU and
+            ``block_size**2 * 4`` on a GPU, whatever the sizes of the inputs. Default
             ``DEFAULT_BLOCK_SIZE`` (1024) on the CPU, ``DEFAULT_GPU_BLOCK_SIZE`` (16384,
             1 GiB) on a GPU.
         standardized: the inputs are already standardised (skip that step).
@@ -367,6 +379,7 @@ def nearest(
 
 __all__ = [
     "BACKENDS",
+    "CPU_BASE_DIVISOR",
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_GPU_BLOCK_SIZE",
     "nearest",
