@@ -24,19 +24,20 @@ from medmem._errors import InputError
 from medmem._validation import check_embeddings, check_positive_int
 
 # 1024 queries x 256 base rows on the CPU (a 1 MiB block: CPU_BASE_DIVISOR). With square
-# 1024 x 1024 blocks (4 MiB, beyond a core's L2) the row maxima read the products back from
-# L3 and took a tenth of the time; in an A/B run on this 2-core machine (20,000 x 100,000,
-# three repetitions) the search's median share of the matmul rate was 69% with square
-# blocks, 77% with a half, 79% with a quarter and 76% with an eighth.
+# 1024 x 1024 blocks (4 MiB) the row maxima after each product took a tenth of the search's
+# time (a probe on this 2-core machine, 512 KiB of L2 per core); in an A/B run there
+# (20,000 x 100,000, three repetitions) the search's median share of the matmul rate was
+# 69% with square blocks, 77% with a half, 79% with a quarter and 76% with an eighth. The
+# smaller block keeps more of the products in cache for the maxima; the A/B, not a cache
+# model, chose a quarter.
 DEFAULT_BLOCK_SIZE = 1024
 # On a GPU (measured on an H200, docs/benchmarks/search-gpu.md): 16384 searched 10^6 x 10^5
 # in 1.06 s, 8192 in 1.26 s and 32768 in 1.12 s; 1024 took 27 s (Python per block).
 DEFAULT_GPU_BLOCK_SIZE = 16384
 BACKENDS = ("torch", "faiss")
 _STANDARDIZE_ROWS = 65536  # rows standardised at a time: bounded float64 scratch memory
-#: On the CPU each block pairs ``block_size`` queries with ``block_size // 4`` base rows, so
-#: that a block's products (1 MiB at 1024) stay in a core's L2 cache for the row maxima
-#: that follow the product (set to 1 for square blocks).
+#: On the CPU each block pairs ``block_size`` queries with ``block_size // 4`` base rows (1
+#: MiB of products at 1024, read again at once for the row maxima); 1 gives square blocks.
 CPU_BASE_DIVISOR = 4
 
 
