@@ -89,11 +89,9 @@ def load_2d(args: argparse.Namespace) -> dict:
 
 def load_3d(args: argparse.Namespace) -> dict:
     root = args.data or IXI
-    path = root / "manifest.csv"
-    if not path.exists():
-        print(f"skipped: {path} not found (../shared/data is absent)")
+    manifest = read_manifest(root)
+    if manifest is None:
         return {}
-    manifest = pd.read_csv(path, dtype=str)
     parts = split_patients(manifest, args.seed, fractions=tuple(args.fractions))
     size = (args.image_size or 64,) * 3
 

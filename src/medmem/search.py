@@ -336,12 +336,12 @@ def nearest(
     if device is None:
         device = queries.device if isinstance(queries, torch.Tensor) else "cpu"
     dev = torch.device(device)
+    on_gpu = backend == "torch" and dev.type == "cuda"
     if block_size is None:
-        gpu_search = dev.type == "cuda" and backend == "torch"
-        block_size = DEFAULT_GPU_BLOCK_SIZE if gpu_search else DEFAULT_BLOCK_SIZE
+        block_size = DEFAULT_GPU_BLOCK_SIZE if on_gpu else DEFAULT_BLOCK_SIZE
     block_size = check_positive_int(block_size, "block_size")
     # CUDA tensors searched on their GPU stay there: checked and standardised on the device
-    gpu = backend == "torch" and dev.type == "cuda" and _is_cuda(queries) and _is_cuda(base)
+    gpu = on_gpu and _is_cuda(queries) and _is_cuda(base)
     if gpu:
         q = _on_device(queries.to(dev), "queries", standardized)
         b = _on_device(base.to(dev), "base", standardized, dim=q.shape[1])
