@@ -552,6 +552,13 @@ def render(r: dict) -> str:
         "the best flip, rotation, zoom and shift, tile by tile with the worst tile left out, "
         "minus half the image's background (its mean over its 2nd to 5th best candidates)"
         + (
+            "; the larger of that and the pair's plain aligned NCC (of the images alone, "
+            "without the high-passed copies) minus half its own background, mapped onto the "
+            "same scale by the training set's null"
+            if coarse.get("plain")
+            else ""
+        )
+        + (
             "; the larger of that and the pair's unaligned pixel correlation minus half its "
             "own background, mapped onto the same scale by the training set's null"
             if coarse.get("unaligned")

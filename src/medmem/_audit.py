@@ -1724,26 +1724,30 @@ def _score_summary(
         "image, per tile, the worst tile left out, minus background x the image's mean over "
         "its 2nd to (1 + background_ranks)-th best candidates; candidate pairs from the "
         "detector's embeddings, the pixels (also of the mirrored image) and a coarse aligned "
-        "search over every pair (when coarse_used); with unaligned_used, the larger of that "
-        "and the unaligned Pearson correlation of the images minus background x its own "
-        "background, mapped onto the aligned score's scale by matching the two channels' nulls "
-        "(null: median and 95th percentile minus median of each channel's best score of every "
-        "training image against the training images of other patients)",
+        "search over every pair (when coarse_used); with plain_used, the larger of that and "
+        "the plain aligned NCC (of the images alone, without their high-passed copies) minus "
+        "background x its own background, mapped onto the aligned score's scale by matching "
+        "the two channels' nulls (likewise the unaligned Pearson correlation of the images "
+        "with unaligned_used; null: median and 95th percentile minus median of each "
+        "channel's best score of every training image against the training images of other "
+        "patients)",
         **align.to_dict(),  # every setting of the score, by its AlignConfig name
         # the coarse search's size, and whether it ran (off above coarse_max_pairs)
         "coarse_pairs": search.coarse_pairs if search is not None else None,
         "coarse_used": search.coarse_used if search is not None else None,
         "n_views": search.scorer.n_views if search is not None else None,
         "n_pairs_scored": search.n_pairs if search is not None else None,
-        # the unaligned channel: whether it ran (off below verify.MIN_NULL training images)
+        # the plain and unaligned channels: whether each ran (off below verify.MIN_NULL
+        # training images)
+        "plain_used": search.plain_used if search is not None else None,
         "unaligned_used": search.unaligned_used if search is not None else None,
         "null": _channel_null_summary(search),
     }
 
 
 def _channel_null_summary(search: AlignedSearch | None) -> dict[str, dict[str, float]] | None:
-    """The training set's null of each channel (median, scale), when the unaligned
-    channel ran."""
+    """The training set's null of each channel (median, scale), when the plain or the
+    unaligned channel ran."""
     null = None if search is None else search.null()
     if null is None:
         return None

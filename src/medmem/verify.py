@@ -105,16 +105,24 @@ class AlignConfig(ConfigSection):
             on one CPU core; 50,000 in 3D, about 1.7 ms per pair); above it, it is skipped
             for every set alike, so that validation and synthetic images are still scored
             the same way, and the summary says so.
-        unaligned: also score each pair by the plain Pearson correlation of the two images
-            at the working size, without alignment or high-pass (minus ``background`` times
-            the query's own background in it, as the aligned channel), mapped onto the
-            aligned channel's scale by matching the two channels' nulls (the best score of
-            every training image against the others: medians and 95th percentiles), and
-            keep the larger of the two. It catches copies whose detail is gone (a heavy
-            down-sampling, a strong blur), which the high-passed, many-alignment channel
-            scores like a novel image. None: on in 3D (down-sampled copies: AUROC 0.61 ->
-            0.96 in docs/results/detection-3d.md), off in 2D (the 2D targets are met
-            without it).
+        plain: also score each pair by its *plain* aligned NCC: that of the images alone,
+            without their high-passed copies, with the same alignments, the training
+            images' views made from the images at the working size (as the coarse search's:
+            a little smoother than the aligned channel's, made at twice the size, which a
+            copy whose detail is gone matches better), minus ``background`` times the
+            query's background in it, mapped onto the aligned channel's scale by matching
+            the two channels' nulls (the best score of every training image against the
+            others: medians and 95th percentiles), and keep the larger. It catches copies
+            whose detail is gone (a heavy down-sampling or blur), which the high-passed
+            channel scores like a novel image, also when they were moved, turned or warped.
+            None: on in 3D (on real brains, down-sampled copies: AUROC 0.61 with the
+            aligned channel alone, 0.960 with the unaligned one beside it, 0.999 with this
+            one; copies changed three ways at once: 0.763, 0.795, 0.902;
+            docs/results/detection-3d.md), off in 2D (the 2D targets are met without it).
+        unaligned: also score each pair by the Pearson correlation of the two images at the
+            working size, without alignment or high-pass, mapped and combined as ``plain``
+            (the 3D default before ``plain``, which holds the unaligned pair among its
+            alignments and replaced it: kept to reproduce earlier audits). Default off.
     """
 
     size: int | None = None
@@ -133,7 +141,8 @@ class AlignConfig(ConfigSection):
     coarse_scales: tuple[float, ...] = (1.0, 0.8)
     coarse_highpass: float | None = None
     coarse_max_pairs: int | None = None
-    unaligned: bool | None = None
+    plain: bool | None = None
+    unaligned: bool = False
 
     def resolved(self, spatial_dims: int) -> AlignConfig:
         """A copy with the per-dimensionality defaults filled in, checked."""
@@ -190,7 +199,24 @@ class AlignConfig(ConfigSection):
             coarse_scales=tuple(float(v) for v in self.coarse_scales),
             coarse_highpass=float(coarse_hp),
             coarse_max_pairs=int(max_pairs),
-            unaligned=bool(self.unaligned if self.unaligned is not None else not two),
+            plain=bool(self.plain if self.plain is not None else not two),
+            unaligned=bool(self.unaligned),
+        )
+
+    def plain_channel(self) -> AlignConfig:
+        """The settings of the plain channel (the aligned NCC of the images alone, same
+        alignments); call it on a :meth:`resolved` config."""
+        return AlignConfig(
+            size=self.size,
+            max_shift=self.max_shift,
+            rotations=self.rotations,
+            scales=self.scales,
+            flips=self.flips,
+            highpass=0.0,
+            background=0.0,
+            coarse_candidates=0,
+            plain=False,
+            unaligned=False,
         )
 
     def coarse(self) -> AlignConfig:
@@ -205,6 +231,7 @@ class AlignConfig(ConfigSection):
             highpass=self.coarse_highpass,
             background=0.0,
             coarse_candidates=0,
+            plain=False,
             unaligned=False,
         )
 
@@ -447,10 +474,14 @@ class AlignedSearch:
         self._null: dict[str, tuple[float, float]] | None = None
         self._pixel_background: dict[str, np.ndarray] = {}
         self.cache: dict[tuple[object, object], float] = {} if cache is None else cache
+        #: the plain channel's scores of the pairs, by the same keys as ``cache``
+        self.plain_cache: dict[tuple[object, object], float] = {}
         #: each query's coarse scores against every training image, by the query's id
         self.coarse_cache: dict[object, np.ndarray] = {} if coarse_cache is None else coarse_cache
         self._background: dict[str, np.ndarray] = {}
+        self._plain_background: dict[str, np.ndarray] = {}
         self._coarse_scorer: AlignedScorer | None = None
+        self._plain_scorer: AlignedScorer | None = None
         self.n_pairs = 0
         cfg = scorer.config
         n_train = len(emb["train"])
@@ -461,25 +492,41 @@ class AlignedSearch:
         #: whether the unaligned channel is used: asked for, and enough training images
         #: (``MIN_NULL``) to estimate its null
         self.unaligned_used = bool(cfg.unaligned) and n_train >= MIN_NULL
+        #: whether the plain channel is used: asked for, a high-passed channel for it to
+        #: differ from, and enough training images to estimate its null
+        self.plain_used = bool(cfg.plain) and bool(cfg.highpass) and n_train >= MIN_NULL
 
     def _key(self, name: str, row: int) -> object:
         if self.ids is not None and name in self.ids:
             return self.ids[name][row]
         return (name, row)
 
-    def _scores(self, q_set: str, q_rows: np.ndarray, t_rows: np.ndarray) -> np.ndarray:
-        """Aligned scores of pairs (q_set row, train row), from the cache where known."""
+    def _scores(
+        self, q_set: str, q_rows: np.ndarray, t_rows: np.ndarray, plain: bool = False
+    ) -> np.ndarray:
+        """Aligned scores of pairs (q_set row, train row), or with ``plain`` their plain
+        channel's, from the cache where known."""
         keys = [
             (self._key(q_set, int(q)), self._key("train", int(t)))
             for q, t in zip(q_rows, t_rows, strict=True)
         ]
-        out = np.array([self.cache.get(key, np.nan) for key in keys], dtype=np.float64)
+        cache = self.plain_cache if plain else self.cache
+        out = np.array([cache.get(key, np.nan) for key in keys], dtype=np.float64)
         new = np.flatnonzero(np.isnan(out))
         if len(new):
-            out[new] = self.scorer.score_pairs(self.small[q_set], q_rows[new], t_rows[new])
-            self.n_pairs += len(new)
+            if plain:
+                scorer = self._plain_scorer
+                if scorer is None:
+                    scorer = self._plain_scorer = AlignedScorer(
+                        self.small["train"], self.scorer.config.plain_channel()
+                    )
+            else:
+                scorer = self.scorer
+            out[new] = scorer.score_pairs(self.small[q_set], q_rows[new], t_rows[new])
+            if not plain:
+                self.n_pairs += len(new)
             for j in new:
-                self.cache[keys[j]] = float(out[j])
+                cache[keys[j]] = float(out[j])
         return out
 
     def _coarse(self, q_set: str) -> np.ndarray:
@@ -537,20 +584,23 @@ class AlignedSearch:
         _, first = np.unique(rows * n_b + cand.ravel(), return_index=True)
         return rows[first], cand.ravel()[first]
 
-    def background(self, q_set: str) -> np.ndarray:
-        """Each row's background: the mean aligned NCC of its 2nd to (1 +
-        ``background_ranks``)-th best training candidates (0 with fewer than two), from a
-        fixed candidate list so that it does not depend on the search's k."""
-        if q_set in self._background:
-            return self._background[q_set]
+    def background(self, q_set: str, plain: bool = False) -> np.ndarray:
+        """Each row's background: the mean aligned NCC (with ``plain``, the plain channel's)
+        of its 2nd to (1 + ``background_ranks``)-th best training candidates (0 with fewer
+        than two), from a fixed candidate list so that it does not depend on the search's
+        k."""
+        store = self._plain_background if plain else self._background
+        if q_set in store:
+            return store[q_set]
         cfg = self.scorer.config
         n = len(self.emb[q_set])
         out = np.zeros(n, dtype=np.float64)
         if cfg.background:
             rows, cand = self._pairs(q_set, "train", cfg.n_candidates)
-            rows, _, sc, rank = _ranked(rows, cand, self._scores(q_set, rows, cand), n)
+            sc = self._scores(q_set, rows, cand, plain=plain)
+            rows, _, sc, rank = _ranked(rows, cand, sc, n)
             out = _rank_mean(rows, sc, rank, n, int(cfg.background_ranks))
-        self._background[q_set] = out
+        store[q_set] = out
         return out
 
     # ------------------------------------------------------- the unaligned channel
@@ -581,9 +631,9 @@ class AlignedSearch:
     def null(self) -> dict[str, tuple[float, float]] | None:
         """Median and scale (95th percentile minus median) of each channel's best score of
         every training image against the *other* training images (of other patients when
-        ``groups`` is given): the null by which the unaligned channel is mapped onto the
-        aligned channel's scale. None when the unaligned channel is not used."""
-        if not self.unaligned_used:
+        ``groups`` is given): the null by which the plain and unaligned channels are mapped
+        onto the aligned channel's scale. None when neither is used."""
+        if not (self.plain_used or self.unaligned_used):
             return None
         if self._null is not None:
             return self._null
@@ -592,25 +642,30 @@ class AlignedSearch:
         n = len(self.emb["train"])
         grp = self.groups if self.groups is not None else np.arange(n)
         r_bg = int(cfg.background_ranks)
-        # the aligned channel: the candidates of each training image among the others
-        rows, cand = self._pairs("train", "train", cfg.n_candidates + 1, coarse=False)
-        keep = grp[rows] != grp[cand]
-        rows, cand = rows[keep], cand[keep]
-        rows, _, sc, rank = _ranked(rows, cand, self._scores("train", rows, cand), n)
-        best = np.full(n, np.nan)
-        best[rows[rank == 0]] = sc[rank == 0]
-        aligned = (best - beta * _rank_mean(rows, sc, rank, n, r_bg))[~np.isnan(best)]
-        # the unaligned channel, exact over the other training images
-        extra = 1 + int(np.bincount(grp).max())
-        top, idx = self._pixel_top("train", extra=extra)
-        pixel = []
-        for i in range(n):
-            vals = top[i][grp[idx[i]] != grp[i]][: 1 + r_bg]
-            if len(vals):
-                bg_i = vals[1:].mean() if len(vals) > 1 else 0.0
-                pixel.append(vals[0] - beta * bg_i)
+        # the aligned and plain channels: the candidates of each training image among the
+        # others, each channel ranked on its own
+        rows0, cand0 = self._pairs("train", "train", cfg.n_candidates + 1, coarse=False)
+        keep = grp[rows0] != grp[cand0]
+        rows0, cand0 = rows0[keep], cand0[keep]
+        nulls = {}
+        for name in ("aligned", "plain") if self.plain_used else ("aligned",):
+            sc = self._scores("train", rows0, cand0, plain=name == "plain")
+            rows, _, sc, rank = _ranked(rows0, cand0, sc, n)
+            best = np.full(n, np.nan)
+            best[rows[rank == 0]] = sc[rank == 0]
+            nulls[name] = (best - beta * _rank_mean(rows, sc, rank, n, r_bg))[~np.isnan(best)]
+        if self.unaligned_used:  # exact over the other training images
+            extra = 1 + int(np.bincount(grp).max())
+            top, idx = self._pixel_top("train", extra=extra)
+            pixel = []
+            for i in range(n):
+                vals = top[i][grp[idx[i]] != grp[i]][: 1 + r_bg]
+                if len(vals):
+                    bg_i = vals[1:].mean() if len(vals) > 1 else 0.0
+                    pixel.append(vals[0] - beta * bg_i)
+            nulls["unaligned"] = np.asarray(pixel)
         out = {}
-        for name, v in (("aligned", aligned), ("unaligned", np.asarray(pixel))):
+        for name, v in nulls.items():
             med = float(np.median(v))
             out[name] = (med, max(float(np.quantile(v, 0.95)) - med, 1e-6))
         self._null = out
@@ -619,18 +674,27 @@ class AlignedSearch:
     def _combined(
         self, q_set: str, q_rows: np.ndarray, t_rows: np.ndarray, aligned: np.ndarray
     ) -> np.ndarray:
-        """The pair scores: the aligned channel alone, or with ``unaligned`` the larger of
-        the aligned channel and the unaligned one mapped onto its scale (the two nulls'
-        medians and 95th percentiles matched), so that scores keep the aligned NCC's scale
-        and a pair whose unaligned score is not unusual keeps its aligned score."""
+        """The pair scores: the aligned channel alone, or the largest of it and the plain
+        and unaligned channels (those used) mapped onto its scale (each null's median and
+        95th percentile matched to the aligned channel's), so that scores keep the aligned
+        NCC's scale and a pair whose other scores are not unusual keeps its aligned score."""
         null = self.null()
         if null is None:
             return aligned
         beta = float(self.scorer.config.background or 0.0)
-        pixel = self._pixel_scores(q_set, q_rows, t_rows)
-        pixel = pixel - beta * self.pixel_background(q_set)[q_rows]
-        (m_a, s_a), (m_p, s_p) = null["aligned"], null["unaligned"]
-        return np.maximum(aligned, m_a + s_a * (pixel - m_p) / s_p)
+        m_a, s_a = null["aligned"]
+        out = aligned
+        if self.plain_used:
+            plain = self._scores(q_set, q_rows, t_rows, plain=True)
+            plain = plain - beta * self.background(q_set, plain=True)[q_rows]
+            m_p, s_p = null["plain"]
+            out = np.maximum(out, m_a + s_a * (plain - m_p) / s_p)
+        if self.unaligned_used:
+            pixel = self._pixel_scores(q_set, q_rows, t_rows)
+            pixel = pixel - beta * self.pixel_background(q_set)[q_rows]
+            m_u, s_u = null["unaligned"]
+            out = np.maximum(out, m_a + s_a * (pixel - m_u) / s_u)
+        return out
 
     def __call__(self, a: str, b: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         if (a == "train") == (b == "train"):
