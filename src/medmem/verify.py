@@ -22,6 +22,9 @@ scores high against all of them, a copy stands out against one (the score normal
 image copy detection systems, e.g. the DISC 2021 challenge's). An exact copy scores
 ``1 - beta * background``, well above a novel image's score. With
 ``highpass=0`` and ``background=0`` the score is the plain tiled aligned NCC in [-1, 1].
+In 3D (``plain``) a pair's score is the larger of that and its *plain channel*, the aligned
+NCC of the images alone, mapped onto the same scale by the training set's own null: a copy
+whose detail is gone (down-sampled, blurred) keeps its anatomy but not its detail.
 Scores are computed the same way for validation and synthetic images, so the audit's
 calibration applies unchanged: tau is a conformal quantile of validation images' scores.
 
