@@ -125,7 +125,8 @@ class AlignConfig(ConfigSection):
         unaligned: also score each pair by the Pearson correlation of the two images at the
             working size, without alignment or high-pass, mapped and combined as ``plain``
             (the 3D default before ``plain``, which holds the unaligned pair among its
-            alignments and replaced it: kept to reproduce earlier audits). Default off.
+            alignments and replaced it; ``plain=False, unaligned=True`` reproduces a 3D
+            audit made before). Default off.
     """
 
     size: int | None = None
