@@ -460,7 +460,7 @@ class AlignedSearch:
         emb: dict[str, np.ndarray],
         *,
         ids: dict[str, Sequence[object]] | None = None,
-        cache: dict[tuple[object, object], float] | None = None,
+        cache: dict[tuple[object, ...], float] | None = None,
         coarse_cache: dict[object, np.ndarray] | None = None,
         groups: Sequence[object] | None = None,
     ) -> None:
@@ -477,9 +477,9 @@ class AlignedSearch:
             self.groups = np.unique(np.asarray(named), return_inverse=True)[1]
         self._null: dict[str, tuple[float, float]] | None = None
         self._pixel_background: dict[str, np.ndarray] = {}
-        self.cache: dict[tuple[object, object], float] = {} if cache is None else cache
-        #: the plain channel's scores of the pairs, by the same keys as ``cache``
-        self.plain_cache: dict[tuple[object, object], float] = {}
+        #: every scored pair's score, by (query id, training id), and its plain channel's
+        #: by (query id, training id, "plain")
+        self.cache: dict[tuple[object, ...], float] = {} if cache is None else cache
         #: each query's coarse scores against every training image, by the query's id
         self.coarse_cache: dict[object, np.ndarray] = {} if coarse_cache is None else coarse_cache
         self._background: dict[str, np.ndarray] = {}
@@ -510,12 +510,12 @@ class AlignedSearch:
     ) -> np.ndarray:
         """Aligned scores of pairs (q_set row, train row), or with ``plain`` their plain
         channel's, from the cache where known."""
+        tag = ("plain",) if plain else ()
         keys = [
-            (self._key(q_set, int(q)), self._key("train", int(t)))
+            (self._key(q_set, int(q)), self._key("train", int(t)), *tag)
             for q, t in zip(q_rows, t_rows, strict=True)
         ]
-        cache = self.plain_cache if plain else self.cache
-        out = np.array([cache.get(key, np.nan) for key in keys], dtype=np.float64)
+        out = np.array([self.cache.get(key, np.nan) for key in keys], dtype=np.float64)
         new = np.flatnonzero(np.isnan(out))
         if len(new):
             if plain:
@@ -530,7 +530,7 @@ class AlignedSearch:
             if not plain:
                 self.n_pairs += len(new)
             for j in new:
-                cache[keys[j]] = float(out[j])
+                self.cache[keys[j]] = float(out[j])
         return out
 
     def _coarse(self, q_set: str) -> np.ndarray:
