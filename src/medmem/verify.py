@@ -210,17 +210,8 @@ class AlignConfig(ConfigSection):
     def plain_channel(self) -> AlignConfig:
         """The settings of the plain channel (the aligned NCC of the images alone, same
         alignments); call it on a :meth:`resolved` config."""
-        return AlignConfig(
-            size=self.size,
-            max_shift=self.max_shift,
-            rotations=self.rotations,
-            scales=self.scales,
-            flips=self.flips,
-            highpass=0.0,
-            background=0.0,
-            coarse_candidates=0,
-            plain=False,
-            unaligned=False,
+        return self.replace(
+            highpass=0.0, background=0.0, coarse_candidates=0, plain=False, unaligned=False
         )
 
     def coarse(self) -> AlignConfig:

@@ -256,6 +256,20 @@ def _unaligned_search(
     return AlignedSearch(scorer, small, emb, groups=groups), syn
 
 
+def _channel_top(
+    search: AlignedSearch, channel: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Each query's best score and training row, that score in units of the aligned null's
+    scale (1: its 95th percentile), and the nulls, which must be the aligned channel's and
+    ``channel``'s; the four copies' sources found."""
+    null = search.null()
+    assert null is not None and set(null) == {"aligned", channel}
+    top, idx = search("synthetic", "train", 1)
+    np.testing.assert_array_equal(idx[:4, 0], [0, 1, 2, 3])
+    m_a, s_a = null["aligned"]
+    return top, idx, (top[:, 0] - m_a) / s_a, null
+
+
 def test_unaligned_channel_is_the_larger_standardized_channel() -> None:
     """With ``unaligned`` (the 3D default before ``plain``), a pair's score is the larger of
     the aligned channel and the unaligned one mapped onto its scale by the training set's
@@ -265,12 +279,8 @@ def test_unaligned_channel_is_the_larger_standardized_channel() -> None:
     assert AlignConfig().resolved(2).unaligned is False
     search, syn = _unaligned_search(unaligned=True, plain=False)
     assert search.unaligned_used
-    null = search.null()
-    assert null is not None and set(null) == {"aligned", "unaligned"}
-    top, idx = search("synthetic", "train", 1)
-    np.testing.assert_array_equal(idx[:4, 0], [0, 1, 2, 3])
+    top, idx, z, null = _channel_top(search, "unaligned")
     (m_a, s_a), (m_p, s_p) = null["aligned"], null["unaligned"]
-    z = (top[:, 0] - m_a) / s_a  # in units of the null's scale: 1 its 95th percentile
     assert z[:4].min() > 4.0 * max(z[4:].max(), 1.0)
     # by hand: the aligned channel alone (same candidates), and the plain Pearson correlation
     alone, _ = _unaligned_search(plain=False)
@@ -347,12 +357,8 @@ def test_plain_channel_is_the_larger_standardized_channel() -> None:
     assert AlignConfig().resolved(2).plain is False
     search, _ = _unaligned_search(shift=2)
     assert search.plain_used and not search.unaligned_used
-    null = search.null()
-    assert null is not None and set(null) == {"aligned", "plain"}
-    top, idx = search("synthetic", "train", 1)
-    np.testing.assert_array_equal(idx[:4, 0], [0, 1, 2, 3])
+    top, idx, z, null = _channel_top(search, "plain")
     (m_a, s_a), (m_p, s_p) = null["aligned"], null["plain"]
-    z = (top[:, 0] - m_a) / s_a  # in units of the null's scale: 1 its 95th percentile
     assert z[:4].min() > 2.0 * max(z[4:].max(), 1.0)
     # by hand: the larger of the aligned score and the plain one on the aligned scale
     alone, _ = _unaligned_search(shift=2, plain=False)
