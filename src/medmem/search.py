@@ -39,6 +39,10 @@ _STANDARDIZE_ROWS = 65536  # rows standardised at a time: bounded float64 scratc
 #: On the CPU each block pairs ``block_size`` queries with ``block_size // 4`` base rows (1
 #: MiB of products at 1024, read again at once for the row maxima); 1 gives square blocks.
 CPU_BASE_DIVISOR = 4
+# Base blocks whose row maxima are kept before they are reduced (64 x 1024 floats: 256 KiB
+# at the CPU default); reducing once per 64 blocks instead of after each took the top-1
+# search closer to the rate of a loop of products alone (A/B in the commit message).
+_MAXIMA_BLOCKS = 64
 
 
 def _base_rows(block_size: int, device: torch.device) -> int:
@@ -117,48 +121,71 @@ def _mask_own(sims: torch.Tensor, own: torch.Tensor | None, start: int) -> None:
 def _search_top1(
     q: torch.Tensor, b: torch.Tensor, block_size: int, own: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocked exact top-1 of ``q @ b.T`` in two passes per block of queries.
+    """Blocked exact top-1 of ``q @ b.T`` in two passes.
 
     A row's maximum (``amax``) is a fast vectorised reduction; the position of the maximum
     (``max``/``argmax``) costs about 15 times more per value on a CPU. So the first pass keeps
-    only each query's best value and the base block it came from (a later block wins only with
-    a strictly larger value: ties go to the lower index), and the second recomputes, for each
-    query, its best block alone and takes the first position of its maximum there. Beyond the
-    matmul that is one ``amax`` per value and one block's worth of products and ``max``.
+    only each query's maximum in each base block, written into a small table
+    (``_MAXIMA_BLOCKS`` blocks x queries) that is reduced once per ``_MAXIMA_BLOCKS`` blocks
+    to each query's best value and the first block holding it (ties go to the lower index);
+    per block that leaves a product and a row maximum, nothing else. The second pass
+    recomputes each query against its best block alone, the queries grouped by that block
+    over the whole query set (few groups, so little Python per query), and takes the first
+    position of the maximum there.
     """
     n_q, n_b = q.shape[0], b.shape[0]
     dev = q.device
     base_rows = _base_rows(block_size, dev)
-    out_v = torch.empty((n_q, 1), dtype=torch.float32, device=dev)
-    out_i = torch.empty((n_q, 1), dtype=torch.int64, device=dev)
+    starts = list(range(0, n_b, base_rows))
     buf = torch.empty(min(block_size, n_q) * min(base_rows, n_b), device=dev)
+    maxima = torch.empty((min(_MAXIMA_BLOCKS, len(starts)), min(block_size, n_q)), device=dev)
+    best_block = torch.zeros(n_q, dtype=torch.int64, device=dev)  # first row of each best
+    # views made once: per block the loop below is a product and a row maximum, nothing else
+    blocks_t = [b[bs : bs + base_rows].T for bs in starts]  # (d, bb) each
     for qs in range(0, n_q, block_size):
         qblock = q[qs : qs + block_size]  # (bq, d)
         n_rows = qblock.shape[0]
         own_rows = own[qs : qs + n_rows] if own is not None else None
         best_v = torch.full((n_rows,), -torch.inf, device=dev)
-        best_block = torch.zeros(n_rows, dtype=torch.int64, device=dev)
-        for bs in range(0, n_b, base_rows):
-            bblock = b[bs : bs + base_rows]  # (bb, d)
-            # reuse one buffer: no allocation per block, and it stays in cache
-            sims = buf[: n_rows * bblock.shape[0]].view(n_rows, -1)
-            torch.mm(qblock, bblock.T, out=sims)  # (bq, bb)
-            _mask_own(sims, own_rows, bs)
-            m = sims.amax(dim=1)
+        # reuse one buffer: no allocation per block, and it stays in cache
+        full = buf[: n_rows * blocks_t[0].shape[1]].view(n_rows, -1)
+        for c0 in range(0, len(starts), _MAXIMA_BLOCKS):
+            chunk = starts[c0 : c0 + _MAXIMA_BLOCKS]
+            table = maxima[: len(chunk), :n_rows]
+            for bs, bt, row_max in zip(chunk, blocks_t[c0 : c0 + len(chunk)], table, strict=True):
+                last = bt.shape[1] != full.shape[1]  # a shorter last block
+                sims = buf[: n_rows * bt.shape[1]].view(n_rows, -1) if last else full
+                torch.mm(qblock, bt, out=sims)  # (bq, bb)
+                if own_rows is not None:
+                    _mask_own(sims, own_rows, bs)
+                torch.amax(sims, dim=1, out=row_max)
+            # torch.max returns the first maximal index: the earliest block wins a tie, and
+            # a later chunk replaces the best only with a strictly larger value
+            m, j_best = table.max(dim=0)
             better = m > best_v
             best_v = torch.where(better, m, best_v)
-            best_block.masked_fill_(better, bs)
-        # second pass: each query against its best block only
-        for bs in torch.unique(best_block).tolist():
-            rows = torch.nonzero(best_block == bs).flatten()
-            bblock = b[bs : bs + base_rows]
+            best = best_block[qs : qs + n_rows]
+            best.copy_(torch.where(better, (j_best + c0) * base_rows, best))
+    # second pass, over all queries at once: the queries that share a best block are
+    # recomputed against it together (at most one group per base block, plus one per
+    # ``block_size`` queries), and each takes the first position of its maximum there
+    out_v = torch.empty((n_q, 1), dtype=torch.float32, device=dev)
+    out_i = torch.empty((n_q, 1), dtype=torch.int64, device=dev)
+    order = torch.argsort(best_block, stable=True)
+    blocks, counts = torch.unique_consecutive(best_block[order], return_counts=True)
+    pos = 0
+    for bs, count in zip(blocks.tolist(), counts.tolist(), strict=True):
+        bblock = b[bs : bs + base_rows]
+        for r0 in range(pos, pos + count, block_size):
+            rows = order[r0 : min(r0 + block_size, pos + count)]
             sims = buf[: rows.numel() * bblock.shape[0]].view(rows.numel(), -1)
-            torch.mm(qblock.index_select(0, rows), bblock.T, out=sims)
-            _mask_own(sims, own_rows.index_select(0, rows) if own_rows is not None else None, bs)
+            torch.mm(q.index_select(0, rows), bblock.T, out=sims)
+            _mask_own(sims, own.index_select(0, rows) if own is not None else None, bs)
             # torch.max returns the first maximal index: the tie rule holds without sorting
             v, i = sims.max(dim=1)
-            out_v[qs + rows, 0] = v
-            out_i[qs + rows, 0] = i + bs
+            out_v[rows, 0] = v
+            out_i[rows, 0] = i + bs
+        pos += count
     return out_v, out_i
 
 

@@ -82,6 +82,31 @@ def test_same_top1_for_any_block_size_with_ties() -> None:
         np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("maxima_blocks", [1, 3, 64])
+def test_top1_reduces_block_maxima_in_chunks(
+    monkeypatch: pytest.MonkeyPatch, maxima_blocks: int
+) -> None:
+    """The k = 1 path keeps each base block's row maxima and reduces them once per chunk of
+    blocks: ties within and across chunks, a shorter last block and the exclusion of a
+    query's own row give the top-k path's answer for any chunk length."""
+    from medmem import search
+
+    monkeypatch.setattr(search, "_MAXIMA_BLOCKS", maxima_blocks)
+    q, base = _integer_ties()
+    base = np.concatenate([base] * 5)  # 200 rows: every tie repeated 40 rows apart
+    for bs in (1, 4, 8, 12, 44):  # 1, 1, 2, 3 and 11 base rows per block
+        ref = nearest(q, base, k=2, block_size=bs, standardized=True)[1][:, :1]
+        got = nearest(q, base, k=1, block_size=bs, standardized=True)[1]
+        np.testing.assert_array_equal(got, ref)
+        assert np.all(got < 40)  # the first of the five copies
+    x = base[:120]
+    for bs in (12, 44):
+        ref = nearest(x, x, k=2, block_size=bs, standardized=True, exclude_self=True)[1]
+        got = nearest(x, x, k=1, block_size=bs, standardized=True, exclude_self=True)[1]
+        np.testing.assert_array_equal(got, ref[:, :1])
+        assert not np.any(got[:, 0] == np.arange(120))
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_exclude_self(k: int) -> None:
     rng = np.random.default_rng(2)
