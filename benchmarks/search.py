@@ -493,7 +493,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "search.json").write_text(json.dumps(info, indent=2) + "\n")
-    (out / "search.md").write_text(render_markdown(info))
+    (out / "search.md").write_text(render_markdown(info, _gpu_report(out)))
     print(f"wrote {out / 'search.json'} and search.md ({info['wall_seconds']:.0f} s)")
 
 
@@ -519,7 +519,7 @@ def full_audit(out: Path, n_train: int) -> None:
     keep = [a for a in info["audit_case"] if a["n"] != r["n"] or a.get("processes", 1) != 1]
     info["audit_case"] = keep + [r]
     path.write_text(json.dumps(info, indent=2) + "\n")
-    (out / "search.md").write_text(render_markdown(info))
+    (out / "search.md").write_text(render_markdown(info, _gpu_report(out)))
     print(f"added to {path} and search.md")
 
 
@@ -562,8 +562,36 @@ def _repeats_lines(repeats: list[dict]) -> list[str]:
     ]
 
 
-def render_markdown(info: dict) -> str:
-    """The results as the Markdown page docs/benchmarks/search.md."""
+def _gpu_report(out: Path) -> dict | None:
+    """``out/search-gpu.json`` (written by ``--device cuda``), or None where it is absent."""
+    path = out / "search-gpu.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _gpu_sentence(gpu_report: dict | None) -> str:
+    """What search-gpu.json measured, for the audit case's paragraph."""
+    if gpu_report is None:
+        return "not measured (no search-gpu.json: `python -m benchmarks.search --device cuda`)."
+    best = min(gpu_report["runs"], key=lambda r: r["seconds"])
+    square = gpu_report["matmul"]["square_8192_tflops"]
+    return (
+        f"measured on one {gpu_report['device']} in {best['seconds']:.2f} s at block size "
+        f"{best['block_size']:,} (float32, TF32 {'on' if gpu_report['tf32'] else 'off'}: "
+        f"{best['tflops']:.0f} TFLOP/s, {best['tflops'] / square:.0%} of its {square:.0f} "
+        f"TFLOP/s float32 GEMM rate), {best['planted_found']} of {N_PLANTED} planted copies "
+        f"found, indices equal to the CPU search's for {gpu_report['cpu_check_same_indices']:,} "
+        f"of {gpu_report['cpu_check_rows']:,} queries checked ([search-gpu.md](search-gpu.md), "
+        "`python -m benchmarks.search --device cuda`; measured before the k = 1 search kept "
+        "its block maxima in a table and grouped its second pass over all queries, and not "
+        "rerun since for want of a GPU). Eight GPUs under torchrun (not measured: one GPU "
+        "was lent) each search an eighth of the queries: about an eighth of that, plus "
+        "gathering the results."
+    )
+
+
+def render_markdown(info: dict, gpu_report: dict | None = None) -> str:
+    """The results as the Markdown page docs/benchmarks/search.md (``gpu_report``: the
+    contents of search-gpu.json, quoted in the audit case)."""
     mm = info["matmul_gflops"]
     head = (
         "| N x M | method | time (s) | GFLOP/s | share of matmul rate | share, CPU time "
@@ -672,12 +700,7 @@ def render_markdown(info: dict) -> str:
         lines += [
             "",
             f"On a GPU: one 10^6 x {n_tr:,} x {info['d']} search is {flops / 1e12:.1f} "
-            "TFLOP; measured on one NVIDIA H200 in 1.06 s at block size 16,384 (float32, "
-            "TF32 off: 24 TFLOP/s, 48% of its 51 TFLOP/s float32 GEMM rate), every planted "
-            "copy found, indices equal to the CPU search's "
-            "([search-gpu.md](search-gpu.md), `python -m benchmarks.search --device cuda`). "
-            "Eight GPUs under torchrun (not measured: one GPU was lent) each search an eighth "
-            "of the queries: about an eighth of that, plus gathering the results.",
+            "TFLOP; " + _gpu_sentence(gpu_report),
             "",
         ]
     lines += _repeats_lines(info.get("repeats") or [])
