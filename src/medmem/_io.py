@@ -313,6 +313,7 @@ def claim_output(
     flag: str = "out",
     kind: str = "folder",
     need_bytes: int | None = None,
+    shared: bool = False,
 ) -> Iterator[Path]:
     """Claim the output ``out`` for this process, before any work; release it on exit.
 
@@ -326,6 +327,10 @@ def claim_output(
     ``.<name>.lock`` beside ``out``: a second writer to the same ``out`` fails at once
     instead of replacing the first one's results. Temporary folders of an earlier, killed
     run to ``out`` are removed. Claiming again, in the thread holding the claim, is a no-op.
+
+    ``shared=True`` makes the same checks but takes no lock and removes nothing: for a
+    writer that joins another run to an existing ``out`` whose parts are locked one by one
+    (``medmem study --join``: each cell has its own lock).
     """
     import filelock
 
@@ -338,6 +343,14 @@ def claim_output(
             f"{flag} {out}: exists. Choose another path, or pass --overwrite "
             "(overwrite=True) to replace it."
         )
+    if shared:
+        if not out.is_dir():
+            raise OutputError(
+                f"{flag} {out}: not found; joining needs a run that has started there. "
+                "Start the first run without joining."
+            )
+        yield out
+        return
     key = _abs(out)
     me = threading.get_ident()
     with _HELD_LOCK:

@@ -101,12 +101,13 @@ def _claim(
     resume: bool = False,
     kind: str = "folder",
     need_bytes: int | None = None,
+    shared: bool = False,
 ) -> None:
     """Claim ``--out`` for the whole command, before any work (medmem._io.claim_output):
-    not an input, writable, not being written by another medmem run. ``inputs`` are image
-    sources (``--out`` may not be, hold or lie in them); ``keep`` are folders read whole
-    (a model, a detector, a cache: ``--out`` may not be or hold them). Under torchrun only
-    rank 0 claims (and writes)."""
+    not an input, writable, not being written by another medmem run (``shared``: joining
+    one). ``inputs`` are image sources (``--out`` may not be, hold or lie in them); ``keep``
+    are folders read whole (a model, a detector, a cache: ``--out`` may not be or hold
+    them). Under torchrun only rank 0 claims (and writes)."""
     if not _is_writer():
         return
     from medmem._io import claim_output
@@ -120,6 +121,7 @@ def _claim(
         flag="--out",
         kind=kind,
         need_bytes=need_bytes,
+        shared=shared,
     )
     ctx.with_resource(claim)
 
@@ -956,9 +958,21 @@ def screen_cmd(
 )
 @click.option("--cell", "cells", multiple=True, help="Run only this cell (repeatable).")
 @click.option("--plan", "show_plan", is_flag=True, help="List the cells and exit.")
+@click.option(
+    "--join",
+    is_flag=True,
+    help="Run beside another `medmem study` of the same config on the same --out (another "
+    "CPU core, another GPU): take the cells no other process is running (each cell is "
+    "locked on its own).",
+)
 @click.pass_context
 def study_cmd(
-    ctx: click.Context, config_path: Path, out: Path | None, cells: tuple[str, ...], show_plan: bool
+    ctx: click.Context,
+    config_path: Path,
+    out: Path | None,
+    cells: tuple[str, ...],
+    show_plan: bool,
+    join: bool,
 ) -> None:
     """Reproduce the paper's factor experiments (model type, size, augmentation, training
     iterations, training-set size) on your data: one generator per cell, audited with one
@@ -969,6 +983,7 @@ def study_cmd(
     \b
     Example:
       medmem study configs/study/nih-cxr-cpu.yaml --out runs/study-nih-cxr
+      medmem study configs/study/nih-cxr-cpu.yaml --out runs/study-nih-cxr --join  # 2nd core
       medmem study configs/study/nih-cxr-cpu.yaml --plan
     """
     from medmem.study import load_study, plan, run_study
@@ -979,8 +994,8 @@ def study_cmd(
             click.echo(cell.key)
         return
     out = out if out is not None else Path("runs") / f"study-{config_path.name.split('.')[0]}"
-    _claim(ctx, out, resume=True, inputs=[config_path])
-    result = run_study(study, out, only=list(cells) or None, quiet=ctx.obj["quiet"])
+    _claim(ctx, out, resume=True, inputs=[config_path], shared=join)
+    result = run_study(study, out, only=list(cells) or None, quiet=ctx.obj["quiet"], join=join)
     click.echo(
         f"study {study.name}: {len(result.computed)} cells computed, {len(result.skipped)} "
         f"reused; table: {out / 'results.md'}; figures: {out / 'figures'}"

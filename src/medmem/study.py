@@ -69,6 +69,7 @@ from medmem._audit import AuditResult, audit
 from medmem._checkpoint import read_checkpoint
 from medmem._errors import InputError
 from medmem._io import (
+    _json_default,
     atomic_save,
     atomic_write_json,
     atomic_write_text,
@@ -858,6 +859,25 @@ def _cell_lock(folder: Path) -> Iterator[bool]:
         lock.release()
 
 
+def _check_joinable(study: StudyConfig, out: Path) -> None:
+    """Refuse to join ``out`` unless a run of this very study has started there."""
+    path = out / "study.json"
+    if not path.is_file():
+        raise InputError(
+            f"{path}: not found, so there is no study to join in {out}. Start the study "
+            "there without --join (join=False) first."
+        )
+    try:
+        held = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable ({exc}). Start the study without --join.") from exc
+    if held != json.loads(json.dumps(study.to_dict(), default=_json_default)):
+        raise InputError(
+            f"{path}: {out} holds a study with other settings ({held.get('name')!r}); joining "
+            "needs the same config as the run there. Pass that config, or another --out."
+        )
+
+
 def run_study(
     study: StudyConfig,
     out: str | Path,
@@ -865,6 +885,7 @@ def run_study(
     only: list[str] | None = None,
     figures: bool = True,
     quiet: bool = False,
+    join: bool = False,
 ) -> StudyResult:
     """Run (or resume) ``study`` in the folder ``out``.
 
@@ -879,10 +900,16 @@ def run_study(
         only: cell keys to run (default all); the table still lists every finished cell.
         figures: write the figures into ``out/figures``.
         quiet: no progress bars.
+        join: run beside another process running this study in ``out`` (cells are locked
+            one by one, so each runs once): refused unless ``out/study.json`` holds this
+            very study, since two processes with different settings would redo each
+            other's cells.
     """
     if not isinstance(study, StudyConfig):
         raise InputError(f"study must be a StudyConfig, got {type(study).__name__}.")
     out = Path(out)
+    if join:
+        _check_joinable(study, out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "study.json", study.to_dict())
     cells = plan(study)

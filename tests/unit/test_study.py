@@ -190,3 +190,34 @@ def test_rows_written_before_the_column_rename_read_with_the_audit_names(tmp_pat
     assert got is not None and got["n_patients_mem"] == 2 and got["pct_patients_mem"] == 5.0
     assert not set(OLD_COLUMN_NAMES) & set(got) and set(OLD_COLUMN_NAMES.values()) <= set(COLUMNS)
     assert _read_row(tmp_path, "other") is None
+
+
+def test_a_second_process_joins_a_running_study(tmp_path) -> None:
+    """`medmem study --join` runs beside the process that holds the study folder (here its
+    claim is held by another lock object), taking the cells it names; without --join the
+    folder is refused, and joining needs a run of the same study there."""
+    import filelock
+    from click.testing import CliRunner
+
+    from medmem._io import atomic_write_json
+    from medmem.cli import main
+
+    out, cell = tmp_path / "s", "gan_n12_aug0_it4_s0"
+    cmd = ["study", str(TINY), "--out", str(out), "--cell", cell]
+    runner = CliRunner()
+    nothing = runner.invoke(main, ["-q", *cmd, "--join"])
+    assert nothing.exit_code != 0 and "joining needs a run that has started" in nothing.output
+    study = load_study(TINY)
+    out.mkdir()
+    with pytest.raises(InputError, match="no study to join"):
+        run_study(study, out, only=[cell], quiet=True, join=True)
+    atomic_write_json(out / "study.json", study.to_dict())  # as the first process starts
+    with filelock.FileLock(tmp_path / ".s.lock", timeout=0) as first:
+        refused = runner.invoke(main, ["-q", *cmd])
+        assert refused.exit_code != 0 and "another medmem run is writing there" in refused.output
+        joined = runner.invoke(main, ["-q", *cmd, "--join"])
+        assert joined.exit_code == 0, joined.output
+        assert (out / "cells" / cell / "row.json").exists() and first.is_locked
+    other = StudyConfig(**{**study.to_dict(), "percentile": 80.0})
+    with pytest.raises(InputError, match="other settings"):
+        run_study(other, out, only=[cell], quiet=True, join=True)
