@@ -333,7 +333,8 @@ def nearest(
         k: how many neighbours to return per query (at most n_base).
         block_size: rows of queries per block (and of base rows: a quarter of it on the
             CPU); peak extra memory is about ``block_size**2`` bytes on the CPU and
-            ``block_size**2 * 4`` on a GPU, whatever the sizes of the inputs. Default
+            ``block_size**2 * 4`` on a GPU whatever the sizes of the inputs, beside the
+            results and a few integers per query (k = 1: its best block, sorted). Default
             ``DEFAULT_BLOCK_SIZE`` (1024) on the CPU, ``DEFAULT_GPU_BLOCK_SIZE`` (16384,
             1 GiB) on a GPU.
         standardized: the inputs are already standardised (skip that step).
