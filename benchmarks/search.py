@@ -620,7 +620,8 @@ def render_markdown(info: dict, gpu_report: dict | None = None) -> str:
         )
         + ". Each share below divides a run's "
         "rate by torch's 2048^3 matmul rate measured in the same process just before and "
-        "just after it (their mean), so that both see the same load."
+        "just after it (their mean), so that both see the same load; a share can pass 100% "
+        "where the search's own block shape multiplies faster than 2048^3 (above)."
         + (
             f" NumPy's BLAS ran 2048^3 at {mm['square_2048_numpy_cpu']:.1f} GFLOP/s per CPU "
             "second in the same run."
