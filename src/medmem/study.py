@@ -919,8 +919,13 @@ def run_study(
             raise InputError(
                 f"unknown cells {unknown}; the study's cells are {[c.key for c in cells]}."
             )
-    detector, det_fp = _shared_detector(study, cells, out, quiet)
-    independent = _independent_extractor(study, cells, out, quiet)
+    import filelock
+
+    # one process trains the shared models; a joining process waits here, then loads them
+    # (two trainings at once would give two detectors, and cells scored by either)
+    with filelock.FileLock(out / "shared-models.lock"):
+        detector, det_fp = _shared_detector(study, cells, out, quiet)
+        independent = _independent_extractor(study, cells, out, quiet)
     ind_fp = independent[1].get("fingerprint")
     settings = {c.key: c.settings_hash(study, det_fp, ind_fp) for c in cells}
 

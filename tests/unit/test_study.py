@@ -192,15 +192,30 @@ def test_rows_written_before_the_column_rename_read_with_the_audit_names(tmp_pat
     assert _read_row(tmp_path, "other") is None
 
 
-def test_a_second_process_joins_a_running_study(tmp_path) -> None:
+def test_a_second_process_joins_a_running_study(tmp_path, monkeypatch) -> None:
     """`medmem study --join` runs beside the process that holds the study folder (here its
     claim is held by another lock object), taking the cells it names; without --join the
-    folder is refused, and joining needs a run of the same study there."""
+    folder is refused, and joining needs a run of the same study there. The shared detector
+    is trained (or loaded) under a lock, so a joining process waits for the first's."""
     import filelock
     from click.testing import CliRunner
 
+    from medmem import study as study_module
     from medmem._io import atomic_write_json
     from medmem.cli import main
+
+    locked = []
+    shared_detector = study_module._shared_detector
+
+    def spy(study, cells, out, quiet):  # the real one, noting whether the lock is held
+        try:
+            filelock.FileLock(out / "shared-models.lock", timeout=0).acquire()
+            locked.append(False)
+        except filelock.Timeout:
+            locked.append(True)
+        return shared_detector(study, cells, out, quiet)
+
+    monkeypatch.setattr(study_module, "_shared_detector", spy)
 
     out, cell = tmp_path / "s", "gan_n12_aug0_it4_s0"
     cmd = ["study", str(TINY), "--out", str(out), "--cell", cell]
@@ -218,6 +233,7 @@ def test_a_second_process_joins_a_running_study(tmp_path) -> None:
         joined = runner.invoke(main, ["-q", *cmd, "--join"])
         assert joined.exit_code == 0, joined.output
         assert (out / "cells" / cell / "row.json").exists() and first.is_locked
+    assert locked == [True]
     other = StudyConfig(**{**study.to_dict(), "percentile": 80.0})
     with pytest.raises(InputError, match="other settings"):
         run_study(other, out, only=[cell], quiet=True, join=True)
