@@ -170,3 +170,31 @@ def test_seed_table_says_when_a_mean_covers_fewer_seeds(tmp_path) -> None:
     main = next(line for line in text.splitlines() if line.startswith("| main"))
     assert "3.000" in main  # the mean of 2 and 4 copies
     assert main.count("[1 of 2 seeds]") == 2  # control N_copies and the excess over it
+    # pooled over the seeds that have a control (seed 0 alone): 2/10 against 0/10
+    assert "2/10 vs 0/10: 20.0 points" in main
+    pooled = json.loads((tmp_path / "results-seeds.json").read_text())["rows"][0]
+    assert pooled["pooled_seeds"] == [0] and pooled["pooled_excess_pct_copies"] == 20.0
+    low, high = (pooled[f"pooled_excess_pct_copies_ci_{e}"] for e in ("low", "high"))
+    assert low < 20.0 < high
+
+
+def test_seed_table_pools_the_seeds_against_their_controls() -> None:
+    """The pooled comparison equals Newcombe's interval on the summed counts (here 9 of 150
+    against 0 of 150, as the 2D baseline's three seeds), and skips seeds without a control."""
+    from medmem._stats import difference_interval
+    from medmem.study import SEED_METRICS
+
+    base = {**dict.fromkeys(SEED_METRICS), "role": "main", "model": "ldm", "model_type": "ldm",
+            "n_train": 50, "iterations": 4, "augment": False, "n_synthetic": 50, "n_mem": 0,
+            "control_n_mem": 0, "control_n_copies": 0}  # fmt: skip
+    frame = pd.DataFrame(
+        [{**base, "seed": s, "n_copies": k} for s, k in ((0, 5), (1, 2), (2, 2))]
+        + [{**base, "seed": 3, "n_copies": 7, "control_n_copies": None}]
+    )
+    row = seed_table(frame).iloc[0]
+    lo, hi = difference_interval(9, 150, 0, 150)
+    assert row["pooled_seeds"] == [0, 1, 2] and row["n_seeds"] == 4
+    assert (row["pooled_n_copies"], row["pooled_n_synthetic"]) == (9, 150)
+    assert row["pooled_excess_pct_copies"] == pytest.approx(6.0)
+    assert row["pooled_excess_pct_copies_ci_low"] == pytest.approx(100 * lo)
+    assert row["pooled_excess_pct_copies_ci_high"] == pytest.approx(100 * hi)
