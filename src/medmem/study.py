@@ -39,7 +39,8 @@ Two options make the counts comparable with chance (issue 17):
 * ``seeds: [0, 1, 2]`` (every cell) or ``seeds: {values: [0, 1, 2], factors: [baseline,
   augment]}`` (the baseline and the cells varying those factors): the cells are run once
   per generator seed; ``results-seeds.csv`` / ``.md`` / ``.json`` give, per configuration,
-  the mean over seeds, a 95% Student-t interval across seeds and the per-seed values.
+  the mean over seeds, a 95% Student-t interval across seeds and the per-seed values,
+  and the seeds' images pooled against their controls' (a Newcombe interval).
 
 Example:
     >>> from medmem.study import load_study, run_study
