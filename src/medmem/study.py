@@ -70,7 +70,6 @@ from medmem._audit import AuditResult, audit
 from medmem._checkpoint import read_checkpoint
 from medmem._errors import InputError
 from medmem._io import (
-    _json_default,
     atomic_save,
     atomic_write_json,
     atomic_write_text,
@@ -869,12 +868,12 @@ def _check_joinable(study: StudyConfig, out: Path) -> None:
             "there without --join (join=False) first."
         )
     try:
-        held = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        held = StudyConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, InputError) as exc:
         raise InputError(f"{path}: unreadable ({exc}). Start the study without --join.") from exc
-    if held != json.loads(json.dumps(study.to_dict(), default=_json_default)):
+    if held != study:
         raise InputError(
-            f"{path}: {out} holds a study with other settings ({held.get('name')!r}); joining "
+            f"{path}: {out} holds a study with other settings ({held.name!r}); joining "
             "needs the same config as the run there. Pass that config, or another --out."
         )
 
