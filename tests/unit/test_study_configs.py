@@ -69,3 +69,19 @@ def test_the_real_3d_study_has_subjects_for_its_controls_and_independent_feature
     independent = _independent_training_set(study, cells)
     assert len(independent) == 185 - 37 - 40
     assert set(independent.patient_ids).isdisjoint(set(train.patient_ids) | set(val.patient_ids))
+
+
+def test_the_size_study_runs_the_full_2d_studys_own_cells() -> None:
+    """configs/study/nih-cxr-size-cpu.yaml is the training-set-size factor of
+    nih-cxr-cpu.yaml alone: the same cells (keys, training runs, settings) and no others."""
+    full = load_study(ROOT / "configs" / "study" / "nih-cxr-cpu.yaml")
+    size = load_study(ROOT / "configs" / "study" / "nih-cxr-size-cpu.yaml")
+    full_cells = {c.key: c for c in plan(full, n_available=1000)}
+    cells = plan(size, n_available=1000)
+    assert len(cells) == 18 and sum(c.control for c in cells) == 9
+    assert {(c.n_train, c.iterations) for c in cells} == {(50, 4000), (100, 8000), (200, 16000)}
+    assert {c.seed for c in cells} == {0, 1, 2} and not any(c.augment for c in cells)
+    for c in cells:
+        twin = full_cells[c.key]
+        assert c.run_key == twin.run_key
+        assert c.settings_hash(size, "det", "ind") == twin.settings_hash(full, "det", "ind")
