@@ -21,7 +21,14 @@ import pandas as pd
 
 from benchmarks._common import machine
 from medmem import AuditResult
-from medmem.study import OLD_COLUMN_NAMES, StudyConfig, markdown_table, plot_study
+from medmem.study import (
+    OLD_COLUMN_NAMES,
+    StudyConfig,
+    comparisons_markdown,
+    factor_comparisons,
+    markdown_table,
+    plot_study,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -51,6 +58,7 @@ def publish(folder: Path) -> dict:
         dest = DOCS / "figures" / f"study-{name}-{png.name}"
         shutil.copyfile(png, dest)
         figures.append(dest.relative_to(DOCS).as_posix())
+    comparisons = _comparisons(table, study)
     seconds = table[["train_seconds", "sample_seconds", "audit_seconds"]].sum()
     det = json.loads((folder / "detector" / "study-detector.json").read_text())
     seeds_path = folder / "results-seeds.json"
@@ -91,6 +99,7 @@ def publish(folder: Path) -> dict:
         "training set), with a 95% Newcombe interval (ci_low, ci_high).",
         "",
         *seeds_md,
+        *_comparisons_md(comparisons),
         f"Shared detector: trained on {det['n_train']} images, settings {det['settings']}.",
         f"Total: training {seconds['train_seconds'] / 60:.1f} min, sampling "
         f"{seconds['sample_seconds'] / 60:.1f} min, audits and quality "
@@ -105,6 +114,7 @@ def publish(folder: Path) -> dict:
         "detector": det,
         "rows": json.loads(table.to_json(orient="records")),
         "seeds": seeds,
+        "comparisons": comparisons,
         "figures": figures,
     }
     write_record(record)
@@ -124,6 +134,40 @@ def _medians(folder: Path, cells: pd.Series) -> dict[str, list]:
     return {"median_synthetic_nearest_train": syn, "median_train_nearest_val": val}
 
 
+COMPARISONS_HEADING = "## Factors against each other"
+
+
+def _comparisons(table: pd.DataFrame, settings: dict) -> list[dict]:
+    """Each factor's values against each other (``medmem.study.factor_comparisons``)."""
+    study = StudyConfig.from_dict(settings)
+    return json.loads(factor_comparisons(table, study).to_json(orient="records"))
+
+
+def _comparisons_md(comparisons: list[dict]) -> list[str]:
+    if not comparisons:
+        return []
+    return [COMPARISONS_HEADING, "", comparisons_markdown(comparisons).strip(), ""]
+
+
+def add_comparisons(record: dict) -> dict:
+    """A published record with its factor comparisons computed from its rows, and its page
+    (docs/results/study-<name>.md) with them as a section before the detector line: for
+    records whose study folder is no longer at hand (the numbers are the record's own)."""
+    table = pd.DataFrame(record["rows"]).rename(columns=OLD_COLUMN_NAMES)
+    record = {**record, "comparisons": _comparisons(table, record["settings"])}
+    page = DOCS / "results" / f"study-{record['name']}.md"
+    if page.exists():
+        lines = page.read_text().splitlines()
+        if COMPARISONS_HEADING in lines:  # replace the section written before
+            start = lines.index(COMPARISONS_HEADING)
+            end = next(i for i, x in enumerate(lines) if x.startswith("Shared detector:"))
+            del lines[start:end]
+        at = next(i for i, x in enumerate(lines) if x.startswith("Shared detector:"))
+        lines[at:at] = _comparisons_md(record["comparisons"])
+        page.write_text("\n".join(lines) + "\n")
+    return record
+
+
 def write_record(record: dict) -> Path:
     """docs/results/study-<name>.json: the numbers of study-<name>.md, beside it."""
     path = DOCS / "results" / f"study-{record['name']}.json"
@@ -139,9 +183,20 @@ def main() -> None:
         action="store_true",
         help="only write study-<name>.json for every record already in docs/results/study.json",
     )
+    parser.add_argument(
+        "--comparisons-only",
+        action="store_true",
+        help="only add each factor's values against each other to every record in "
+        "docs/results/study.json (and its page), from the record's own rows",
+    )
     args = parser.parse_args()
-    if args.split_only:
-        for r in json.loads((DOCS / "results" / "study.json").read_text()):
+    if args.split_only or args.comparisons_only:
+        path = DOCS / "results" / "study.json"
+        records = json.loads(path.read_text())
+        if args.comparisons_only:
+            records = [add_comparisons(r) for r in records]
+            path.write_text(json.dumps(records, indent=2) + "\n")
+        for r in records:
             print(f"{r['name']}: {len(r['rows'])} cells -> {write_record(r)}")
         return
     record = [publish(f) for f in args.folders]

@@ -42,6 +42,10 @@ Two options make the counts comparable with chance (issue 17):
   the mean over seeds, a 95% Student-t interval across seeds and the per-seed values,
   and the seeds' images pooled against their controls' (a Newcombe interval).
 
+``results-comparisons.*`` set each factor's values against each other (the baseline among
+them): the cells of a value pooled over their seeds, the difference of the shares with a
+Newcombe interval, over all seeds and over the seeds both values have.
+
 Example:
     >>> from medmem.study import load_study, run_study
     >>> study = load_study("configs/study/nih-cxr-cpu.yaml")  # doctest: +SKIP
@@ -956,9 +960,9 @@ def run_study(
                 print(f"[study] cell {i}/{len(cells)}: {cell.key}", flush=True)
             _run_cell(cell, study, detector, out, settings[cell.key], quiet, independent)
         computed.append(cell.key)
-        write_table(finished(), out)
+        write_table(finished(), out, study)
     rows = finished()
-    table = write_table(rows, out)
+    table = write_table(rows, out, study)
     figs = plot_study(table, out, study) if figures and len(table) else []
     return StudyResult(out, table, computed, skipped, figs)
 
@@ -1060,10 +1064,14 @@ def seed_table(frame: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def write_table(rows: list[dict[str, Any]], out: Path) -> pd.DataFrame:
+def write_table(
+    rows: list[dict[str, Any]], out: Path, study: StudyConfig | None = None
+) -> pd.DataFrame:
     """Write ``results.csv`` and ``results.md`` (one row per finished cell; control cells
-    after the others, and each cell's control counts beside it), and ``results-seeds.*``
-    (means and intervals across generator seeds, :func:`seed_table`)."""
+    after the others, and each cell's control counts beside it), ``results-seeds.*``
+    (means and intervals across generator seeds, :func:`seed_table`) and, given the
+    study, ``results-comparisons.*`` (the factors' values against each other,
+    :func:`factor_comparisons`)."""
     rows = _with_controls(rows)
     frame = pd.DataFrame([{c: r.get(c) for c in COLUMNS} for r in rows], columns=list(COLUMNS))
     frame["role"] = frame["role"].fillna("main")
@@ -1098,6 +1106,8 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> pd.DataFrame:
     seeds = seed_table(frame)
     if len(seeds) and (seeds["n_seeds"] > 1).any():
         _write_seed_table(seeds, out)
+    if study is not None and study.vary:
+        write_comparisons(factor_comparisons(frame, study), out)
     return frame
 
 
@@ -1167,6 +1177,135 @@ def _pooled_cell(r: dict[str, Any]) -> str:
         f"{int(r['pooled_n_copies'])}/{n} vs {int(r['pooled_control_n_copies'])}/{n}: "
         f"{r['pooled_excess_pct_copies']:.1f} points ({r['pooled_excess_pct_copies_ci_low']:.1f}"
         f" to {r['pooled_excess_pct_copies_ci_high']:.1f})"
+    )
+
+
+def factor_comparisons(
+    table: pd.DataFrame, study: StudyConfig, confidence: float = 0.95
+) -> pd.DataFrame:
+    """Every pair of values of each varied factor, as the factor's figure compares them
+    (the baseline's other settings, the baseline model unless the factor is the model),
+    each value's main cells pooled over their generator seeds: copies of n_synthetic and
+    memorized of n_train, and the difference b - a in percentage points with a Newcombe
+    interval; the same over the seeds both values have (``*_same_seeds``). The images
+    cluster by seed, so the interval treats more of them as independent than there are;
+    with one seed a side it is a single generator's."""
+    cols = ["factor", "a", "b", "seeds_a", "seeds_b"]
+    if len(table) == 0:
+        return pd.DataFrame(columns=cols)
+    main = table[table["role"].fillna("main") == "main"] if "role" in table else table
+    records = []
+    for factor in study.vary:
+        rows = main[_group_mask(main, study, factor, any_seed=True)]
+        if factor != "augment":
+            rows = rows[rows["augment"].astype(bool) == bool(study.baseline["augment"])]
+        if factor != "model":
+            rows = rows[rows["model"] == study.baseline["model"]]
+        groups = {v: g for v, g in rows.groupby(factor, sort=True)}
+        values = list(groups)
+        for i, a in enumerate(values):
+            for b in values[i + 1 :]:
+                ga, gb = groups[a], groups[b]
+                same = sorted({int(x) for x in ga["seed"]} & {int(x) for x in gb["seed"]})
+                rec: dict[str, Any] = {
+                    "factor": factor,
+                    "a": a.item() if hasattr(a, "item") else a,
+                    "b": b.item() if hasattr(b, "item") else b,
+                    "seeds_a": sorted(int(x) for x in ga["seed"]),
+                    "seeds_b": sorted(int(x) for x in gb["seed"]),
+                    "seeds_same": same,
+                    **_pooled_difference(ga, gb, "", confidence),
+                }
+                if same:  # the seeds both sides have, seed against seed
+                    rec.update(
+                        _pooled_difference(
+                            ga[ga["seed"].isin(same)], gb[gb["seed"].isin(same)],
+                            "_same_seeds", confidence,
+                        )
+                    )  # fmt: skip
+                records.append(rec)
+    return pd.DataFrame(records, columns=None if records else cols)
+
+
+def _pooled_difference(
+    ga: pd.DataFrame, gb: pd.DataFrame, suffix: str, confidence: float
+) -> dict[str, Any]:
+    """Copies and memorized images of the cells ``ga`` and ``gb`` summed, and the
+    difference of the shares b - a in points with a Newcombe interval."""
+    from medmem._stats import difference_interval
+
+    rec: dict[str, Any] = {}
+    for what, n in (("copies", "n_synthetic"), ("mem", "n_train")):
+        k1, n1 = int(ga[f"n_{what}"].sum()), int(ga[n].sum())
+        k2, n2 = int(gb[f"n_{what}"].sum()), int(gb[n].sum())
+        lo, hi = difference_interval(k2, n2, k1, n1, confidence)
+        rec[f"n_{what}_a{suffix}"], rec[f"{n}_a{suffix}"] = k1, n1
+        rec[f"n_{what}_b{suffix}"], rec[f"{n}_b{suffix}"] = k2, n2
+        rec[f"diff_pct_{what}{suffix}"] = 100 * (k2 / n2 - k1 / n1)
+        rec[f"diff_pct_{what}{suffix}_ci_low"] = 100 * lo
+        rec[f"diff_pct_{what}{suffix}_ci_high"] = 100 * hi
+    return rec
+
+
+def write_comparisons(comparisons: pd.DataFrame, out: Path) -> None:
+    """results-comparisons.json (everything) and .md (:func:`factor_comparisons`)."""
+    records = json.loads(comparisons.to_json(orient="records"))
+    atomic_write_json(
+        out / "results-comparisons.json",
+        {
+            "interval": "95% Newcombe interval of the difference of the shares b - a, in "
+            "percentage points, each side's images pooled over its generator seeds",
+            "rows": records,
+        },
+    )
+    atomic_write_text(out / "results-comparisons.md", comparisons_markdown(records))
+
+
+def _same_seeds_cell(r: dict[str, Any]) -> str:
+    """The copies over the seeds both sides have, when those are not all of both sides'."""
+    same = r.get("seeds_same") or []
+    if not same:
+        return "no seed in common"
+    if same == r["seeds_a"] == r["seeds_b"]:
+        return "(as all)"
+    n_a, n_b = r["n_synthetic_a_same_seeds"], r["n_synthetic_b_same_seeds"]
+    return (
+        f"seed{'s' * (len(same) > 1)} {','.join(map(str, same))}: "
+        f"{r['n_copies_a_same_seeds']}/{n_a} -> "
+        f"{r['n_copies_b_same_seeds']}/{n_b}: {r['diff_pct_copies_same_seeds']:+.1f} points "
+        f"({r['diff_pct_copies_same_seeds_ci_low']:.1f} to "
+        f"{r['diff_pct_copies_same_seeds_ci_high']:.1f})"
+    )
+
+
+def comparisons_markdown(records: list[dict[str, Any]]) -> str:
+    """The rows of :func:`factor_comparisons` (as records) as a markdown table with a
+    sentence on how to read it."""
+    if not records:
+        return "No factor has two values with finished cells yet.\n"
+    show = [
+        {
+            "factor": r["factor"],
+            "a -> b": f"{r['a']} -> {r['b']}",
+            "seeds": f"{','.join(map(str, r['seeds_a']))} / {','.join(map(str, r['seeds_b']))}",
+            **{
+                label: f"{r[f'n_{w}_a']}/{r[f'{n}_a']} -> {r[f'n_{w}_b']}/{r[f'{n}_b']}: "
+                f"{r[f'diff_pct_{w}']:+.1f} points ({r[f'diff_pct_{w}_ci_low']:.1f} to "
+                f"{r[f'diff_pct_{w}_ci_high']:.1f})"
+                for label, w, n in (
+                    ("copies", "copies", "n_synthetic"),
+                    ("memorized", "mem", "n_train"),
+                )
+            },
+            "copies, same seeds": _same_seeds_cell(r),
+        }
+        for r in records
+    ]
+    return (
+        "Each value of a factor against each other, main cells pooled over their generator "
+        "seeds (k/n each side), the difference b - a in percentage points with a 95% "
+        "Newcombe interval; the images cluster by seed, so the interval is narrower than "
+        "one across seeds would be.\n\n" + markdown_table(pd.DataFrame(show))
     )
 
 

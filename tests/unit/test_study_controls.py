@@ -152,6 +152,56 @@ def test_seed_table_reports_mean_interval_and_per_seed_values(finished):
     assert again.computed == [] and len(again.skipped) == 8
 
 
+def test_the_study_writes_each_factors_values_against_each_other(finished):
+    """results-comparisons.*: per varied factor, its values pooled over their seeds against
+    each other (the baseline among them), controls left out, counts as in the table."""
+    out, result = finished
+    comp = json.loads((out / "results-comparisons.json").read_text())
+    assert "Newcombe" in comp["interval"]
+    rows = {(r["factor"], r["a"], r["b"]): r for r in comp["rows"]}
+    assert set(rows) == {("iterations", 2, 4), ("augment", False, True)}
+    main = result.table[result.table["role"] == "main"].set_index("cell")
+    it = rows[("iterations", 2, 4)]
+    assert it["seeds_a"] == [0] and it["seeds_b"] == [0, 1]
+    k_b = int(main.loc[["ldm_n12_aug0_it4_s0", "ldm_n12_aug0_it4_s1"], "n_copies"].sum())
+    assert (it["n_copies_b"], it["n_synthetic_b"]) == (k_b, 24)
+    assert it["n_copies_a"] == main.loc["ldm_n12_aug0_it2_s0", "n_copies"]
+    # seed against seed: the 4-iteration cells of seed 0 only
+    assert it["seeds_same"] == [0] and it["n_synthetic_b_same_seeds"] == 12
+    assert it["n_copies_b_same_seeds"] == main.loc["ldm_n12_aug0_it4_s0", "n_copies"]
+    aug = rows[("augment", False, True)]
+    assert aug["seeds_a"] == [0, 1] and aug["seeds_b"] == [0] and aug["n_train_b"] == 12
+    assert "->" in (out / "results-comparisons.md").read_text()
+
+
+def test_factor_comparisons_pool_the_seeds_and_take_newcombes_interval() -> None:
+    """The 2D study's training-set sizes: 5, 2, 2 copies of 50 against 23, 7, 9 of 100 give
+    9/150 -> 39/300, +7.0 points, Newcombe's interval on those sums."""
+    from medmem._stats import difference_interval
+    from medmem.study import factor_comparisons
+
+    study = load_study(ROOT / "configs" / "study" / "nih-cxr-size-cpu.yaml")
+    base = {"role": "main", "model": "ldm", "model_type": "ldm", "augment": False, "n_mem": 0}
+    frame = pd.DataFrame(
+        [{**base, "n_train": 50, "iterations": 4000, "n_synthetic": 50, "seed": s,
+          "n_copies": k} for s, k in ((0, 5), (1, 2), (2, 2))]
+        + [{**base, "n_train": 100, "iterations": 8000, "n_synthetic": 100, "seed": s,
+            "n_copies": k} for s, k in ((0, 23), (1, 7), (2, 9))]
+        + [{**base, "n_train": 100, "iterations": 8000, "n_synthetic": 100, "seed": 0,
+            "n_copies": 2, "role": "control"}]
+    )  # fmt: skip
+    (row,) = factor_comparisons(frame, study).to_dict("records")
+    assert (row["factor"], row["a"], row["b"]) == ("n_train", 50, 100)
+    assert (row["n_copies_a"], row["n_synthetic_a"]) == (9, 150)
+    assert (row["n_copies_b"], row["n_synthetic_b"]) == (39, 300)
+    assert row["diff_pct_copies"] == pytest.approx(7.0)
+    lo, hi = difference_interval(39, 300, 9, 150)
+    assert (row["diff_pct_copies_ci_low"], row["diff_pct_copies_ci_high"]) == pytest.approx(
+        (100 * lo, 100 * hi)
+    )
+    assert row["diff_pct_mem"] == 0.0
+
+
 def test_seed_table_says_when_a_mean_covers_fewer_seeds(tmp_path) -> None:
     """Controls run for one of two seeds: the seed table's control cells say '1 of 2 seeds'
     instead of passing a one-seed value off as the mean of both."""
