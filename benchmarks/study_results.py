@@ -61,6 +61,8 @@ def publish(folder: Path) -> dict:
     comparisons = _comparisons(table, study)
     seconds = table[["train_seconds", "sample_seconds", "audit_seconds"]].sum()
     det = json.loads((folder / "detector" / "study-detector.json").read_text())
+    ind_path = folder / "detector-independent" / "study-detector.json"
+    independent = json.loads(ind_path.read_text()) if ind_path.exists() else None
     seeds_path = folder / "results-seeds.json"
     seeds = json.loads(seeds_path.read_text())["rows"] if seeds_path.exists() else []
     seeds_md = []
@@ -112,6 +114,8 @@ def publish(folder: Path) -> dict:
         "settings": study,
         "machine": machine(),
         "detector": det,
+        # the second FID feature space: what it learned from (images, patients)
+        "independent_extractor": independent,
         "rows": json.loads(table.to_json(orient="records")),
         "seeds": seeds,
         "comparisons": comparisons,
