@@ -1017,20 +1017,31 @@ def _pooled_against_controls(g: pd.DataFrame, confidence: float) -> dict[str, An
     against those controls pooled (a control has as many images as its cell): counts and
     the difference of the shares in percentage points, with a Newcombe interval. The
     images cluster by seed, so this interval is narrower than the one across seeds."""
-    from medmem._stats import difference_interval
-
     has = g[pd.to_numeric(g["control_n_copies"], errors="coerce").notna()]
     rec: dict[str, Any] = {"pooled_seeds": [int(s) for s in has["seed"]]}
     for what, n in (("copies", "n_synthetic"), ("mem", "n_train")):
         k1, n1 = int(has[f"n_{what}"].sum()), int(has[n].sum())
         k2 = int(pd.to_numeric(has[f"control_n_{what}"]).sum())
-        lo, hi = difference_interval(k1, n1, k2, n1, confidence) if n1 else (math.nan,) * 2
         rec[f"pooled_n_{what}"], rec[f"pooled_{n}"] = k1, n1
         rec[f"pooled_control_n_{what}"] = k2
-        rec[f"pooled_excess_pct_{what}"] = 100 * (k1 - k2) / n1 if n1 else math.nan
-        rec[f"pooled_excess_pct_{what}_ci_low"] = 100 * lo
-        rec[f"pooled_excess_pct_{what}_ci_high"] = 100 * hi
+        key = f"pooled_excess_pct_{what}"
+        rec[key], rec[f"{key}_ci_low"], rec[f"{key}_ci_high"] = _share_difference(
+            k1, n1, k2, n1, confidence
+        )
     return rec
+
+
+def _share_difference(
+    k1: int, n1: int, k2: int, n2: int, confidence: float
+) -> tuple[float, float, float]:
+    """k1/n1 - k2/n2 in percentage points and its Newcombe interval (NaN when a side is
+    empty)."""
+    from medmem._stats import difference_interval
+
+    if not (n1 and n2):
+        return (math.nan,) * 3
+    lo, hi = difference_interval(k1, n1, k2, n2, confidence)
+    return 100 * (k1 / n1 - k2 / n2), 100 * lo, 100 * hi
 
 
 def seed_table(frame: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
@@ -1232,18 +1243,16 @@ def _pooled_difference(
 ) -> dict[str, Any]:
     """Copies and memorized images of the cells ``ga`` and ``gb`` summed, and the
     difference of the shares b - a in points with a Newcombe interval."""
-    from medmem._stats import difference_interval
-
     rec: dict[str, Any] = {}
     for what, n in (("copies", "n_synthetic"), ("mem", "n_train")):
         k1, n1 = int(ga[f"n_{what}"].sum()), int(ga[n].sum())
         k2, n2 = int(gb[f"n_{what}"].sum()), int(gb[n].sum())
-        lo, hi = difference_interval(k2, n2, k1, n1, confidence)
         rec[f"n_{what}_a{suffix}"], rec[f"{n}_a{suffix}"] = k1, n1
         rec[f"n_{what}_b{suffix}"], rec[f"{n}_b{suffix}"] = k2, n2
-        rec[f"diff_pct_{what}{suffix}"] = 100 * (k2 / n2 - k1 / n1)
-        rec[f"diff_pct_{what}{suffix}_ci_low"] = 100 * lo
-        rec[f"diff_pct_{what}{suffix}_ci_high"] = 100 * hi
+        key = f"diff_pct_{what}{suffix}"
+        rec[key], rec[f"{key}_ci_low"], rec[f"{key}_ci_high"] = _share_difference(
+            k2, n2, k1, n1, confidence
+        )
     return rec
 
 
