@@ -162,11 +162,11 @@ def add_comparisons(record: dict) -> dict:
     page = DOCS / "results" / f"study-{record['name']}.md"
     if page.exists():
         lines = page.read_text().splitlines()
+        at = next(i for i, x in enumerate(lines) if x.startswith("Shared detector:"))
         if COMPARISONS_HEADING in lines:  # replace the section written before
             start = lines.index(COMPARISONS_HEADING)
-            end = next(i for i, x in enumerate(lines) if x.startswith("Shared detector:"))
-            del lines[start:end]
-        at = next(i for i, x in enumerate(lines) if x.startswith("Shared detector:"))
+            del lines[start:at]
+            at = start
         lines[at:at] = _comparisons_md(record["comparisons"])
         page.write_text("\n".join(lines) + "\n")
     return record
